@@ -1,0 +1,32 @@
+"""Typed configuration for dishtrack: pydantic models loaded from YAML.
+
+Every model forbids unknown keys, so a typo in a YAML file is an error that
+names the field instead of a silently ignored setting.
+"""
+from .settings import (
+    ApiConfig,
+    AppConfig,
+    CameraConfig,
+    ConfigError,
+    DetectorConfig,
+    LineConfig,
+    StorageConfig,
+    TrackerConfig,
+    ZoneConfig,
+    default_config_path,
+    load_config,
+)
+
+__all__ = [
+    "ApiConfig",
+    "AppConfig",
+    "CameraConfig",
+    "ConfigError",
+    "DetectorConfig",
+    "LineConfig",
+    "StorageConfig",
+    "TrackerConfig",
+    "ZoneConfig",
+    "default_config_path",
+    "load_config",
+]

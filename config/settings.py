@@ -1,0 +1,174 @@
+"""Pydantic settings for cameras, detector, tracker, zones, storage and API."""
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CameraConfig(_Strict):
+    """One video source. ``source`` is a file path or an rtsp:// / http:// URL."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    source: str
+    loop: bool = Field(False, description="restart a file source at its end (demo feeds)")
+    realtime: bool = Field(True, description="pace a file source at its own fps, like a camera")
+    reconnect_initial_s: float = Field(0.5, gt=0)
+    reconnect_max_s: float = Field(10.0, gt=0)
+    stall_timeout_s: float = Field(5.0, gt=0, description="no frame for this long = stalled, reconnect")
+    open_timeout_s: float = Field(10.0, gt=0)
+
+    @field_validator("source")
+    @classmethod
+    def _source_nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("source must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> "CameraConfig":
+        if self.reconnect_max_s < self.reconnect_initial_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_initial_s")
+        return self
+
+
+class DetectorConfig(_Strict):
+    kind: Literal["centernet", "checkpoint"] = "centernet"
+    checkpoint: str | None = Field(None, description="a file written by `dishtrack train` (kind=checkpoint)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    input_size: int = Field(512, ge=128, le=1024, multiple_of=32)
+    score_threshold: float = Field(0.3, ge=0.0, le=1.0)
+    nms_iou: float = Field(0.5, gt=0.0, le=1.0)
+    max_detections: int = Field(100, ge=1, le=1000)
+    classes: list[str] | None = Field(None, description="keep only these labels; null keeps all")
+    batch_max: int = Field(8, ge=1, le=64, description="most frames (one per camera) per forward pass")
+
+    @model_validator(mode="after")
+    def _checkpoint_needed(self) -> "DetectorConfig":
+        if self.kind == "checkpoint" and not self.checkpoint:
+            raise ValueError("detector.kind=checkpoint needs detector.checkpoint")
+        return self
+
+
+class TrackerConfig(_Strict):
+    iou_threshold: float = Field(0.3, gt=0.0, lt=1.0, description="min IoU to associate")
+    min_hits: int = Field(3, ge=1, description="matched frames before a track is confirmed")
+    max_age: int = Field(30, ge=1, description="frames a confirmed track coasts unmatched (occluded) before removal")
+    tentative_max_age: int = Field(1, ge=1, description="misses that remove a tentative track")
+    min_score: float = Field(0.0, ge=0.0, le=1.0, description="detections below this are ignored")
+    trajectory_len: int = Field(64, ge=2, le=10000, description="bounded per-track trajectory history")
+    occluded_gate: float = Field(0.0, ge=0.0, le=5.0,
+                                 description="2nd-chance match of occluded tracks by centre distance / box diagonal; 0 = off")
+
+
+class LineConfig(_Strict):
+    """A checkout line in normalised image coordinates (0..1). Crossing it in
+    ``direction`` (the side the normal points to) checks an object out."""
+
+    p1: tuple[float, float]
+    p2: tuple[float, float]
+    direction: Literal["any", "left_to_right", "right_to_left"] = "any"
+
+    @field_validator("p1", "p2")
+    @classmethod
+    def _normalised(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= c <= 1.0 for c in v):
+            raise ValueError("line points are normalised image coordinates in [0, 1]")
+        return v
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "LineConfig":
+        if self.p1 == self.p2:
+            raise ValueError("p1 and p2 must differ")
+        return self
+
+
+class ZoneConfig(_Strict):
+    id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    camera: str
+    line: LineConfig
+    tray_gap_s: float = Field(1.5, gt=0, description="crossings closer than this belong to one tray")
+    min_track_hits: int = Field(3, ge=1, description="only tracks seen this often count")
+
+
+class StorageConfig(_Strict):
+    sqlite_path: str = "dishtrack.sqlite3"
+
+
+class ApiConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    mjpeg_fps: float = Field(10.0, gt=0, le=60)
+    mjpeg_quality: int = Field(75, ge=10, le=100)
+    ws_queue: int = Field(256, ge=1, description="per-client bounded queue; a slow client is dropped")
+
+
+class AppConfig(_Strict):
+    cameras: list[CameraConfig] = Field(min_length=1)
+    detector: DetectorConfig = DetectorConfig()
+    tracker: TrackerConfig = TrackerConfig()
+    zones: list[ZoneConfig] = []
+    storage: StorageConfig = StorageConfig()
+    api: ApiConfig = ApiConfig()
+
+    @model_validator(mode="after")
+    def _references(self) -> "AppConfig":
+        ids = [c.id for c in self.cameras]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"camera ids must be unique, got {ids}")
+        for z in self.zones:
+            if z.camera not in ids:
+                raise ValueError(f"zone {z.id!r} names unknown camera {z.camera!r} (cameras: {ids})")
+        return self
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names the file and field."""
+
+
+def default_config_path() -> Path:
+    return Path(str(resources.files("dishtrack.config").joinpath("default.yaml")))
+
+
+def _resolve_builtin(value: str) -> str:
+    """``builtin:NAME`` points at a file shipped in the package (sample video, weights)."""
+    if not value.startswith("builtin:"):
+        return value
+    name = value.removeprefix("builtin:")
+    return str(resources.files("dishtrack.service").joinpath("assets", name))
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> AppConfig:
+    """Read YAML (the bundled default when ``path`` is None) into an AppConfig.
+
+    Raises ConfigError naming the file and the offending field(s).
+    """
+    p = Path(path) if path is not None else default_config_path()
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"{p}: no such config file") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: top level must be a mapping, got {type(raw).__name__}")
+    for k, v in (overrides or {}).items():
+        raw[k] = v
+    for cam in raw.get("cameras") or []:
+        if isinstance(cam, dict) and isinstance(cam.get("source"), str):
+            cam["source"] = _resolve_builtin(cam["source"])
+    try:
+        return AppConfig.model_validate(raw)
+    except ValidationError as e:
+        parts = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "(root)"
+            parts.append(f"{loc}: {err['msg']}")
+        raise ConfigError(f"{p}: invalid config: " + "; ".join(parts)) from e

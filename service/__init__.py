@@ -1,0 +1,1 @@
+"""I/O edge: ingest, pipeline, API, CLI."""

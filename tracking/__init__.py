@@ -1,0 +1,22 @@
+"""Tracking core: pure numpy / scipy / filterpy (no cv2, torch or web code)."""
+from .checkout import CheckoutAssembler, LineCrossingCounter
+from .kalman import KalmanBoxFilter
+from .tracker import Tracker, TrackUpdate
+from .types import CheckoutEvent, CheckoutItem, Crossing, Detections, Frame, Track, TrackState
+from .geometry import iou_matrix
+
+__all__ = [
+    "CheckoutAssembler",
+    "CheckoutEvent",
+    "CheckoutItem",
+    "Crossing",
+    "Detections",
+    "Frame",
+    "KalmanBoxFilter",
+    "LineCrossingCounter",
+    "Track",
+    "TrackState",
+    "TrackUpdate",
+    "Tracker",
+    "iou_matrix",
+]
