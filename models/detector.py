@@ -1,0 +1,175 @@
+"""Batched CNN object detector on PyTorch: the bundled COCO CenterNet-MobileNetV3,
+or a checkpoint written by ``dishtrack train`` (same trunk, new dish head).
+
+``Detector.detect(frames)`` takes one frame per camera (any sizes), runs them
+as one batch on CUDA when available (else CPU) and returns one Detections per
+frame with boxes in that frame's pixels.
+"""
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from dishtrack.tracking.types import Detections, Frame
+
+from .labels import COCO_LABELS
+from .tfjs_graph import TFJSGraph
+
+log = logging.getLogger(__name__)
+
+STRIDE = 4  # heatmap cell size in input pixels
+WH_SCALE = 16.0  # the graph's tower_0/mul/y: box edge distances are head output * 16
+FEATURE_NODE = "tower_0/CenternetHead/mul"  # neck features (stride 4) feeding the heads
+HEAT_NODE = "tower_0/keypoints"
+WH_NODE = "tower_0/wh"
+
+
+def bundled_weights() -> Path:
+    return Path(str(resources.files("dishtrack.models").joinpath("weights", "centernet.json")))
+
+
+def pick_device(pref: str = "auto") -> torch.device:
+    if pref == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("detector.device=cuda but CUDA is not available on this machine")
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(pref)
+
+
+class DishHead(nn.Module):
+    """CenterNet heads on the neck features: class heatmap + 4 box-edge distances."""
+
+    def __init__(self, in_ch: int, num_classes: int) -> None:
+        super().__init__()
+
+        def sep(out: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(in_ch, in_ch, 3, padding=1, groups=in_ch, bias=False),
+                                 nn.Conv2d(in_ch, out, 1))
+
+        self.cls = sep(num_classes)
+        self.wh = sep(4)
+        nn.init.constant_(self.cls[1].bias, -2.19)  # prior 0.1, as in CenterNet
+
+    def forward(self, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.sigmoid(self.cls(feat)), self.wh(feat) * WH_SCALE
+
+
+class CenterNetModel(nn.Module):
+    """Trunk (TFJS graph) + heads. ``head=None`` uses the pretrained COCO heads in the graph."""
+
+    def __init__(self, graph_json: Path, num_classes: int | None = None) -> None:
+        super().__init__()
+        if num_classes is None:
+            self.graph = TFJSGraph(graph_json, [HEAT_NODE, WH_NODE])
+            self.head = None
+        else:
+            self.graph = TFJSGraph(graph_json, [FEATURE_NODE])
+            with torch.no_grad():
+                ch = self.graph(torch.zeros(1, 3, 64, 64))[FEATURE_NODE].shape[1]
+            self.head = DishHead(ch, num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B,3,H,W) RGB 0..255 float. Returns heat (B,C,H/4,W/4) in 0..1, ltrb (B,4,H/4,W/4) pixels."""
+        out = self.graph(x)
+        if self.head is None:
+            return out[HEAT_NODE], out[WH_NODE]
+        return self.head(out[FEATURE_NODE])
+
+
+def decode(heat: torch.Tensor, ltrb: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CenterNet decoding: 3x3 peak picking then top-k over classes x positions.
+    Returns boxes (B,k,4) in input pixels, scores (B,k), classes (B,k)."""
+    b, c, h, w = heat.shape
+    peaks = heat * (F.max_pool2d(heat, 3, stride=1, padding=1) == heat)
+    k = min(k, c * h * w)
+    scores, idx = peaks.reshape(b, -1).topk(k)
+    cls = idx // (h * w)
+    pos = idx % (h * w)
+    ys, xs = (pos // w).float() * STRIDE, (pos % w).float() * STRIDE
+    d = ltrb.reshape(b, 4, h * w).gather(2, pos[:, None, :].expand(b, 4, k))
+    boxes = torch.stack([xs - d[:, 0], ys - d[:, 1], xs + d[:, 2], ys + d[:, 3]], dim=2)
+    return boxes, scores, cls
+
+
+class Detector:
+    """Stage object: frames in, detections out."""
+
+    def __init__(self, cfg, device: torch.device | None = None) -> None:
+        self.cfg = cfg
+        self.device = device or pick_device(cfg.device)
+        if cfg.kind == "checkpoint":
+            self.model, self.labels, self.input_size = load_checkpoint(cfg.checkpoint)
+        else:
+            self.model, self.labels, self.input_size = CenterNetModel(bundled_weights()), COCO_LABELS, cfg.input_size
+        self.model.eval().to(self.device)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        unknown = sorted(set(cfg.classes or []) - set(self.labels))
+        if unknown:
+            raise ValueError(f"detector.classes names labels the model does not have: {unknown}")
+        self._keep = (torch.tensor([l in cfg.classes for l in self.labels], device=self.device)
+                      if cfg.classes else None)
+        log.info("detector %s on %s, %d labels, input %d", cfg.kind, self.device, len(self.labels), self.input_size)
+
+    def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
+        s = self.input_size
+        batch = np.stack([cv2.cvtColor(cv2.resize(im, (s, s), interpolation=cv2.INTER_LINEAR), cv2.COLOR_BGR2RGB)
+                          for im in images])
+        return torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float()
+
+    @torch.inference_mode()
+    def detect(self, frames: list[Frame]) -> list[Detections]:
+        if not frames:
+            return []
+        cfg = self.cfg
+        heat, ltrb = self.model(self.preprocess([f.image for f in frames]))
+        if self._keep is not None:
+            heat = heat * self._keep[None, :, None, None]
+        boxes, scores, cls = decode(heat, ltrb, cfg.max_detections)
+        out = []
+        for i, f in enumerate(frames):
+            w, h = f.size
+            keep = scores[i] >= cfg.score_threshold
+            b, s, c = boxes[i][keep], scores[i][keep], cls[i][keep]
+            b = b * torch.tensor([w / self.input_size, h / self.input_size] * 2, device=b.device)
+            b[:, 0::2] = b[:, 0::2].clamp(0, w)
+            b[:, 1::2] = b[:, 1::2].clamp(0, h)
+            valid = (b[:, 2] - b[:, 0] >= 1) & (b[:, 3] - b[:, 1] >= 1)
+            b, s, c = b[valid], s[valid], c[valid]
+            nms = torchvision.ops.batched_nms(b, s, c, cfg.nms_iou)
+            out.append(Detections(
+                camera_id=f.camera_id, frame_index=f.index, timestamp=f.timestamp,
+                boxes=b[nms].float().cpu().numpy(), scores=s[nms].float().cpu().numpy(),
+                class_ids=c[nms].cpu().numpy().astype(np.int64), labels=self.labels, image_size=(w, h)))
+        return out
+
+
+def save_checkpoint(path: str | Path, model: CenterNetModel, labels: tuple[str, ...], input_size: int,
+                    meta: dict | None = None) -> None:
+    if model.head is None:
+        raise ValueError("only models with a trained dish head are saved as checkpoints")
+    torch.save({"format": "dishtrack-centernet-v1", "labels": list(labels), "input_size": input_size,
+                "state_dict": model.state_dict(), "meta": meta or {}}, path)
+
+
+def load_checkpoint(path: str | Path) -> tuple[CenterNetModel, tuple[str, ...], int]:
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"detector checkpoint {path} does not exist") from e
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a corrupt file
+        raise ValueError(f"{path}: not a readable dishtrack checkpoint ({e})") from e
+    if not isinstance(ck, dict) or ck.get("format") != "dishtrack-centernet-v1":
+        raise ValueError(f"{path}: not a dishtrack checkpoint (format {ck.get('format') if isinstance(ck, dict) else type(ck)})")
+    labels = tuple(ck["labels"])
+    model = CenterNetModel(bundled_weights(), num_classes=len(labels))
+    model.load_state_dict(ck["state_dict"])
+    return model, labels, int(ck["input_size"])
