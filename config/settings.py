@@ -95,6 +95,7 @@ class ZoneConfig(_Strict):
     camera: str
     line: LineConfig
     tray_gap_s: float = Field(1.5, gt=0, description="crossings closer than this belong to one tray")
+    tray_max_s: float = Field(10.0, gt=0, description="a tray open this long is closed regardless")
     min_track_hits: int = Field(3, ge=1, description="only tracks seen this often count")
 
 

@@ -122,6 +122,7 @@ class TFJSGraph(nn.Module):
         self.outputs = list(outputs)
         self._plan: list[tuple[str, str, list[str], dict]] = []
         self._input: str | None = None
+        self._declared_hw: tuple[int, int] | None = None
         self.params = nn.ParameterDict()
         self._pkey: dict[str, str] = {}
         self._consts: dict[str, torch.Tensor | np.ndarray] = {}
@@ -160,6 +161,10 @@ class TFJSGraph(nn.Module):
                 if self._input is not None:
                     raise GraphFormatError("graphs with more than one input are not supported")
                 self._input = name
+                dims = node.get("attr", {}).get("shape", {}).get("shape", {}).get("dim", [])
+                sizes = [int(d.get("size", -1)) for d in dims]
+                # constant-folded resize targets were computed for this input size (NHWC)
+                self._declared_hw = (sizes[1], sizes[2]) if len(sizes) == 4 and min(sizes[1:3]) > 0 else None
                 continue
             if op not in _OPS:
                 raise GraphFormatError(f"{path}: op {op} (node {name}) is not implemented")
@@ -223,7 +228,10 @@ class TFJSGraph(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``x``: (B, C, H, W) float, as the graph's input expects. Returns NCHW outputs."""
+        if self._declared_hw and x.shape[2] * self._declared_hw[1] != x.shape[3] * self._declared_hw[0]:
+            raise ValueError(f"input {tuple(x.shape[2:])} must keep the graph's aspect {self._declared_hw}")
         env: dict[str, torch.Tensor] = {self._input: x}
+        self._scale = x.shape[2] / self._declared_hw[0] if self._declared_hw else 1.0
         for name, op, inputs, cfg in self._plan:
             env[name] = _OPS[op](self, env, inputs, cfg)
         return {o: env[o] for o in self.outputs}
@@ -260,7 +268,7 @@ def _concat(self: TFJSGraph, env, inputs, cfg):
 
 
 def _resize(self: TFJSGraph, env, inputs, cfg):
-    h, w = (int(v) for v in self._value(env, inputs[1]))
+    h, w = (int(round(int(v) * self._scale)) for v in self._value(env, inputs[1]))
     return resize_bilinear_legacy(self._value(env, inputs[0]), (h, w))
 
 

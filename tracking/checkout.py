@@ -68,13 +68,15 @@ class LineCrossingCounter:
 
 class CheckoutAssembler:
     """Groups crossings of one zone into trays: a tray closes when no crossing
-    arrived for ``tray_gap_s``. ``assemble`` is called every frame (with or
-    without new crossings) so trays close on time."""
+    arrived for ``tray_gap_s`` or when it has been open ``tray_max_s`` (a
+    queue with no gaps still yields bounded trays). ``assemble`` is called
+    every frame (with or without new crossings) so trays close on time."""
 
-    def __init__(self, zone_id: str, camera_id: str, tray_gap_s: float) -> None:
+    def __init__(self, zone_id: str, camera_id: str, tray_gap_s: float, tray_max_s: float = 10.0) -> None:
         self.zone_id = zone_id
         self.camera_id = camera_id
         self.tray_gap_s = tray_gap_s
+        self.tray_max_s = tray_max_s
         self._open: list[Crossing] = []
 
     @property
@@ -84,10 +86,12 @@ class CheckoutAssembler:
     def assemble(self, crossings: list[Crossing], now: float) -> list[CheckoutEvent]:
         events: list[CheckoutEvent] = []
         for c in sorted(crossings, key=lambda c: c.timestamp):
-            if self._open and c.timestamp - self._open[-1].timestamp > self.tray_gap_s:
+            if self._open and (c.timestamp - self._open[-1].timestamp > self.tray_gap_s
+                               or c.timestamp - self._open[0].timestamp > self.tray_max_s):
                 events.append(self._close())
             self._open.append(c)
-        if self._open and now - self._open[-1].timestamp > self.tray_gap_s:
+        if self._open and (now - self._open[-1].timestamp > self.tray_gap_s
+                           or now - self._open[0].timestamp > self.tray_max_s):
             events.append(self._close())
         return events
 

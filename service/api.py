@@ -1,0 +1,182 @@
+"""HTTP + websocket API: events (REST, paged/filtered; websocket with replay),
+annotated MJPEG per camera, health, Prometheus metrics and a small web page."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from importlib import resources
+
+from fastapi import FastAPI, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from dishtrack.config import AppConfig
+
+from .hub import EventHub
+from .metrics import Metrics
+from .pipeline import Pipeline
+from .store import EventStore
+
+log = logging.getLogger(__name__)
+_BOUNDARY = "dishtrackframe"
+
+
+@dataclass
+class Runtime:
+    cfg: AppConfig
+    store: EventStore
+    hub: EventHub
+    metrics: Metrics
+    pipeline: Pipeline
+
+
+def build_runtime(cfg: AppConfig, detector=None) -> Runtime:
+    if detector is None:
+        from dishtrack.models.detector import Detector  # torch import only when serving
+
+        detector = Detector(cfg.detector)
+    store = EventStore(cfg.storage.sqlite_path)
+    hub = EventHub(cfg.api.ws_queue)
+    metrics = Metrics()
+    return Runtime(cfg, store, hub, metrics, Pipeline(cfg, detector, store, hub, metrics))
+
+
+def create_app(runtime: Runtime) -> FastAPI:
+    rt = runtime
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        rt.hub.bind(asyncio.get_running_loop())
+        rt.pipeline.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(rt.pipeline.stop)
+            rt.store.close()
+
+    app = FastAPI(title="dishtrack", version="0.1.0", lifespan=lifespan)
+    app.state.runtime = rt
+
+    def camera_or_404(camera_id: str):
+        if camera_id not in rt.pipeline.readers:
+            raise HTTPException(404, f"unknown camera {camera_id!r}; cameras: {sorted(rt.pipeline.readers)}")
+        return rt.pipeline.readers[camera_id]
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        return resources.files("dishtrack.service").joinpath("static", "index.html").read_text()
+
+    @app.get("/health")
+    def health() -> dict:
+        cams = []
+        for cid, r in rt.pipeline.readers.items():
+            d = r.status().to_dict()
+            d.update(rt.metrics.summary(cid))
+            cams.append(d)
+        ok = all(c["state"] in ("streaming", "ended") for c in cams)
+        return {"status": "ok" if ok else "degraded", "cameras": cams, "events_stored": rt.store.count(),
+                "pipeline_finished": rt.pipeline.finished.is_set(),
+                "detector_device": str(getattr(rt.pipeline.detector, "device", "n/a"))}
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        rt.pipeline._refresh_camera_gauges()
+        return Response(generate_latest(rt.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/cameras")
+    def cameras() -> list[dict]:
+        return [r.status().to_dict() for r in rt.pipeline.readers.values()]
+
+    @app.get("/cameras/{camera_id}/tracks")
+    def tracks(camera_id: str) -> dict:
+        camera_or_404(camera_id)
+        upd = rt.pipeline.last_update.get(camera_id)
+        if upd is None:
+            return {"frame_index": None, "tracks": []}
+        return {"frame_index": upd.frame_index, "timestamp": upd.timestamp, "tracks": [
+            {"track_id": t.track_id, "state": t.state.value, "box": t.box, "label": t.label,
+             "confidence": t.confidence, "hits": t.hits} for t in upd.tracks]}
+
+    @app.get("/cameras/{camera_id}/snapshot.jpg")
+    def snapshot(camera_id: str) -> Response:
+        camera_or_404(camera_id)
+        _, jpeg = rt.pipeline.streams[camera_id].get()
+        if jpeg is None:
+            raise HTTPException(503, "no frame processed yet for this camera")
+        return Response(jpeg, media_type="image/jpeg")
+
+    @app.get("/cameras/{camera_id}/stream.mjpg")
+    async def stream(camera_id: str, request: Request) -> StreamingResponse:
+        camera_or_404(camera_id)
+        slot = rt.pipeline.streams[camera_id]
+        period = 1.0 / rt.cfg.api.mjpeg_fps
+
+        async def parts():
+            last = -1
+            while not await request.is_disconnected():
+                seq, jpeg = slot.get()
+                if jpeg is not None and seq != last:
+                    last = seq
+                    yield (f"--{_BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n"
+                           ).encode() + jpeg + b"\r\n"
+                await asyncio.sleep(period / 2)
+
+        return StreamingResponse(parts(), media_type=f"multipart/x-mixed-replace; boundary={_BOUNDARY}",
+                                 headers={"Cache-Control": "no-store"})
+
+    @app.get("/events")
+    def events(after: int = Query(0, ge=0, description="return events with seq greater than this"),
+               limit: int = Query(50, ge=1, le=1000),
+               camera: str | None = None, zone: str | None = None, label: str | None = None,
+               since: float | None = Query(None, description="ended_at >= since (unix seconds)"),
+               until: float | None = Query(None, description="ended_at < until (unix seconds)")) -> dict:
+        if since is not None and until is not None and until <= since:
+            raise HTTPException(422, "until must be greater than since")
+        page = rt.store.list(after=after, limit=limit, camera_id=camera, zone_id=zone, label=label,
+                             since=since, until=until)
+        return {"items": page.items, "next_after": page.next_after}
+
+    @app.get("/events/{event_id}")
+    def event(event_id: str) -> dict:
+        rec = rt.store.get(event_id)
+        if rec is None:
+            raise HTTPException(404, f"no event {event_id!r}")
+        return rec
+
+    @app.websocket("/ws/events")
+    async def ws_events(ws: WebSocket, after: int | None = None) -> None:
+        """Live events. With ``?after=SEQ`` the stored events after SEQ are sent
+        first, so a reconnecting client misses nothing."""
+        await ws.accept()
+        sub = rt.hub.subscribe()
+        try:
+            last = -1
+            if after is not None:
+                cursor = after
+                while True:
+                    page = await asyncio.to_thread(rt.store.list, after=cursor, limit=500)
+                    for rec in page.items:
+                        await ws.send_json(rec)
+                        last = rec["seq"]
+                    if page.next_after is None:
+                        break
+                    cursor = page.next_after
+            while True:
+                if sub.overflowed:
+                    await ws.close(code=1013, reason="subscriber too slow; reconnect with ?after=<last seq>")
+                    return
+                try:
+                    rec = await asyncio.wait_for(sub.queue.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    continue
+                if rec["seq"] > last:
+                    await ws.send_json(rec)
+                    last = rec["seq"]
+        except WebSocketDisconnect:
+            pass
+        finally:
+            rt.hub.unsubscribe(sub)
+
+    return app

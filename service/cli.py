@@ -1,0 +1,122 @@
+"""``dishtrack`` command line: run the service, check a config, train a dish head."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from dishtrack.config import ConfigError, load_config
+
+log = logging.getLogger("dishtrack")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_run(args) -> int:
+    cfg = load_config(args.config)
+    overrides = {}
+    if args.host:
+        overrides["host"] = args.host
+    if args.port is not None:
+        overrides["port"] = args.port
+    if overrides:
+        cfg = cfg.model_copy(update={"api": cfg.api.model_copy(update=overrides)})
+    import uvicorn
+
+    from .api import build_runtime, create_app
+
+    app = create_app(build_runtime(cfg))
+    log.info("serving on http://%s:%d (cameras: %s)", cfg.api.host, cfg.api.port,
+             ", ".join(c.id for c in cfg.cameras))
+    uvicorn.run(app, host=cfg.api.host, port=cfg.api.port, log_level=args.log_level.lower())
+    return 0
+
+
+def cmd_check_config(args) -> int:
+    cfg = load_config(args.config)
+    print(cfg.model_dump_json(indent=2))  # the command's output is the resolved config
+    return 0
+
+
+def cmd_train(args) -> int:
+    from dishtrack.models.train import TrainSettings, train
+
+    settings = TrainSettings(
+        data=args.data, out=args.out, epochs_head=args.epochs_head, epochs_finetune=args.epochs_finetune,
+        lr_head=args.lr_head, lr_finetune=args.lr_finetune, layer_decay=args.layer_decay,
+        batch_size=args.batch_size, input_size=args.input_size, device=args.device,
+        val_fraction=args.val_fraction, seed=args.seed, max_images=args.max_images)
+    report = train(settings)
+    log.info("trained: %s", report)
+    return 0
+
+
+def cmd_export_mot(args) -> int:
+    from dishtrack.models.dataset import export_mot_video
+
+    n = export_mot_video(args.video, args.gt, args.out, label=args.label, every=args.every)
+    log.info("wrote %d labelled frames to %s", n, args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dishtrack", description=__doc__)
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run the service (default config: bundled sample video + model + SQLite)")
+    r.add_argument("--config", help="YAML config; default: the bundled one")
+    r.add_argument("--host")
+    r.add_argument("--port", type=int)
+    r.set_defaults(fn=cmd_run)
+
+    c = sub.add_parser("check-config", help="validate a config and print it resolved")
+    c.add_argument("--config")
+    c.set_defaults(fn=cmd_check_config)
+
+    t = sub.add_parser("train", help="transfer-learn a dish head: frozen trunk, then layer-wise fine-tune")
+    t.add_argument("--data", required=True, help="labelled dataset: a manifest.jsonl (see README)")
+    t.add_argument("--out", required=True, help="checkpoint file to write")
+    t.add_argument("--epochs-head", type=int, default=10)
+    t.add_argument("--epochs-finetune", type=int, default=5)
+    t.add_argument("--lr-head", type=float, default=1e-3)
+    t.add_argument("--lr-finetune", type=float, default=2e-4)
+    t.add_argument("--layer-decay", type=float, default=0.5, help="lr factor per trunk stage going back to the input")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--input-size", type=int, default=512)
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--val-fraction", type=float, default=0.2)
+    t.add_argument("--max-images", type=int, default=None)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("export-mot", help="turn a video + MOT gt.txt into a labelled dataset for `train`")
+    e.add_argument("--video", required=True)
+    e.add_argument("--gt", required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--label", default="person")
+    e.add_argument("--every", type=int, default=1, help="keep every Nth frame")
+    e.set_defaults(fn=cmd_export_mot)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        log.error("%s", e)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

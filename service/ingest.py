@@ -1,0 +1,234 @@
+"""Camera ingest: one reader thread per camera feeding a latest-frame slot.
+
+A slot holds one frame; a frame not taken before the next one arrives is
+dropped and counted (the detector always sees the newest image, latency stays
+bounded). Readers reconnect with exponential backoff and treat "no frame for
+``stall_timeout_s``" as a stall (FFmpeg's read timeout makes a hung stream
+return), then reconnect.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import cv2
+
+from dishtrack.config import CameraConfig
+from dishtrack.tracking.types import Frame
+
+log = logging.getLogger(__name__)
+
+
+class SourceState(str, enum.Enum):
+    CONNECTING = "connecting"
+    STREAMING = "streaming"
+    STALLED = "stalled"
+    RECONNECTING = "reconnecting"
+    ENDED = "ended"  # a file source without loop reached its end
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class CameraStatus:
+    camera_id: str
+    source: str
+    state: SourceState
+    frames_read: int
+    frames_dropped: int
+    reconnects: int
+    stalls: int
+    last_frame_at: float | None
+    fps_nominal: float | None
+    last_error: str | None
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__slots__}
+        d["state"] = self.state.value
+        d["source"] = redact(self.source)
+        return d
+
+
+def redact(url: str) -> str:
+    """Hide credentials in rtsp://user:pass@host URLs."""
+    if "://" in url and "@" in url.split("://", 1)[1].split("/", 1)[0]:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+class LatestFrameSlot:
+    """Single-frame mailbox: ``put`` replaces, ``take`` empties."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._frame: Frame | None = None
+        self.dropped = 0
+
+    def put(self, frame: Frame) -> None:
+        with self._cond:
+            if self._frame is not None:
+                self.dropped += 1
+            self._frame = frame
+            self._cond.notify_all()
+
+    def take(self) -> Frame | None:
+        with self._cond:
+            f, self._frame = self._frame, None
+            return f
+
+    def wait(self, timeout: float) -> bool:
+        with self._cond:
+            if self._frame is None:
+                self._cond.wait(timeout)
+            return self._frame is not None
+
+
+def _is_stream(source: str) -> bool:
+    return "://" in source
+
+
+def open_capture(cfg: CameraConfig) -> cv2.VideoCapture:
+    """Open a file or network source through OpenCV's FFmpeg backend."""
+    if _is_stream(cfg.source) and cfg.source.startswith("rtsp"):
+        # TCP interleaved: no UDP ports to open, survives NAT/firewalls; a stall
+        # then shows up as a read timeout instead of silent packet loss.
+        os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", "rtsp_transport;tcp")
+    elif not _is_stream(cfg.source) and not os.path.isfile(cfg.source):
+        raise FileNotFoundError(f"camera {cfg.id}: video file {cfg.source} does not exist")
+    params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(cfg.open_timeout_s * 1000),
+              cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(cfg.stall_timeout_s * 1000)]
+    cap = cv2.VideoCapture(cfg.source, cv2.CAP_FFMPEG, params)
+    if not cap.isOpened():
+        cap.release()
+        raise ConnectionError(f"camera {cfg.id}: cannot open {redact(cfg.source)}")
+    return cap
+
+
+class CameraReader:
+    """Reads one camera in its own thread into a LatestFrameSlot."""
+
+    def __init__(self, cfg: CameraConfig, slot: LatestFrameSlot | None = None) -> None:
+        self.cfg = cfg
+        self.slot = slot or LatestFrameSlot()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"reader-{cfg.id}", daemon=True)
+        self._lock = threading.Lock()
+        self._state = SourceState.CONNECTING
+        self._frames = 0
+        self._reconnects = 0
+        self._stalls = 0
+        self._last_at: float | None = None
+        self._fps: float | None = None
+        self._error: str | None = None
+
+    # -- control
+    def start(self) -> "CameraReader":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+        self._set(SourceState.STOPPED)
+
+    @property
+    def ended(self) -> bool:
+        return self._state in (SourceState.ENDED, SourceState.STOPPED)
+
+    def status(self) -> CameraStatus:
+        with self._lock:
+            state = self._state
+            if (state is SourceState.STREAMING and self._last_at is not None
+                    and time.time() - self._last_at > self.cfg.stall_timeout_s):
+                state = SourceState.STALLED
+            return CameraStatus(self.cfg.id, self.cfg.source, state, self._frames, self.slot.dropped,
+                                self._reconnects, self._stalls, self._last_at, self._fps, self._error)
+
+    def _set(self, state: SourceState, error: str | None = None) -> None:
+        with self._lock:
+            self._state = state
+            if error is not None:
+                self._error = error
+
+    # -- thread
+    def _run(self) -> None:
+        backoff = self.cfg.reconnect_initial_s
+        index = 0
+        first = True
+        while not self._stop.is_set():
+            try:
+                cap = open_capture(self.cfg)
+            except FileNotFoundError as e:
+                log.error("%s", e)
+                self._set(SourceState.ENDED, str(e))
+                return
+            except ConnectionError as e:
+                log.warning("%s; retrying in %.1fs", e, backoff)
+                self._set(SourceState.RECONNECTING, str(e))
+                if self._stop.wait(backoff):
+                    break
+                backoff = min(backoff * 2, self.cfg.reconnect_max_s)
+                continue
+            if not first and _is_stream(self.cfg.source):
+                with self._lock:
+                    self._reconnects += 1
+            first = False
+            fps = cap.get(cv2.CAP_PROP_FPS)
+            self._fps = fps if fps and 0 < fps < 1000 else None
+            self._set(SourceState.STREAMING)
+            log.info("camera %s: streaming %s (%.1f fps nominal)", self.cfg.id, redact(self.cfg.source), fps or 0)
+            got_any, outcome = self._pump(cap, index)
+            index = outcome[1]
+            cap.release()
+            if got_any:
+                backoff = self.cfg.reconnect_initial_s
+            if outcome[0] == "eof" and not _is_stream(self.cfg.source):
+                if not self.cfg.loop:
+                    log.info("camera %s: end of file after %d frames", self.cfg.id, self._frames)
+                    self._set(SourceState.ENDED)
+                    return
+                continue  # loop the file
+            if self._stop.is_set():
+                break
+            if outcome[0] == "stall":
+                with self._lock:
+                    self._stalls += 1
+                self._set(SourceState.STALLED, "no frame within stall_timeout_s")
+                log.warning("camera %s: stalled, reconnecting", self.cfg.id)
+            else:
+                self._set(SourceState.RECONNECTING, "stream ended")
+                log.warning("camera %s: stream ended, reconnecting in %.1fs", self.cfg.id, backoff)
+            if self._stop.wait(backoff):
+                break
+            backoff = min(backoff * 2, self.cfg.reconnect_max_s)
+
+    def _pump(self, cap: cv2.VideoCapture, index: int) -> tuple[bool, tuple[str, int]]:
+        """Read until EOF / error / stop. Returns (got any frame, (why, next index))."""
+        pace = self.cfg.realtime and not _is_stream(self.cfg.source) and self._fps
+        t0 = time.monotonic()
+        n = 0
+        got_any = False
+        while not self._stop.is_set():
+            t_req = time.monotonic()
+            ok, img = cap.read()
+            now = time.time()
+            if not ok or img is None:
+                if _is_stream(self.cfg.source) and time.monotonic() - t_req >= self.cfg.stall_timeout_s * 0.9:
+                    return got_any, ("stall", index)
+                return got_any, ("eof", index)
+            got_any = True
+            with self._lock:
+                self._frames += 1
+                self._last_at = now
+            self.slot.put(Frame(self.cfg.id, index, now, img))
+            index += 1
+            n += 1
+            if pace:
+                delay = t0 + n / self._fps - time.monotonic()
+                if delay > 0 and self._stop.wait(delay):
+                    break
+        return got_any, ("stop", index)

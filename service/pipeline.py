@@ -1,0 +1,163 @@
+"""The processing loop: latest frames of all cameras -> one detector batch ->
+per-camera tracker -> line crossings -> trays -> persisted, then published
+events; annotated JPEGs for the MJPEG streams."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from dishtrack.config import AppConfig
+from dishtrack.tracking.checkout import CheckoutAssembler, LineCrossingCounter, LineSpec
+from dishtrack.tracking.tracker import Tracker, TrackerParams, TrackUpdate
+from dishtrack.tracking.types import CheckoutEvent
+
+from .annotate import Annotator
+from .hub import EventHub
+from .ingest import CameraReader, SourceState
+from .metrics import Metrics
+from .store import EventStore
+
+log = logging.getLogger(__name__)
+
+
+class JpegSlot:
+    """Latest annotated JPEG of a camera with a sequence number for waiters."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.seq = 0
+        self.jpeg: bytes | None = None
+        self.at = 0.0
+
+    def put(self, jpeg: bytes) -> None:
+        with self._lock:
+            self.jpeg, self.seq, self.at = jpeg, self.seq + 1, time.time()
+
+    def get(self) -> tuple[int, bytes | None]:
+        with self._lock:
+            return self.seq, self.jpeg
+
+
+class _Zone:
+    def __init__(self, zcfg, camera_id: str) -> None:
+        self.cfg = zcfg
+        self.counter = LineCrossingCounter(LineSpec(zcfg.id, camera_id, tuple(zcfg.line.p1), tuple(zcfg.line.p2),
+                                                    zcfg.line.direction, zcfg.min_track_hits))
+        self.assembler = CheckoutAssembler(zcfg.id, camera_id, zcfg.tray_gap_s, zcfg.tray_max_s)
+
+
+class Pipeline:
+    def __init__(self, cfg: AppConfig, detector, store: EventStore, hub: EventHub, metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.detector = detector
+        self.store = store
+        self.hub = hub
+        self.metrics = metrics
+        self.readers = {c.id: CameraReader(c) for c in cfg.cameras}
+        params = TrackerParams.from_config(cfg.tracker)
+        self.trackers = {c.id: Tracker(c.id, params) for c in cfg.cameras}
+        self.zones = {c.id: [_Zone(z, c.id) for z in cfg.zones if z.camera == c.id] for c in cfg.cameras}
+        self.streams = {c.id: JpegSlot() for c in cfg.cameras}
+        self.last_update: dict[str, TrackUpdate] = {}
+        self.annotator = Annotator(cfg.api.mjpeg_quality)
+        self._next_jpeg = {c.id: 0.0 for c in cfg.cameras}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)
+        self.finished = threading.Event()  # every source ended and the last trays were flushed
+        self.events_emitted = 0
+
+    def start(self) -> "Pipeline":
+        for r in self.readers.values():
+            r.start()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for r in self.readers.values():
+            r.stop()
+        self._thread.join(timeout=30)
+        if not self.finished.is_set():
+            self._flush_all()
+
+    # -- loop
+    def _run(self) -> None:
+        batch_max = self.cfg.detector.batch_max
+        while not self._stop.is_set():
+            frames = [f for f in (r.slot.take() for r in self.readers.values()) if f is not None]
+            if not frames:
+                self._close_idle_trays(time.time())
+                self._refresh_camera_gauges()
+                if all(r.ended for r in self.readers.values()):
+                    self._flush_all()
+                    self.finished.set()
+                    log.info("all sources ended; pipeline idle")
+                    return
+                next(iter(self.readers.values())).slot.wait(0.02)
+                continue
+            try:
+                for i in range(0, len(frames), batch_max):
+                    self._process(frames[i:i + batch_max])
+            except Exception:  # noqa: BLE001 - one bad batch must not stop the service
+                self.metrics.pipeline_errors.inc()
+                log.exception("pipeline batch failed")
+                time.sleep(0.1)
+            self._refresh_camera_gauges()
+
+    def _process(self, frames) -> None:
+        t0 = time.perf_counter()
+        dets = self.detector.detect(frames)
+        self.metrics.batch_seconds.observe(time.perf_counter() - t0)
+        self.metrics.batch_size.observe(len(frames))
+        for frame, det in zip(frames, dets):
+            cam = frame.camera_id
+            t1 = time.perf_counter()
+            upd = self.trackers[cam].update(det)
+            self.metrics.tracker_seconds.observe(time.perf_counter() - t1)
+            self.metrics.detections.labels(cam).inc(len(det))
+            self.metrics.tracks.labels(cam).set(len(upd.tracks))
+            self.last_update[cam] = upd
+            for z in self.zones[cam]:
+                for ev in z.assembler.assemble(z.counter.count(upd), now=frame.timestamp):
+                    self._emit(ev)
+            now = time.time()
+            if now >= self._next_jpeg[cam]:
+                self._next_jpeg[cam] = now + 1.0 / self.cfg.api.mjpeg_fps
+                lines = [(z.cfg.line.p1, z.cfg.line.p2) for z in self.zones[cam]]
+                caption = f"{cam} frame {frame.index} tracks {len(upd.confirmed)}"
+                self.streams[cam].put(self.annotator.annotate(frame.image, upd, lines, caption))
+            done = time.time()
+            self.metrics.observe_frame(cam, done - frame.timestamp, done)
+
+    def _emit(self, ev: CheckoutEvent) -> None:
+        record = self.store.save(ev)  # persisted first: a crash after this loses nothing
+        self.metrics.events.labels(ev.camera_id, ev.zone_id).inc()
+        self.events_emitted += 1
+        log.info("checkout %s %s: %s", ev.camera_id, ev.zone_id,
+                 ", ".join(f"{i.count}x {i.label}" for i in ev.items))
+        self.hub.publish(record)
+
+    def _close_idle_trays(self, now: float) -> None:
+        for zones in self.zones.values():
+            for z in zones:
+                for ev in z.assembler.assemble([], now=now):
+                    self._emit(ev)
+
+    def _flush_all(self) -> None:
+        for zones in self.zones.values():
+            for z in zones:
+                for ev in z.assembler.flush():
+                    self._emit(ev)
+
+    def _refresh_camera_gauges(self) -> None:
+        m = self.metrics
+        for cam, r in self.readers.items():
+            st = r.status()
+            m.frames_read.labels(cam).set(st.frames_read)
+            m.frames_dropped.labels(cam).set(st.frames_dropped)
+            m.reconnects.labels(cam).set(st.reconnects)
+            m.stalls.labels(cam).set(st.stalls)
+            m.camera_up.labels(cam).set(1 if st.state is SourceState.STREAMING else 0)
+        m.ws_subscribers.set(self.hub.subscribers)
+        m.ws_dropped.set(self.hub.dropped_subscribers)

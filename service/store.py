@@ -1,0 +1,118 @@
+"""Checkout events persisted in SQLite (WAL). Events are written here before
+they are published, so a subscriber that missed some can page them back by seq."""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from dishtrack.tracking.types import CheckoutEvent
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL UNIQUE,
+    camera_id TEXT NOT NULL,
+    zone_id TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    ended_at REAL NOT NULL,
+    confidence REAL NOT NULL,
+    payload TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_camera ON events(camera_id, seq);
+CREATE INDEX IF NOT EXISTS events_time ON events(ended_at);
+CREATE TABLE IF NOT EXISTS event_labels (
+    seq INTEGER NOT NULL REFERENCES events(seq),
+    label TEXT NOT NULL,
+    count INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS event_labels_label ON event_labels(label, seq);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class EventPage:
+    items: list[dict]
+    next_after: int | None  # pass as ``after`` for the next page; None = no more
+
+
+class EventStore:
+    """Thread-safe (one connection behind a lock; SQLite serialises writes anyway)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @property
+    def journal_mode(self) -> str:
+        with self._lock:
+            return self._db.execute("PRAGMA journal_mode").fetchone()[0]
+
+    def save(self, event: CheckoutEvent) -> dict:
+        """Persist and return the stored record (with its ``seq``)."""
+        d = event.to_dict()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = self._db.execute(
+                    "INSERT INTO events(event_id, camera_id, zone_id, started_at, ended_at, confidence, payload)"
+                    " VALUES (?,?,?,?,?,?,?)",
+                    (event.event_id, event.camera_id, event.zone_id, event.started_at, event.ended_at,
+                     event.confidence, json.dumps(d)))
+                seq = cur.lastrowid
+                self._db.executemany("INSERT INTO event_labels(seq, label, count) VALUES (?,?,?)",
+                                     [(seq, i.label, i.count) for i in event.items])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return {"seq": seq, **d}
+
+    def get(self, event_id: str) -> dict | None:
+        with self._lock:
+            row = self._db.execute("SELECT seq, payload FROM events WHERE event_id=?", (event_id,)).fetchone()
+        return {"seq": row["seq"], **json.loads(row["payload"])} if row else None
+
+    def count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+
+    def list(self, *, after: int = 0, limit: int = 50, camera_id: str | None = None,
+             zone_id: str | None = None, label: str | None = None, since: float | None = None,
+             until: float | None = None) -> EventPage:
+        """Events in ``seq`` order after ``after``, filtered, at most ``limit``."""
+        where, args = ["e.seq > ?"], [after]
+        if camera_id is not None:
+            where.append("e.camera_id = ?")
+            args.append(camera_id)
+        if zone_id is not None:
+            where.append("e.zone_id = ?")
+            args.append(zone_id)
+        if since is not None:
+            where.append("e.ended_at >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("e.ended_at < ?")
+            args.append(until)
+        if label is not None:
+            where.append("EXISTS (SELECT 1 FROM event_labels l WHERE l.seq = e.seq AND l.label = ?)")
+            args.append(label)
+        sql = f"SELECT e.seq, e.payload FROM events e WHERE {' AND '.join(where)} ORDER BY e.seq LIMIT ?"
+        with self._lock:
+            rows = self._db.execute(sql, (*args, limit + 1)).fetchall()
+        items = [{"seq": r["seq"], **json.loads(r["payload"])} for r in rows[:limit]]
+        return EventPage(items, items[-1]["seq"] if len(rows) > limit else None)
