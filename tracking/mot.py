@@ -22,7 +22,7 @@ def read_mot(path: str | Path) -> np.ndarray:
 
 
 def track_sequence(dets: np.ndarray, params: TrackerParams | None = None,
-                   camera_id: str = "mot") -> np.ndarray:
+                   camera_id: str = "mot", image_size: tuple[int, int] = (640, 480)) -> np.ndarray:
     """Run the tracker over MOT detections; returns rows frame,id,x,y,w,h
     for the tracks confirmed (matched) in each frame, as SORT reports them."""
     tracker = Tracker(camera_id, params)
@@ -32,7 +32,7 @@ def track_sequence(dets: np.ndarray, params: TrackerParams | None = None,
         d = dets[frames == f]
         boxes = np.c_[d[:, 2:4], d[:, 2:4] + d[:, 4:6]].astype(np.float32)
         det = Detections(camera_id, f, float(f), boxes, d[:, 6].astype(np.float32),
-                         np.zeros(len(d), np.int64), PERSON, (1920, 1080))
+                         np.zeros(len(d), np.int64), PERSON, image_size)
         upd = tracker.update(det)
         for t in upd.tracks:
             if t.state is TrackState.CONFIRMED:

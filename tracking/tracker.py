@@ -140,7 +140,7 @@ class Tracker:
         removed: list[Track] = []
         alive: list[_TrackState] = []
         for t in self._tracks:
-            self._advance_state(t)
+            self._advance_state(t, dets.image_size)
             if t.state is TrackState.REMOVED:
                 removed.append(t.snapshot(self.camera_id, dets.labels))
             else:
@@ -152,18 +152,20 @@ class Tracker:
             removed=tuple(removed), image_size=dets.image_size,
         )
 
-    def _advance_state(self, t: _TrackState) -> None:
+    def _advance_state(self, t: _TrackState, image_size: tuple[int, int]) -> None:
         p = self.params
         if t.time_since_update == 0:
             # SORT's warm-up: in the first min_hits frames a track confirms at once
             if t.state is not TrackState.TENTATIVE or t.hit_streak >= p.min_hits or self._frames <= p.min_hits:
                 t.state = TrackState.CONFIRMED
             return
+        cx, cy = (t.box[0] + t.box[2]) / 2.0, (t.box[1] + t.box[3]) / 2.0
+        left_view = not (0 <= cx <= image_size[0] and 0 <= cy <= image_size[1])
         if t.state is TrackState.TENTATIVE:
             if t.time_since_update >= p.tentative_max_age:
                 t.state = TrackState.REMOVED
-        elif t.time_since_update > p.max_age:
-            t.state = TrackState.REMOVED
+        elif t.time_since_update > p.max_age or left_view:
+            t.state = TrackState.REMOVED  # coasted too long, or its prediction left the image (an exit)
         else:
             t.state = TrackState.OCCLUDED
 

@@ -1,0 +1,74 @@
+"""Evaluate the dishtrack tracker on MOT15 (SORT's published Faster R-CNN
+detections) with py-motmetrics and print MOTA / IDF1 beside SORT's published
+figures. Ground truth available here: TUD-Campus, TUD-Stadtmitte.
+
+    python bench/eval_mot15.py [--shared ../shared]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+from pathlib import Path
+
+import motmetrics as mm
+import numpy as np
+
+from dishtrack.tracking import iou_matrix
+from dishtrack.tracking.mot import read_mot, track_sequence
+from dishtrack.tracking.tracker import TrackerParams
+
+log = logging.getLogger("eval_mot15")
+SEQUENCES = ("TUD-Campus", "TUD-Stadtmitte")
+
+
+def _xyxy(a: np.ndarray) -> np.ndarray:
+    return np.c_[a[:, 2:4], a[:, 2:4] + a[:, 4:6]]
+
+
+def evaluate(dets: np.ndarray, gt: np.ndarray, params: TrackerParams | None = None) -> dict:
+    """MOT devkit conventions: a match needs IoU >= 0.5; gt rows with flag 0 are ignored."""
+    gt = gt[gt[:, 6] != 0]
+    res = track_sequence(dets, params)
+    acc = mm.MOTAccumulator(auto_id=False)
+    for f in np.unique(np.r_[gt[:, 0], dets[:, 0]]).astype(int):
+        g, r = gt[gt[:, 0] == f], res[res[:, 0] == f]
+        iou = iou_matrix(_xyxy(g), _xyxy(r))
+        # motmetrics' own iou_matrix uses an API numpy 2 removed; same definition here
+        acc.update(g[:, 1].astype(int), r[:, 1].astype(int), np.where(iou >= 0.5, 1 - iou, np.nan), frameid=f)
+    s = mm.metrics.create().compute(acc, metrics=["mota", "motp", "idf1", "num_false_positives", "num_misses",
+                                                  "num_switches", "mostly_tracked"], name="x")
+    return {k: float(s[k].iloc[0]) for k in s.columns}
+
+
+def published(shared: Path) -> dict[str, dict]:
+    path = shared / "data" / "mot15_sort_frcnn_dets" / "PUBLISHED_SORT_RESULTS.csv"
+    with path.open() as f:
+        rows = [r for r in csv.reader(f) if r and not r[0].startswith("#")]
+    head = rows[0]
+    return {r[0]: dict(zip(head, r)) for r in rows[1:]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    shared = Path(args.shared)
+    pub = published(shared)
+    log.info("%-15s %-22s %6s %6s %5s %5s %4s | %s", "sequence", "tracker", "MOTA", "IDF1", "FP", "FN", "IDs",
+             "SORT published (MOTA, FP, FN, IDs)")
+    for seq in SEQUENCES:
+        dets = read_mot(shared / "data/mot15_sort_frcnn_dets/data/train" / seq / "det/det.txt")
+        gt = read_mot(shared / "data/motmetrics_pkg_data/motmetrics/data" / seq / "gt.txt")
+        p = pub.get(seq)
+        ref = f"{p['MOTA']}, {p['FP']}, {p['FN']}, {p['IDs']}" if p else "not published"
+        for name, params in (("dishtrack (default)", TrackerParams()),
+                             ("SORT settings", TrackerParams(max_age=1, tentative_max_age=1))):
+            m = evaluate(dets, gt, params)
+            log.info("%-15s %-22s %6.1f %6.1f %5d %5d %4d | %s", seq, name, 100 * m["mota"], 100 * m["idf1"],
+                     m["num_false_positives"], m["num_misses"], m["num_switches"], ref)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Shared fixtures. Real data comes from ../shared/data (MOT15 detections and
+ground truth, a real video); the RTSP server is ../shared/rtsp_test_server.py
+on Debian's GStreamer (installed by .ci/run / tests/run.sh)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DISHTRACK_SHARED", ROOT.parent / "shared"))
+DATA = SHARED / "data"
+MOT_DETS = DATA / "mot15_sort_frcnn_dets" / "data" / "train"
+MOT_GT = DATA / "motmetrics_pkg_data" / "motmetrics" / "data"
+VIDEO = DATA / "video" / "tud_campus_640x480_25fps_h264.mp4"
+RTSP_SERVER = SHARED / "rtsp_test_server.py"
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if not DATA.is_dir():
+        pytest.exit(f"real test data not found at {DATA} (set DISHTRACK_SHARED)", returncode=4)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(pred, timeout: float, interval: float = 0.2, what: str = "condition"):
+    end = time.time() + timeout
+    last = None
+    while time.time() < end:
+        try:
+            last = pred()
+            if last:
+                return last
+        except Exception as e:  # noqa: BLE001 - keep polling, report the last failure
+            last = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+@pytest.fixture(scope="session")
+def sample_mkv(tmp_path_factory) -> Path:
+    """The real video remuxed (no re-encode) into the .mkv the RTSP server serves."""
+    gst = shutil.which("gst-launch-1.0")
+    if gst is None:
+        pytest.fail("gst-launch-1.0 missing: run tests/run.sh (installs Debian GStreamer)")
+    out = tmp_path_factory.mktemp("media") / "tud_campus.mkv"
+    subprocess.run([gst, "-q", "filesrc", f"location={VIDEO}", "!", "qtdemux", "!", "h264parse", "!",
+                    "matroskamux", "!", "filesink", f"location={out}"], check=True, timeout=60)
+    return out
+
+
+class RtspServer:
+    """The shared GStreamer RTSP test server as a killable subprocess."""
+
+    def __init__(self, port: int, mode: str, media: Path | None, log_dir: Path) -> None:
+        self.port, self.mode, self.media, self.log_dir = port, mode, media, log_dir
+        self.proc: subprocess.Popen | None = None
+        self.url = f"rtsp://127.0.0.1:{port}/cam"
+        self.starts = 0
+
+    def start(self) -> "RtspServer":
+        self.starts += 1
+        log = open(self.log_dir / f"rtsp-{self.starts}.log", "w")
+        args = ["/usr/bin/python3", str(RTSP_SERVER), str(self.port), self.mode]
+        if self.media:
+            args.append(str(self.media))
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        wait_until(lambda: "READY" in (self.log_dir / f"rtsp-{self.starts}.log").read_text(), 20,
+                   what="RTSP server READY")
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def rtsp_server(tmp_path, sample_mkv):
+    if not Path("/usr/bin/python3").exists():
+        pytest.fail("/usr/bin/python3 (Debian) missing: run tests/run.sh")
+    servers: list[RtspServer] = []
+
+    def make(mode: str = "loop", port: int | None = None) -> RtspServer:
+        s = RtspServer(port or free_port(), mode, sample_mkv if mode != "live" else None, tmp_path)
+        servers.append(s)
+        return s.start()
+
+    yield make
+    for s in servers:
+        s.kill()
+
+
+class ServiceProcess:
+    """``dishtrack run`` in a subprocess with a given config."""
+
+    def __init__(self, cfg: dict, tmp: Path) -> None:
+        self.port = free_port()
+        cfg.setdefault("api", {})["port"] = self.port
+        cfg.setdefault("storage", {"sqlite_path": str(tmp / "events.sqlite3")})
+        self.cfg_path = tmp / "config.yaml"
+        self.cfg_path.write_text(yaml.safe_dump(cfg))
+        self.log_path = tmp / "service.log"
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(["dishtrack", "run", "--config", str(self.cfg_path)],
+                                     stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT)
+        wait_until(self._ready, 90, what=f"service on {self.base} (log {self.log_path})")
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"service exited {self.proc.returncode}:\n{self.log_path.read_text()}")
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(self.base + "/health", timeout=2).status_code == 200
+        return False
+
+    def get(self, path: str, **kw) -> httpx.Response:
+        return httpx.get(self.base + path, timeout=10, **kw)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def service(tmp_path):
+    procs: list[ServiceProcess] = []
+
+    def start(cfg: dict) -> ServiceProcess:
+        p = ServiceProcess(cfg, tmp_path)
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        p.stop()
+
+
+@pytest.fixture(scope="session")
+def detector():
+    from dishtrack.config import DetectorConfig
+    from dishtrack.models.detector import Detector
+
+    return Detector(DetectorConfig(device="cpu"))
+
+
+def read_frames(n: int, start: int = 0):
+    import cv2
+
+    cap = cv2.VideoCapture(str(VIDEO))
+    frames = []
+    idx = 0
+    while len(frames) < n:
+        ok, img = cap.read()
+        if not ok:
+            break
+        if idx >= start:
+            frames.append((idx + 1, img))  # MOT frame numbers are 1-based
+        idx += 1
+    cap.release()
+    return frames
