@@ -19,7 +19,8 @@ class CameraConfig(_Strict):
     id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     source: str
     loop: bool = Field(False, description="restart a file source at its end (demo feeds)")
-    realtime: bool = Field(True, description="pace a file source at its own fps, like a camera")
+    realtime: bool = Field(True, description="pace a file source at its own fps, like a camera (frames "
+                           "may drop); false = process every frame as fast as the detector goes")
     reconnect_initial_s: float = Field(0.5, gt=0)
     reconnect_max_s: float = Field(10.0, gt=0)
     stall_timeout_s: float = Field(5.0, gt=0, description="no frame for this long = stalled, reconnect")

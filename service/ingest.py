@@ -68,8 +68,13 @@ class LatestFrameSlot:
         self._frame: Frame | None = None
         self.dropped = 0
 
-    def put(self, frame: Frame) -> None:
+    def put(self, frame: Frame, wait: threading.Event | None = None) -> None:
+        """Replace the held frame (counted as dropped). With ``wait`` (an event
+        that aborts the wait when set), block until the held frame was taken
+        instead: back-pressure for offline files, where every frame counts."""
         with self._cond:
+            while wait is not None and self._frame is not None and not wait.is_set():
+                self._cond.wait(0.1)
             if self._frame is not None:
                 self.dropped += 1
             self._frame = frame
@@ -78,6 +83,7 @@ class LatestFrameSlot:
     def take(self) -> Frame | None:
         with self._cond:
             f, self._frame = self._frame, None
+            self._cond.notify_all()
             return f
 
     def wait(self, timeout: float) -> bool:
@@ -209,6 +215,7 @@ class CameraReader:
     def _pump(self, cap: cv2.VideoCapture, index: int) -> tuple[bool, tuple[str, int]]:
         """Read until EOF / error / stop. Returns (got any frame, (why, next index))."""
         pace = self.cfg.realtime and not _is_stream(self.cfg.source) and self._fps
+        backpressure = self._stop if not (self.cfg.realtime or _is_stream(self.cfg.source)) else None
         t0 = time.monotonic()
         n = 0
         got_any = False
@@ -224,7 +231,7 @@ class CameraReader:
             with self._lock:
                 self._frames += 1
                 self._last_at = now
-            self.slot.put(Frame(self.cfg.id, index, now, img))
+            self.slot.put(Frame(self.cfg.id, index, now, img), wait=backpressure)
             index += 1
             n += 1
             if pace:
