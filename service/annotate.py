@@ -39,12 +39,15 @@ class Annotator:
             col = _color(t.track_id) if t.state is TrackState.CONFIRMED else _COLORS[t.state]
             thick = 2 if t.state is TrackState.CONFIRMED else 1
             cv2.rectangle(img, (x1, y1), (x2, y2), col, thick)
+            if t.state is TrackState.OCCLUDED:
+                # coasting on the prediction: thin box and id only, keeps the picture readable
+                cv2.putText(img, f"#{t.track_id}?", (x1 + 2, y1 + 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, col, 1,
+                            cv2.LINE_AA)
+                continue
             pts = np.array([(x, y) for _, x, y in t.trajectory[-32:]], np.int32)
             if len(pts) > 1:
                 cv2.polylines(img, [pts], False, col, 1)
             text = f"#{t.track_id} {t.label} {t.confidence:.2f}"
-            if t.state is TrackState.OCCLUDED:
-                text += " (occl)"
             (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
             cv2.rectangle(img, (x1, max(y1 - th - 4, 0)), (x1 + tw + 2, max(y1, th + 4)), col, -1)
             cv2.putText(img, text, (x1 + 1, max(y1 - 3, th)), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1,
