@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what the tests need on a fresh machine, then runs them:
+#   - Debian: GStreamer RTSP server (for ../shared/rtsp_test_server.py), gst-launch,
+#     Chromium + ChromeDriver (web page test)
+#   - the dishtrack package with its test extras (torch/torchvision pinned; pip takes them from local disk)
+# Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEBS=(python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good
+      gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-tools chromium chromium-driver)
+missing=()
+for p in "${DEBS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  echo "installing Debian packages: ${missing[*]}"
+  $SUDO apt-get update -q
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+python3 -m pip install -q --disable-pip-version-check '.[test]'
+# run from tests/ so the checkout's folders (service/, models/ ...) are never
+# mistaken for packages: what is tested is the installed dishtrack
+cd tests
+exec python3 -m pytest -p no:cacheprovider -o cache_dir=/tmp/dishtrack-pytest-cache "$@"
