@@ -128,6 +128,15 @@ def _run_epoch(model, loader, device, opt=None) -> float:
     return total / max(n, 1)
 
 
+def _fit(model, loader, device, opt, epochs: int, stage: str) -> list[float]:
+    losses = []
+    for ep in range(epochs):
+        t0 = time.time()
+        losses.append(_run_epoch(model, loader, device, opt))
+        log.info("%s epoch %d/%d loss %.4f (%.1fs)", stage, ep + 1, epochs, losses[-1], time.time() - t0)
+    return losses
+
+
 def train(s: TrainSettings) -> dict:
     random.seed(s.seed)
     np.random.seed(s.seed)
@@ -149,19 +158,15 @@ def train(s: TrainSettings) -> dict:
                     shuffle=True, num_workers=0)
     vl = DataLoader(DetectionDataset(val_s, classes, s.input_size), batch_size=s.batch_size) if val_s else None
     report: dict = {"classes": list(classes), "seeded_from_coco": seeded, "train_images": len(train_s),
-                    "val_images": len(val_s), "device": str(device), "stage1": [], "stage2": []}
+                    "val_images": len(val_s), "device": str(device)}
     if vl:
         report["val_loss_start"] = _run_epoch(model, vl, device)
 
     # stage 1: frozen trunk, new head
     for p in model.graph.parameters():
         p.requires_grad_(False)
-    opt = torch.optim.Adam(model.head.parameters(), lr=s.lr_head)
-    for ep in range(s.epochs_head):
-        t0 = time.time()
-        loss = _run_epoch(model, tl, device, opt)
-        report["stage1"].append(loss)
-        log.info("stage 1 (frozen trunk) epoch %d/%d loss %.4f (%.1fs)", ep + 1, s.epochs_head, loss, time.time() - t0)
+    report["stage1"] = _fit(model, tl, device, torch.optim.Adam(model.head.parameters(), lr=s.lr_head),
+                            s.epochs_head, "stage 1 (frozen trunk)")
     if vl:
         report["val_loss_after_head"] = _run_epoch(model, vl, device)
 
@@ -170,12 +175,7 @@ def train(s: TrainSettings) -> dict:
         p.requires_grad_(True)
     groups = layerwise_groups(model, s.lr_finetune, s.layer_decay)
     report["finetune_lrs"] = {g["name"]: g["lr"] for g in groups}
-    opt = torch.optim.Adam(groups)
-    for ep in range(s.epochs_finetune):
-        t0 = time.time()
-        loss = _run_epoch(model, tl, device, opt)
-        report["stage2"].append(loss)
-        log.info("stage 2 (fine-tune) epoch %d/%d loss %.4f (%.1fs)", ep + 1, s.epochs_finetune, loss, time.time() - t0)
+    report["stage2"] = _fit(model, tl, device, torch.optim.Adam(groups), s.epochs_finetune, "stage 2 (fine-tune)")
     if vl:
         report["val_loss_end"] = _run_epoch(model, vl, device)
     model.eval()

@@ -95,22 +95,18 @@ class EventStore:
              zone_id: str | None = None, label: str | None = None, since: float | None = None,
              until: float | None = None) -> EventPage:
         """Events in ``seq`` order after ``after``, filtered, at most ``limit``."""
+        filters = (
+            ("e.camera_id = ?", camera_id),
+            ("e.zone_id = ?", zone_id),
+            ("e.ended_at >= ?", since),
+            ("e.ended_at < ?", until),
+            ("EXISTS (SELECT 1 FROM event_labels l WHERE l.seq = e.seq AND l.label = ?)", label),
+        )
         where, args = ["e.seq > ?"], [after]
-        if camera_id is not None:
-            where.append("e.camera_id = ?")
-            args.append(camera_id)
-        if zone_id is not None:
-            where.append("e.zone_id = ?")
-            args.append(zone_id)
-        if since is not None:
-            where.append("e.ended_at >= ?")
-            args.append(since)
-        if until is not None:
-            where.append("e.ended_at < ?")
-            args.append(until)
-        if label is not None:
-            where.append("EXISTS (SELECT 1 FROM event_labels l WHERE l.seq = e.seq AND l.label = ?)")
-            args.append(label)
+        for clause, value in filters:
+            if value is not None:
+                where.append(clause)
+                args.append(value)
         sql = f"SELECT e.seq, e.payload FROM events e WHERE {' AND '.join(where)} ORDER BY e.seq LIMIT ?"
         with self._lock:
             rows = self._db.execute(sql, (*args, limit + 1)).fetchall()

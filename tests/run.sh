@@ -24,4 +24,4 @@ python3 -m pip install -q --disable-pip-version-check '.[test]'
 # run from tests/ so the checkout's folders (service/, models/ ...) are never
 # mistaken for packages: what is tested is the installed dishtrack
 cd tests
-exec python3 -m pytest -p no:cacheprovider -o cache_dir=/tmp/dishtrack-pytest-cache "$@"
+exec python3 -m pytest -p no:cacheprovider "$@"

@@ -96,3 +96,21 @@ def test_unreachable_rtsp_is_degraded_and_retries_with_backoff(tmp_path, detecto
         assert h["status"] == "degraded"
         assert h["cameras"][0]["state"] == "reconnecting"
         assert "cannot open" in h["cameras"][0]["last_error"]
+
+
+def test_shutdown_persists_the_open_tray(tmp_path, detector):
+    """Trays never close on their own here (huge gap/max); stopping the service
+    must still write the tray in progress to SQLite."""
+    cfg = make_cfg(tmp_path).model_copy(deep=True)
+    cfg = cfg.model_copy(update={"zones": [cfg.zones[0].model_copy(update={"tray_gap_s": 1e6, "tray_max_s": 1e6})]})
+    app = create_app(build_runtime(cfg, detector=detector))
+    with TestClient(app) as c:
+        rt = c.app.state.runtime
+        zone = rt.pipeline.zones["cam0"][0]
+        wait_until(lambda: zone.assembler.pending >= 1, 120, what="a crossing in an open tray")
+        assert c.get("/events").json()["items"] == []
+    from dishtrack.service.store import EventStore
+
+    store = EventStore(cfg.storage.sqlite_path)
+    items = store.list().items
+    assert len(items) == 1 and items[0]["items"][0]["count"] >= 1
