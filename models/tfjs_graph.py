@@ -172,6 +172,16 @@ class TFJSGraph(nn.Module):
             self._plan.append((name, op, inputs, cfg))
         if self._input is None:
             raise GraphFormatError(f"{path}: the outputs do not depend on an input")
+        # free each intermediate after its last consumer: keeps inference memory at the
+        # working set instead of every activation of the graph
+        last_use: dict[str, int] = {}
+        for step, (_, _, inputs, _) in enumerate(self._plan):
+            for i in inputs:
+                last_use[i] = step
+        self._free: list[list[str]] = [[] for _ in self._plan]
+        for name, step in last_use.items():
+            if name not in self.outputs and name not in weights:
+                self._free[step].append(name)
         # remaining constants (scalars, axes, sizes) as plain tensors / numpy
         for name, _, inputs, _ in self._plan:
             for i in inputs:
@@ -232,8 +242,10 @@ class TFJSGraph(nn.Module):
             raise ValueError(f"input {tuple(x.shape[2:])} must keep the graph's aspect {self._declared_hw}")
         env: dict[str, torch.Tensor] = {self._input: x}
         self._scale = x.shape[2] / self._declared_hw[0] if self._declared_hw else 1.0
-        for name, op, inputs, cfg in self._plan:
+        for (name, op, inputs, cfg), free in zip(self._plan, self._free):
             env[name] = _OPS[op](self, env, inputs, cfg)
+            for n in free:
+                del env[n]
         return {o: env[o] for o in self.outputs}
 
 
