@@ -117,7 +117,7 @@ class Detector:
         unknown = sorted(set(cfg.classes or []) - set(self.labels))
         if unknown:
             raise ValueError(f"detector.classes names labels the model does not have: {unknown}")
-        self._keep = (torch.tensor([l in cfg.classes for l in self.labels], device=self.device)
+        self._keep = (torch.tensor([lbl in cfg.classes for lbl in self.labels], device=self.device)
                       if cfg.classes else None)
         log.info("detector %s on %s, %d labels, input %d", cfg.kind, self.device, len(self.labels), self.input_size)
 

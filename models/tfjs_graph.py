@@ -183,7 +183,7 @@ class TFJSGraph(nn.Module):
             if name not in self.outputs and name not in weights:
                 self._free[step].append(name)
         # remaining constants (scalars, axes, sizes) as plain tensors / numpy
-        for name, _, inputs, _ in self._plan:
+        for _, _, inputs, _ in self._plan:
             for i in inputs:
                 if i in weights and i not in self._pkey and i not in self._consts:
                     self._consts[i] = weights[i]

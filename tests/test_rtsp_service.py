@@ -61,6 +61,7 @@ def test_service_recovers_when_the_rtsp_camera_is_killed_and_restarted(rtsp_serv
     assert svc.get("/health").json()["status"] == "ok"
     assert svc.proc.poll() is None
     assert 'dishtrack_camera_reconnects{camera="door"}' in svc.get("/metrics").text
+    assert svc.stop() == 0  # SIGTERM: graceful shutdown (readers stopped, open trays flushed)
 
 
 @pytest.mark.rtsp

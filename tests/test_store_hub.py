@@ -1,4 +1,5 @@
 import asyncio
+import sqlite3
 
 import pytest
 
@@ -30,7 +31,7 @@ def test_store_pages_filters_and_survives_reopen(tmp_path):
     s2 = EventStore(path)
     assert s2.count() == 7 and s2.get("e3")["items"][0]["label"] == "bowl"
     assert s2.get("missing") is None
-    with pytest.raises(Exception):
+    with pytest.raises(sqlite3.IntegrityError):
         s2.save(ev(3))  # event ids are unique: a replay cannot duplicate
     assert s2.count() == 7
 
