@@ -54,6 +54,19 @@ class Annotator:
                         cv2.LINE_AA)
         if caption:
             cv2.putText(img, caption, (8, h - 10), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
+        return self._encode(img)
+
+    def annotate_offline(self, last_image: np.ndarray | None, camera_id: str, state: str) -> bytes:
+        """A dimmed last frame (or a black one) saying the camera is not streaming."""
+        img = (last_image // 4) if last_image is not None else np.zeros((360, 640, 3), np.uint8)
+        h, w = img.shape[:2]
+        cv2.putText(img, "NO SIGNAL", (w // 2 - 110, h // 2), cv2.FONT_HERSHEY_SIMPLEX, 1.2, (0, 0, 255), 2,
+                    cv2.LINE_AA)
+        cv2.putText(img, f"{camera_id}: {state}", (w // 2 - 110, h // 2 + 32), cv2.FONT_HERSHEY_SIMPLEX, 0.6,
+                    (255, 255, 255), 1, cv2.LINE_AA)
+        return self._encode(img)
+
+    def _encode(self, img: np.ndarray) -> bytes:
         ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, self.quality])
         if not ok:
             raise RuntimeError("JPEG encoding failed")

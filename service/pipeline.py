@@ -60,6 +60,7 @@ class Pipeline:
         self.zones = {c.id: [_Zone(z, c.id) for z in cfg.zones if z.camera == c.id] for c in cfg.cameras}
         self.streams = {c.id: JpegSlot() for c in cfg.cameras}
         self.last_update: dict[str, TrackUpdate] = {}
+        self._last_image: dict[str, object] = {}  # one raw frame per camera, for the NO SIGNAL picture
         self.annotator = Annotator(cfg.api.mjpeg_quality)
         self._next_jpeg = {c.id: 0.0 for c in cfg.cameras}
         self._stop = threading.Event()
@@ -122,6 +123,7 @@ class Pipeline:
                 for ev in z.assembler.assemble(z.counter.count(upd), now=frame.timestamp):
                     self._emit(ev)
             now = time.time()
+            self._last_image[cam] = frame.image
             if now >= self._next_jpeg[cam]:
                 self._next_jpeg[cam] = now + 1.0 / self.cfg.api.mjpeg_fps
                 lines = [(z.cfg.line.p1, z.cfg.line.p2) for z in self.zones[cam]]
@@ -152,8 +154,12 @@ class Pipeline:
 
     def _refresh_camera_gauges(self) -> None:
         m = self.metrics
+        now = time.time()
         for cam, r in self.readers.items():
             st = r.status()
+            if st.state not in (SourceState.STREAMING, SourceState.ENDED) and now - self.streams[cam].at > 1.0:
+                # viewers of the MJPEG stream see that the camera is down, not a frozen picture
+                self.streams[cam].put(self.annotator.annotate_offline(self._last_image.get(cam), cam, st.state.value))
             m.frames_read.labels(cam).set(st.frames_read)
             m.frames_dropped.labels(cam).set(st.frames_dropped)
             m.reconnects.labels(cam).set(st.reconnects)
