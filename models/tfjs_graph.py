@@ -130,7 +130,7 @@ class TFJSGraph(nn.Module):
         order: list[str] = []
         seen: set[str] = set()
 
-        def visit(name: str) -> None:  # iterative DFS would be nicer; graphs here are shallow enough
+        def visit(name: str) -> None:  # iterative post-order DFS: deep graphs need no recursion
             stack = [(name, False)]
             while stack:
                 nm, done = stack.pop()

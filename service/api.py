@@ -82,7 +82,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.get("/metrics")
     def metrics() -> Response:
-        rt.pipeline._refresh_camera_gauges()
+        rt.pipeline.refresh_gauges()
         return Response(generate_latest(rt.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/cameras")

@@ -89,12 +89,14 @@ class Pipeline:
             frames = [f for f in (r.slot.take() for r in self.readers.values()) if f is not None]
             if not frames:
                 self._close_idle_trays(time.time())
-                self._refresh_camera_gauges()
+                self._show_offline_cameras()
+                self.refresh_gauges()
                 if all(r.ended for r in self.readers.values()):
                     self._flush_all()
                     self.finished.set()
                     log.info("all sources ended; pipeline idle")
                     return
+                # short nap on one slot; any camera's frame is picked up within 20 ms
                 next(iter(self.readers.values())).slot.wait(0.02)
                 continue
             try:
@@ -104,7 +106,8 @@ class Pipeline:
                 self.metrics.pipeline_errors.inc()
                 log.exception("pipeline batch failed")
                 time.sleep(0.1)
-            self._refresh_camera_gauges()
+            self._show_offline_cameras()  # other cameras may be down while one streams
+            self.refresh_gauges()
 
     def _process(self, frames) -> None:
         t0 = time.perf_counter()
@@ -152,14 +155,11 @@ class Pipeline:
                 for ev in z.assembler.flush():
                     self._emit(ev)
 
-    def _refresh_camera_gauges(self) -> None:
+    def refresh_gauges(self) -> None:
+        """Copy reader and hub counters into the Prometheus gauges (cheap; also called per scrape)."""
         m = self.metrics
-        now = time.time()
         for cam, r in self.readers.items():
             st = r.status()
-            if st.state not in (SourceState.STREAMING, SourceState.ENDED) and now - self.streams[cam].at > 1.0:
-                # viewers of the MJPEG stream see that the camera is down, not a frozen picture
-                self.streams[cam].put(self.annotator.annotate_offline(self._last_image.get(cam), cam, st.state.value))
             m.frames_read.labels(cam).set(st.frames_read)
             m.frames_dropped.labels(cam).set(st.frames_dropped)
             m.reconnects.labels(cam).set(st.reconnects)
@@ -167,3 +167,11 @@ class Pipeline:
             m.camera_up.labels(cam).set(1 if st.state is SourceState.STREAMING else 0)
         m.ws_subscribers.set(self.hub.subscribers)
         m.ws_dropped.set(self.hub.dropped_subscribers)
+
+    def _show_offline_cameras(self) -> None:
+        """Viewers of a down camera's MJPEG stream see NO SIGNAL, not a frozen picture (1 frame/s)."""
+        now = time.time()
+        for cam, r in self.readers.items():
+            st = r.status()
+            if st.state not in (SourceState.STREAMING, SourceState.ENDED) and now - self.streams[cam].at > 1.0:
+                self.streams[cam].put(self.annotator.annotate_offline(self._last_image.get(cam), cam, st.state.value))

@@ -46,12 +46,6 @@ class Detections:
     def __len__(self) -> int:
         return len(self.boxes)
 
-    @classmethod
-    def empty(cls, camera_id: str, frame_index: int, timestamp: float, labels: tuple[str, ...],
-              image_size: tuple[int, int]) -> "Detections":
-        return cls(camera_id, frame_index, timestamp, np.zeros((0, 4), np.float32),
-                   np.zeros((0,), np.float32), np.zeros((0,), np.int64), labels, image_size)
-
 
 class TrackState(str, enum.Enum):
     TENTATIVE = "tentative"  # seen, not yet min_hits times in a row
