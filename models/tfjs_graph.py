@@ -76,6 +76,11 @@ def _attr(node: dict, key: str, default=None):
     return default
 
 
+def _module_key(name: str) -> str:
+    """A graph node name as a parameter/buffer name (no '.' allowed there)."""
+    return name.replace("/", "__").replace(".", "_")
+
+
 def _same_pad(x: torch.Tensor, k: tuple[int, int], s: tuple[int, int], d: tuple[int, int]) -> torch.Tensor:
     """TensorFlow SAME padding: extra row/column goes to the bottom/right."""
     pads = []
@@ -192,13 +197,13 @@ class TFJSGraph(nn.Module):
                 t = torch.from_numpy(np.array(v, dtype=np.float32))
                 if t.ndim == 1 and t.numel() > 1:
                     t = t.reshape(-1, 1, 1)  # per-channel constant against NCHW tensors
-                buf = k.replace("/", "__").replace(".", "_")
+                buf = _module_key(k)
                 self.register_buffer(buf, t, persistent=False)
                 self._consts[k] = buf  # resolved via getattr at run time (follows .to(device))
 
     # ---- construction helpers
     def _param(self, name: str, value: np.ndarray) -> str:
-        key = name.replace("/", "__").replace(".", "_")
+        key = _module_key(name)
         self.params[key] = nn.Parameter(torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32)))
         self._pkey[name] = key
         return key

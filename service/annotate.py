@@ -7,11 +7,7 @@ import numpy as np
 from dishtrack.tracking.tracker import TrackUpdate
 from dishtrack.tracking.types import TrackState
 
-_COLORS = {
-    TrackState.CONFIRMED: (60, 200, 60),
-    TrackState.OCCLUDED: (0, 165, 255),
-    TrackState.TENTATIVE: (180, 180, 180),
-}
+_OCCLUDED_COLOR = (0, 165, 255)  # orange: coasting on the Kalman prediction
 
 
 def _color(track_id: int) -> tuple[int, int, int]:
@@ -36,7 +32,7 @@ class Annotator:
             if t.state is TrackState.TENTATIVE:
                 continue
             x1, y1, x2, y2 = (int(v) for v in t.box)
-            col = _color(t.track_id) if t.state is TrackState.CONFIRMED else _COLORS[t.state]
+            col = _color(t.track_id) if t.state is TrackState.CONFIRMED else _OCCLUDED_COLOR
             thick = 2 if t.state is TrackState.CONFIRMED else 1
             cv2.rectangle(img, (x1, y1), (x2, y2), col, thick)
             if t.state is TrackState.OCCLUDED:

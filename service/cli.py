@@ -108,10 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.log_level)
     try:
         return args.fn(args)
-    except ConfigError as e:
-        log.error("%s", e)
-        return 2
-    except (FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 2
     except KeyboardInterrupt:

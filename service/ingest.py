@@ -177,7 +177,7 @@ class CameraReader:
                 self._set(SourceState.RECONNECTING, str(e))
                 if self._stop.wait(backoff):
                     break
-                backoff = min(backoff * 2, self.cfg.reconnect_max_s)
+                backoff = self._next_backoff(backoff)
                 continue
             if not first and _is_stream(self.cfg.source):
                 with self._lock:
@@ -187,12 +187,11 @@ class CameraReader:
             self._fps = fps if fps and 0 < fps < 1000 else None
             self._set(SourceState.STREAMING)
             log.info("camera %s: streaming %s (%.1f fps nominal)", self.cfg.id, redact(self.cfg.source), fps or 0)
-            got_any, outcome = self._pump(cap, index)
-            index = outcome[1]
+            got_any, why, index = self._pump(cap, index)
             cap.release()
             if got_any:
                 backoff = self.cfg.reconnect_initial_s
-            if outcome[0] == "eof" and not _is_stream(self.cfg.source):
+            if why == "eof" and not _is_stream(self.cfg.source):
                 if not self.cfg.loop:
                     log.info("camera %s: end of file after %d frames", self.cfg.id, self._frames)
                     self._set(SourceState.ENDED)
@@ -200,7 +199,7 @@ class CameraReader:
                 continue  # loop the file
             if self._stop.is_set():
                 break
-            if outcome[0] == "stall":
+            if why == "stall":
                 with self._lock:
                     self._stalls += 1
                 self._set(SourceState.STALLED, "no frame within stall_timeout_s")
@@ -210,10 +209,13 @@ class CameraReader:
                 log.warning("camera %s: stream ended, reconnecting in %.1fs", self.cfg.id, backoff)
             if self._stop.wait(backoff):
                 break
-            backoff = min(backoff * 2, self.cfg.reconnect_max_s)
+            backoff = self._next_backoff(backoff)
 
-    def _pump(self, cap: cv2.VideoCapture, index: int) -> tuple[bool, tuple[str, int]]:
-        """Read until EOF / error / stop. Returns (got any frame, (why, next index))."""
+    def _next_backoff(self, backoff: float) -> float:
+        return min(backoff * 2, self.cfg.reconnect_max_s)
+
+    def _pump(self, cap: cv2.VideoCapture, index: int) -> tuple[bool, str, int]:
+        """Read until EOF / error / stop. Returns (got any frame, why it ended, next index)."""
         pace = self.cfg.realtime and not _is_stream(self.cfg.source) and self._fps
         backpressure = self._stop if not (self.cfg.realtime or _is_stream(self.cfg.source)) else None
         t0 = time.monotonic()
@@ -225,8 +227,8 @@ class CameraReader:
             now = time.time()
             if not ok or img is None:
                 if _is_stream(self.cfg.source) and time.monotonic() - t_req >= self.cfg.stall_timeout_s * 0.9:
-                    return got_any, ("stall", index)
-                return got_any, ("eof", index)
+                    return got_any, "stall", index
+                return got_any, "eof", index
             got_any = True
             with self._lock:
                 self._frames += 1
@@ -238,4 +240,4 @@ class CameraReader:
                 delay = t0 + n / self._fps - time.monotonic()
                 if delay > 0 and self._stop.wait(delay):
                     break
-        return got_any, ("stop", index)
+        return got_any, "stop", index

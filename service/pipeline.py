@@ -89,8 +89,7 @@ class Pipeline:
             frames = [f for f in (r.slot.take() for r in self.readers.values()) if f is not None]
             if not frames:
                 self._close_idle_trays(time.time())
-                self._show_offline_cameras()
-                self.refresh_gauges()
+                self._housekeep()
                 if all(r.ended for r in self.readers.values()):
                     self._flush_all()
                     self.finished.set()
@@ -106,8 +105,7 @@ class Pipeline:
                 self.metrics.pipeline_errors.inc()
                 log.exception("pipeline batch failed")
                 time.sleep(0.1)
-            self._show_offline_cameras()  # other cameras may be down while one streams
-            self.refresh_gauges()
+            self._housekeep()  # other cameras may be down while one streams
 
     def _process(self, frames) -> None:
         t0 = time.perf_counter()
@@ -155,11 +153,11 @@ class Pipeline:
                 for ev in z.assembler.flush():
                     self._emit(ev)
 
-    def refresh_gauges(self) -> None:
+    def refresh_gauges(self, statuses: dict | None = None) -> None:
         """Copy reader and hub counters into the Prometheus gauges (cheap; also called per scrape)."""
         m = self.metrics
-        for cam, r in self.readers.items():
-            st = r.status()
+        statuses = statuses or {cam: r.status() for cam, r in self.readers.items()}
+        for cam, st in statuses.items():
             m.frames_read.labels(cam).set(st.frames_read)
             m.frames_dropped.labels(cam).set(st.frames_dropped)
             m.reconnects.labels(cam).set(st.reconnects)
@@ -168,10 +166,12 @@ class Pipeline:
         m.ws_subscribers.set(self.hub.subscribers)
         m.ws_dropped.set(self.hub.dropped_subscribers)
 
-    def _show_offline_cameras(self) -> None:
-        """Viewers of a down camera's MJPEG stream see NO SIGNAL, not a frozen picture (1 frame/s)."""
+    def _housekeep(self) -> None:
+        """Once per loop: gauges, and NO SIGNAL frames (1/s) for cameras that are down, so
+        viewers of their MJPEG stream do not watch a frozen picture."""
+        statuses = {cam: r.status() for cam, r in self.readers.items()}
         now = time.time()
-        for cam, r in self.readers.items():
-            st = r.status()
+        for cam, st in statuses.items():
             if st.state not in (SourceState.STREAMING, SourceState.ENDED) and now - self.streams[cam].at > 1.0:
                 self.streams[cam].put(self.annotator.annotate_offline(self._last_image.get(cam), cam, st.state.value))
+        self.refresh_gauges(statuses)
