@@ -29,8 +29,9 @@ class DatasetError(ValueError):
 @dataclass(frozen=True, slots=True)
 class Sample:
     image: Path
-    boxes: np.ndarray  # (N,4) float32
+    boxes: np.ndarray  # (N,4) float32 xyxy pixels of the image
     labels: tuple[str, ...]
+    group: str | None = None  # photos of one tray (or one video clip): splits never cut a group
 
 
 def read_manifest(path: str | Path) -> list[Sample]:
