@@ -62,6 +62,46 @@ def cmd_export_mot(args) -> int:
     return 0
 
 
+def cmd_check_data(args) -> int:
+    """Exit 0: clean; 1: problems but usable; 2: nothing usable."""
+    import json
+    from collections import Counter
+    from pathlib import Path
+
+    from dishtrack.models.dataset import DatasetError
+    from dishtrack.models.importers import load_dataset
+
+    try:
+        data = load_dataset(args.data, trays=args.trays)
+    except DatasetError as e:
+        print(f"unusable: {e}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"usable": False, "error": str(e)}, indent=2))
+        return 2
+    per_class = data.boxes_per_class()
+    trays = {s.group for s in data.samples if s.group is not None}
+    kinds = Counter(p.kind for p in data.problems)
+    print(f"format:   {data.format}")
+    print(f"images:   {len(data.samples)}")
+    print(f"boxes:    {sum(per_class.values())}")
+    print(f"trays:    {len(trays) if trays else 'none (no trays.csv)'}")
+    print("boxes per class:")
+    for c, n in per_class.items():
+        print(f"  {c:<24} {n:>6}")
+    print(f"problems: {len(data.problems)}")
+    for k, n in kinds.most_common():
+        print(f"  {k:<24} {n:>6}")
+    for p in data.problems:
+        print(p)
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "usable": True, "format": data.format, "images": len(data.samples), "classes": list(data.classes),
+            "boxes_per_class": per_class, "trays": len(trays), "problem_kinds": dict(kinds),
+            "problems": [{"file": p.file, "line": p.line, "message": p.message, "action": p.action, "kind": p.kind}
+                         for p in data.problems]}, indent=2))
+    return 1 if data.problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dishtrack", description=__doc__)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -100,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--label", default="person")
     e.add_argument("--every", type=int, default=1, help="keep every Nth frame")
     e.set_defaults(fn=cmd_export_mot)
+
+    d = sub.add_parser("check-data", help="load labelled data (YOLO, COCO, CVAT XML, Label Studio, manifest) "
+                       "and list every problem; exit 0 clean, 1 problems, 2 unusable")
+    d.add_argument("--data", required=True, help="dataset folder or label file")
+    d.add_argument("--trays", help="CSV image,tray (default: trays.csv in the dataset folder)")
+    d.add_argument("--json", help="also write the summary and problems as JSON here")
+    d.set_defaults(fn=cmd_check_data)
     return p
 
 
