@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -19,19 +18,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .sample import DatasetError, Sample  # noqa: F401 - re-exported, defined torch-free
+
 STRIDE = 4
-
-
-class DatasetError(ValueError):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Sample:
-    image: Path
-    boxes: np.ndarray  # (N,4) float32 xyxy pixels of the image
-    labels: tuple[str, ...]
-    group: str | None = None  # photos of one tray (or one video clip): splits never cut a group
 
 
 def read_manifest(path: str | Path) -> list[Sample]:

@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 import yaml
 
-from .dataset import DatasetError, Sample
+from .sample import DatasetError, Sample
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +103,17 @@ class _Images:
     """Index of the image files under a folder by name, for exports that name images loosely."""
 
     def __init__(self, root: Path) -> None:
-        self.by_name: dict[str, list[Path]] = {}
-        for p in sorted(root.rglob("*")):
-            if p.suffix.lower() in IMAGE_EXTS and p.is_file() and not any(s.startswith(".") for s in p.parts[-3:]):
-                self.by_name.setdefault(p.name, []).append(p)
+        self.root = root
+        self._by_name: dict[str, list[Path]] | None = None
+
+    @property
+    def by_name(self) -> dict[str, list[Path]]:
+        if self._by_name is None:  # built on first use: exports that name images exactly never walk the tree
+            self._by_name = {}
+            for p in sorted(self.root.rglob("*")):
+                if p.suffix.lower() in IMAGE_EXTS and p.is_file() and not any(s.startswith(".") for s in p.parts[-3:]):
+                    self._by_name.setdefault(p.name, []).append(p)
+        return self._by_name
 
     def find(self, name: str) -> list[Path]:
         return self.by_name.get(name, [])

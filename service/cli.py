@@ -68,8 +68,8 @@ def cmd_check_data(args) -> int:
     from collections import Counter
     from pathlib import Path
 
-    from dishtrack.models.dataset import DatasetError
     from dishtrack.models.importers import load_dataset
+    from dishtrack.models.sample import DatasetError
 
     try:
         data = load_dataset(args.data, trays=args.trays)
