@@ -97,6 +97,7 @@ class _Raw:
     items: list[_Item]
     problems: list[Problem]
     ids: list[str] | None = None  # YOLO id -> name
+    classes_file: str | None = None  # where the class list is declared
 
 
 class _Images:
@@ -236,7 +237,7 @@ def _read_yolo(root: Path) -> _Raw:
             continue
         problems.append(Problem(str(txt), None, "label file has no image "
                                 f"(no {txt.stem}.jpg/.png/... next to it)", "skipped label file", "missing-image"))
-    return _Raw("yolo", root, names, items, problems, ids=names)
+    return _Raw("yolo", root, names, items, problems, ids=names, classes_file=str(names_file))
 
 
 # ---------------------------------------------------------------- COCO
@@ -290,7 +291,7 @@ def _read_coco(files: list[Path], root: Path) -> _Raw:
                                         "malformed-box"))
                 continue
             it.boxes.append(_Box(cats[a["category_id"]], (x, y, x + w, y + h), str(jf), None, what=what))
-    return _Raw("coco", root, classes, items, problems)
+    return _Raw("coco", root, classes, items, problems, classes_file=str(files[0]))
 
 
 def _load_json(p: Path):
@@ -378,7 +379,7 @@ def _read_cvat(xf: Path) -> _Raw:
             parser.ParseFile(fh)
     except xml.parsers.expat.ExpatError as e:
         raise DatasetError(f"{xf}:{e.lineno}: broken XML ({xml.parsers.expat.errors.messages[e.code]})") from e
-    return _Raw("cvat", xf.parent, classes or None, items, problems)
+    return _Raw("cvat", xf.parent, classes or None, items, problems, classes_file=str(xf))
 
 
 # ---------------------------------------------------------------- Label Studio
@@ -593,7 +594,7 @@ def _declared_duplicates(raw: _Raw) -> None:
     seen: dict[str, str] = {}
     for c in raw.classes or []:
         if _norm(c) in seen:
-            raw.problems.append(Problem(raw.items[0].file if raw.items else str(raw.root), None,
+            raw.problems.append(Problem(raw.classes_file or str(raw.root), None,
                                         f"class '{c}' differs only in case/whitespace from '{seen[_norm(c)]}'",
                                         "kept as separate classes", "class-case"))
         seen.setdefault(_norm(c), c)

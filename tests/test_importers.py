@@ -301,6 +301,19 @@ def test_label_studio_cancelled_and_unlabelled_tasks_are_reported(small, tmp_pat
     assert len(got.samples) == 1
 
 
+def test_trays_argument_and_images_without_a_tray(small, tmp_path):
+    ref, exp = small
+    names = sorted(s.image.name for s in ref.samples)
+    (tmp_path / "t.csv").write_text(f"image,tray\n{names[0]},7\n{names[1]},7\n{names[2]}\n")
+    got = load_dataset(exp / "coco.json", trays=tmp_path / "t.csv")
+    assert {s.image.name: s.group for s in got.samples} == {names[0]: "7", names[1]: "7", names[2]: None,
+                                                            names[3]: None}
+    assert sorted((Path(p.file).name, p.line, p.kind) for p in got.problems) == sorted(
+        [("t.csv", 4, "malformed-line"), (names[2], None, "no-tray"), (names[3], None, "no-tray")])
+    with pytest.raises(DatasetError, match="trays file not found"):
+        load_dataset(exp / "coco.json", trays=tmp_path / "missing.csv")
+
+
 def test_unusable_inputs_raise_dataset_error(tmp_path):
     with pytest.raises(DatasetError, match="no such file"):
         load_dataset(tmp_path / "nope")
