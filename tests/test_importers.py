@@ -181,6 +181,11 @@ def test_coco_folder_layout_and_checkpoint_classes(small, tmp_path):
     assert n_other and len(got.problems) == n_other
     assert {p.kind for p in got.problems} == {"unknown-class"} and {p.action for p in got.problems} == {"dropped box"}
     assert all(set(s.labels) <= {"Plate", "Drink"} for s in got.samples)
+    scored = write_coco(ref.samples, ref.classes, tmp_path / "dets.json",
+                        scores=[np.linspace(1, 0.5, len(s.labels)) for s in ref.samples])
+    anns = json.loads(scored.read_text())["annotations"]
+    assert len(anns) == sum(len(s.labels) for s in ref.samples) and anns[0]["score"] == 1.0
+    assert _by_name(load_dataset(scored)).keys() == _by_name(ref).keys()
 
 
 def test_cvat_yolo_1_1_and_ultralytics_layouts(small, tmp_path):
