@@ -1,4 +1,4 @@
-"""``dishtrack`` command line: run the service, check a config, train a dish head."""
+"""``dishtrack`` command line: run the service, check a config, train a dish head, make a synthetic checkout video."""
 from __future__ import annotations
 
 import argparse
@@ -62,6 +62,45 @@ def cmd_export_mot(args) -> int:
     return 0
 
 
+def _load_tray_photos(path: str):
+    """YOLO folder (``labelled/*.jpg`` + ``*.txt``, ``obj.names``, ``trays.csv``) -> (samples, classes).
+    Stand-in until ``dishtrack.models.importers.load_dataset`` exists: swap the body for it."""
+    import csv
+    from pathlib import Path
+
+    import cv2
+    import numpy as np
+
+    from dishtrack.models.dataset import Sample
+
+    root = Path(path)
+    classes = tuple(x.strip() for x in (root / "obj.names").read_text().splitlines() if x.strip())
+    trays = {}
+    if (root / "trays.csv").is_file():
+        with (root / "trays.csv").open() as fh:
+            trays = {r["image"]: r["tray"] for r in csv.DictReader(fh)}
+    samples = []
+    for img in sorted((root / "labelled").glob("*.jpg")):
+        h, w = cv2.imread(str(img)).shape[:2]
+        rows = np.loadtxt(img.with_suffix(".txt"), ndmin=2).reshape(-1, 5)
+        cx, cy, bw, bh = rows[:, 1] * w, rows[:, 2] * h, rows[:, 3] * w, rows[:, 4] * h
+        boxes = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1).astype(np.float32)
+        samples.append(Sample(img, boxes, tuple(classes[int(c)] for c in rows[:, 0]), trays.get(img.name)))
+    if not samples:
+        raise ValueError(f"{root}: no labelled/*.jpg")
+    return samples, classes
+
+
+def cmd_make_video(args) -> int:
+    from dishtrack.models.synth_video import SynthSettings, make_checkout_video
+
+    samples, classes = _load_tray_photos(args.data)
+    settings = SynthSettings(width=args.width, height=args.height, fps=args.fps, seed=args.seed)
+    res = make_checkout_video(samples, args.out, args.trays, settings, classes=classes)
+    print(f"{res.video}: {len(res.receipts)} trays, {res.frames} frames; ground truth in {res.out_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dishtrack", description=__doc__)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -100,6 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--label", default="person")
     e.add_argument("--every", type=int, default=1, help="keep every Nth frame")
     e.set_defaults(fn=cmd_export_mot)
+
+    v = sub.add_parser("make-video", help="synthetic checkout video + ground truth from labelled tray photos")
+    v.add_argument("--data", required=True, help="YOLO folder: labelled/*.jpg+*.txt, obj.names, trays.csv")
+    v.add_argument("--out", required=True, help="output directory (checkout.mp4, receipts.json, gt.txt, ...)")
+    v.add_argument("--trays", type=int, required=True)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--width", type=int, default=640)
+    v.add_argument("--height", type=int, default=480)
+    v.add_argument("--fps", type=float, default=25.0)
+    v.set_defaults(fn=cmd_make_video)
     return p
 
 
