@@ -177,3 +177,26 @@ def test_score_merged_pair_and_stray_event():
     assert [r["events"] for r in s["per_tray"]] == [0, 1, 1]
     # tray 1 credited Plate 1 + Drink 2, tray 2 Plate 1: tp 4 of 7 predicted, of 6 true
     assert s["item_precision"] == pytest.approx(4 / 7) and s["item_recall"] == pytest.approx(4 / 6)
+
+
+# -- bench: tracker + checkout on the generated video with the ground-truth detector ------------
+
+def _bench(video, *extra):
+    import checkout_video_eval as bench
+
+    p = video.out_dir / f"score{len(extra)}.json"
+    assert bench.main([str(video.out_dir), "--oracle", "--json", str(p), *extra]) == 0
+    return json.loads(p.read_text())
+
+
+def test_oracle_direct_gives_one_exact_receipt_per_tray(video):
+    s = _bench(video, "--mode", "direct")
+    assert s["trays"] == 3 and s["events"] == 3 and s["exact_receipts"] == 3
+    assert s["item_precision"] == 1.0 and s["item_recall"] == 1.0
+    assert s["setup"]["zone"]["direction"] == "left_to_right"
+
+
+def test_oracle_realtime_pipeline_gives_one_exact_receipt_per_tray(video):
+    """Through Pipeline (file reader paced at the video fps, SQLite store)."""
+    s = _bench(video, "--realtime")
+    assert s["setup"]["mode"] == "pipeline" and s["events"] == 3 and s["exact_receipts"] == 3
