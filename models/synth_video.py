@@ -416,16 +416,10 @@ def _write_ground_truth(res: SynthResult, gt_rows: list[str], st: SynthSettings)
     res.seqinfo.write_text(
         "[Sequence]\nname=checkout\nimDir=img1\n"
         f"frameRate={st.fps:g}\nseqLength={res.frames}\nimWidth={st.width}\nimHeight={st.height}\nimExt=.jpg\n")
-    settings = {k: v for k, v in dataclasses.asdict(st).items()}
     doc = {
         "video": res.video.name, "fps": st.fps, "width": st.width, "height": st.height, "frames": res.frames,
         "line": {"x": st.line_x, "direction": "left_to_right"}, "classes": list(res.classes),
         "frame_numbering": "0-based video frame index (gt.txt uses index + 1)",
-        "settings": settings, "trays": [dataclasses.asdict(r) for r in res.receipts],
+        "settings": dataclasses.asdict(st), "trays": [dataclasses.asdict(r) for r in res.receipts],
     }
     res.receipts_json.write_text(json.dumps(doc, indent=1))
-
-
-def read_receipts(video_dir: str | Path) -> dict:
-    """The ``receipts.json`` document of a generated video directory."""
-    return json.loads((Path(video_dir) / "receipts.json").read_text())
