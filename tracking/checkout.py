@@ -140,8 +140,9 @@ class CheckoutAssembler:
 
     ``tray_max_s`` always caps a tray. Called every frame (``assemble`` with
     the frame's TrackUpdate), an idle tray closes ``gap_s`` after its last
-    crossing unless it is *parked*: a live member still sits within one dish
-    size of the line (the rest of the tray has yet to cross).
+    crossing unless it is *parked*: a live member's box is still within
+    ``link_gap`` dish sizes of the line (a dish linked to it may have yet to
+    cross: the tray stopped on the line).
 
     The latest snapshot of each member track is kept while its tray is open
     (also after the track was removed: its final vote); at close each unit
@@ -246,7 +247,8 @@ class CheckoutAssembler:
         w, h = self._image_size
         a = (p.line[0][0] * w, p.line[0][1] * h)
         b = (p.line[1][0] * w, p.line[1][1] * h)
-        return any(live and now - ts <= p.gap_s and _point_segment_distance(t.center, a, b) <= _size(t.box)
+        return any(live and now - ts <= p.gap_s
+                   and _point_segment_distance(t.center, a, b) <= (0.5 + p.link_gap) * _size(t.box)
                    for ts, t, live in self._latest.values())
 
     # -- receipt
