@@ -129,8 +129,10 @@ class CheckoutAssembler:
     crossing joins the open tray when:
 
     * motion is known (the crossing track and tray members have snapshots):
-      its box is within ``link_gap`` dish sizes of some member's box (members
-      extrapolated along their velocity to the crossing time) and its velocity
+      its box is within ``link_gap`` dish sizes (size = sqrt(box area), the
+      larger of the two dishes, so a cup next to a plate links) of some
+      member's box (members extrapolated along their velocity to the crossing
+      time) and its velocity
       is within ``speed_tol`` of the members' mean velocity (plus half a dish
       size per second, so two nearly stopped dishes count as equal). A clearly
       separate cluster (e.g. the next tray, a gap behind along the motion)
@@ -227,7 +229,7 @@ class CheckoutAssembler:
         for ts, t in members:
             v = track_velocity(t, p.velocity_window_s)
             mbox = t.box if v is None else (np.asarray(t.box) + np.tile(v, 2) * (c.timestamp - ts))
-            if _box_gap(box, mbox) <= p.link_gap * (_size(box) + _size(mbox)) / 2.0:
+            if _box_gap(box, mbox) <= p.link_gap * max(_size(box), _size(mbox)):
                 near = True
             if v is not None:
                 vels.append(v)
