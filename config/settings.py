@@ -98,6 +98,31 @@ class ZoneConfig(_Strict):
     tray_gap_s: float = Field(1.5, gt=0, description="crossings closer than this belong to one tray")
     tray_max_s: float = Field(10.0, gt=0, description="a tray open this long is closed regardless")
     min_track_hits: int = Field(3, ge=1, description="only tracks seen this often count")
+    tray_link_gap: float = Field(1.0, ge=0, description="a crossing dish within this many dish sizes of a "
+                                 "tray member (box gap) moves with that tray")
+    tray_speed_tol: float = Field(0.5, ge=0, description="relative velocity difference still 'moving together'")
+    velocity_window_s: float = Field(0.5, gt=0, description="trajectory span a track's velocity is fitted over")
+    review_margin: float = Field(0.3, ge=0, le=1, description="items whose class vote margin (top share minus "
+                                 "runner-up) is below this are marked needs_review")
+
+
+class MenuConfig(_Strict):
+    """Prices for receipts: a YAML/JSON menu file (see tracking/menu.py)."""
+
+    path: str
+    timezone: str | None = Field(None, description="IANA zone deciding an event's menu date; null = local time")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, v: str | None) -> str | None:
+        if v is not None:
+            from zoneinfo import ZoneInfo
+
+            try:
+                ZoneInfo(v)
+            except (KeyError, ValueError) as e:  # ZoneInfoNotFoundError is a KeyError
+                raise ValueError(f"unknown IANA timezone {v!r}") from e
+        return v
 
 
 class StorageConfig(_Strict):
@@ -119,6 +144,7 @@ class AppConfig(_Strict):
     zones: list[ZoneConfig] = []
     storage: StorageConfig = StorageConfig()
     api: ApiConfig = ApiConfig()
+    menu: MenuConfig | None = None
 
     @model_validator(mode="after")
     def _references(self) -> "AppConfig":

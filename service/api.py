@@ -131,11 +131,13 @@ def create_app(runtime: Runtime) -> FastAPI:
                limit: int = Query(50, ge=1, le=1000),
                camera: str | None = None, zone: str | None = None, label: str | None = None,
                since: float | None = Query(None, description="ended_at >= since (unix seconds)"),
-               until: float | None = Query(None, description="ended_at < until (unix seconds)")) -> dict:
+               until: float | None = Query(None, description="ended_at < until (unix seconds)"),
+               needs_review: bool | None = Query(None, description="only events that do (true) / do not "
+                                                 "(false) need review")) -> dict:
         if since is not None and until is not None and until <= since:
             raise HTTPException(422, "until must be greater than since")
         page = rt.store.list(after=after, limit=limit, camera_id=camera, zone_id=zone, label=label,
-                             since=since, until=until)
+                             since=since, until=until, needs_review=needs_review)
         return {"items": page.items, "next_after": page.next_after}
 
     @app.get("/events/{event_id}")

@@ -130,6 +130,11 @@ class CameraReader:
         self._last_at: float | None = None
         self._fps: float | None = None
         self._error: str | None = None
+        # file sources: frame time = wall clock at first open + media time (kept
+        # increasing across loops), so it is epoch seconds but does not stretch
+        # when the pipeline is slower than real time
+        self._media_origin: float | None = None
+        self._media_offset = 0.0  # media seconds played by earlier loops
 
     # -- control
     def start(self) -> "CameraReader":
@@ -211,29 +216,49 @@ class CameraReader:
                 break
             backoff = self._next_backoff(backoff)
 
+    def _media_time(self, cap: cv2.VideoCapture, n: int, prev: float, elapsed: float) -> float:
+        """Seconds into the file of the frame just read: the decoder's position,
+        else frame index / fps, else (no fps) wall time since the file opened."""
+        pos = cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
+        if pos == pos and pos >= 0 and pos > prev:  # pos == pos: not NaN
+            return pos
+        if self._fps:
+            return max(n / self._fps, prev + 1e-6)
+        return max(elapsed, prev + 1e-6)
+
     def _next_backoff(self, backoff: float) -> float:
         return min(backoff * 2, self.cfg.reconnect_max_s)
 
     def _pump(self, cap: cv2.VideoCapture, index: int) -> tuple[bool, str, int]:
         """Read until EOF / error / stop. Returns (got any frame, why it ended, next index)."""
-        pace = self.cfg.realtime and not _is_stream(self.cfg.source) and self._fps
-        backpressure = self._stop if not (self.cfg.realtime or _is_stream(self.cfg.source)) else None
+        is_file = not _is_stream(self.cfg.source)
+        pace = self.cfg.realtime and is_file and self._fps
+        backpressure = self._stop if is_file and not self.cfg.realtime else None
         t0 = time.monotonic()
         n = 0
         got_any = False
+        media = -1.0
+        if is_file and self._media_origin is None:
+            self._media_origin = time.time()
         while not self._stop.is_set():
             t_req = time.monotonic()
             ok, img = cap.read()
             now = time.time()
             if not ok or img is None:
-                if _is_stream(self.cfg.source) and time.monotonic() - t_req >= self.cfg.stall_timeout_s * 0.9:
+                if is_file and media >= 0:  # a loop continues after this file's last frame
+                    self._media_offset += media + 1.0 / (self._fps or 25.0)
+                if not is_file and time.monotonic() - t_req >= self.cfg.stall_timeout_s * 0.9:
                     return got_any, "stall", index
                 return got_any, "eof", index
             got_any = True
             with self._lock:
                 self._frames += 1
                 self._last_at = now
-            self.slot.put(Frame(self.cfg.id, index, now, img), wait=backpressure)
+            ts = now
+            if is_file:
+                media = self._media_time(cap, n, media, time.monotonic() - t0)
+                ts = self._media_origin + self._media_offset + media
+            self.slot.put(Frame(self.cfg.id, index, ts, img, read_at=now), wait=backpressure)
             index += 1
             n += 1
             if pace:

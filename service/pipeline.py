@@ -8,7 +8,8 @@ import threading
 import time
 
 from dishtrack.config import AppConfig
-from dishtrack.tracking.checkout import CheckoutAssembler, LineCrossingCounter, LineSpec
+from dishtrack.tracking.checkout import CheckoutAssembler, LineCrossingCounter, LineSpec, TrayParams
+from dishtrack.tracking.menu import Menu
 from dishtrack.tracking.tracker import Tracker, TrackerParams, TrackUpdate
 from dishtrack.tracking.types import CheckoutEvent
 
@@ -44,7 +45,7 @@ class _Zone:
         self.cfg = zcfg
         self.counter = LineCrossingCounter(LineSpec(zcfg.id, camera_id, tuple(zcfg.line.p1), tuple(zcfg.line.p2),
                                                     zcfg.line.direction, zcfg.min_track_hits))
-        self.assembler = CheckoutAssembler(zcfg.id, camera_id, zcfg.tray_gap_s, zcfg.tray_max_s)
+        self.assembler = CheckoutAssembler(zcfg.id, camera_id, params=TrayParams.from_config(zcfg))
 
 
 class Pipeline:
@@ -54,6 +55,8 @@ class Pipeline:
         self.store = store
         self.hub = hub
         self.metrics = metrics
+        # a bad menu file fails here, at startup (MenuError names file and field)
+        self.menu = Menu.load(cfg.menu.path, cfg.menu.timezone) if cfg.menu else None
         self.readers = {c.id: CameraReader(c) for c in cfg.cameras}
         params = TrackerParams.from_config(cfg.tracker)
         self.trackers = {c.id: Tracker(c.id, params) for c in cfg.cameras}
@@ -61,6 +64,7 @@ class Pipeline:
         self.streams = {c.id: JpegSlot() for c in cfg.cameras}
         self.last_update: dict[str, TrackUpdate] = {}
         self._last_image: dict[str, object] = {}  # one raw frame per camera, for the NO SIGNAL picture
+        self._clock: dict[str, tuple[float, float]] = {}  # camera -> last frame's (tray time, wall read time)
         self.annotator = Annotator(cfg.api.mjpeg_quality)
         self._next_jpeg = {c.id: 0.0 for c in cfg.cameras}
         self._stop = threading.Event()
@@ -88,7 +92,7 @@ class Pipeline:
         while not self._stop.is_set():
             frames = [f for f in (r.slot.take() for r in self.readers.values()) if f is not None]
             if not frames:
-                self._close_idle_trays(time.time())
+                self._close_idle_trays()
                 self._housekeep()
                 if all(r.ended for r in self.readers.values()):
                     self._flush_all()
@@ -120,8 +124,9 @@ class Pipeline:
             self.metrics.detections.labels(cam).inc(len(det))
             self.metrics.tracks.labels(cam).set(len(upd.tracks))
             self.last_update[cam] = upd
+            self._clock[cam] = (frame.timestamp, frame.read_time)
             for z in self.zones[cam]:
-                for ev in z.assembler.assemble(z.counter.count(upd), now=frame.timestamp):
+                for ev in z.assembler.assemble(z.counter.count(upd), now=frame.timestamp, update=upd):
                     self._emit(ev)
             now = time.time()
             self._last_image[cam] = frame.image
@@ -131,18 +136,36 @@ class Pipeline:
                 caption = f"{cam} frame {frame.index} tracks {len(upd.confirmed)}"
                 self.streams[cam].put(self.annotator.annotate(frame.image, upd, lines, caption))
             done = time.time()
-            self.metrics.observe_frame(cam, done - frame.timestamp, done)
+            self.metrics.observe_frame(cam, done - frame.read_time, done)
 
     def _emit(self, ev: CheckoutEvent) -> None:
+        if self.menu is not None:
+            ev = self.menu.apply(ev)
         record = self.store.save(ev)  # persisted first: a crash after this loses nothing
         self.metrics.events.labels(ev.camera_id, ev.zone_id).inc()
         self.events_emitted += 1
-        log.info("checkout %s %s: %s", ev.camera_id, ev.zone_id,
-                 ", ".join(f"{i.count}x {i.label}" for i in ev.items))
+        log.info("checkout %s %s: %s%s%s", ev.camera_id, ev.zone_id,
+                 ", ".join(f"{i.count}x {i.label}" for i in ev.items),
+                 "" if ev.total is None else f" = {ev.total:.2f} {ev.currency}",
+                 " (needs review)" if ev.needs_review else "")
         self.hub.publish(record)
 
-    def _close_idle_trays(self, now: float) -> None:
-        for zones in self.zones.values():
+    def _tray_now(self, cam: str, wall: float) -> float | None:
+        """A camera's tray clock while no frame arrives: its last frame time
+        plus the wall time since. None for a file read as fast as possible
+        (realtime: false): its media time only advances with frames."""
+        reader = self.readers[cam]
+        if cam not in self._clock or not (reader.cfg.realtime or "://" in reader.cfg.source):
+            return None
+        ts, read_at = self._clock[cam]
+        return ts + (wall - read_at)
+
+    def _close_idle_trays(self) -> None:
+        wall = time.time()
+        for cam, zones in self.zones.items():
+            now = self._tray_now(cam, wall)
+            if now is None:
+                continue
             for z in zones:
                 for ev in z.assembler.assemble([], now=now):
                     self._emit(ev)

@@ -19,7 +19,10 @@ CREATE TABLE IF NOT EXISTS events (
     started_at REAL NOT NULL,
     ended_at REAL NOT NULL,
     confidence REAL NOT NULL,
-    payload TEXT NOT NULL
+    payload TEXT NOT NULL,
+    needs_review INTEGER NOT NULL DEFAULT 0,
+    currency TEXT,
+    total REAL
 );
 CREATE INDEX IF NOT EXISTS events_camera ON events(camera_id, seq);
 CREATE INDEX IF NOT EXISTS events_time ON events(ended_at);
@@ -30,6 +33,24 @@ CREATE TABLE IF NOT EXISTS event_labels (
 );
 CREATE INDEX IF NOT EXISTS event_labels_label ON event_labels(label, seq);
 """
+# columns added after the first schema: (name, DDL type); an older database file
+# gets them by ALTER TABLE (old rows: not flagged, no price)
+_ADDED_COLUMNS = (("needs_review", "INTEGER NOT NULL DEFAULT 0"), ("currency", "TEXT"), ("total", "REAL"))
+_SCHEMA_VERSION = 2
+_POST_MIGRATION = "CREATE INDEX IF NOT EXISTS events_review ON events(needs_review, seq);"
+_EVENT_DEFAULTS = {"needs_review": False, "currency": None, "total": None}
+_ITEM_DEFAULTS = {"name": None, "unit_price": None, "line_total": None, "unpriced": False, "needs_review": False}
+
+
+def _record(seq: int, payload: str) -> dict:
+    """A stored event as served; payloads written before receipts get the new keys' defaults."""
+    d = json.loads(payload)
+    for k, v in _EVENT_DEFAULTS.items():
+        d.setdefault(k, v)
+    for item in d.get("items", []):
+        for k, v in _ITEM_DEFAULTS.items():
+            item.setdefault(k, v)
+    return {"seq": seq, **d}
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +73,21 @@ class EventStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a database file written by an older version up to this schema."""
+        have = {r["name"] for r in self._db.execute("PRAGMA table_info(events)")}
+        for name, ddl in _ADDED_COLUMNS:
+            if name not in have:
+                self._db.execute(f"ALTER TABLE events ADD COLUMN {name} {ddl}")
+        self._db.executescript(_POST_MIGRATION)
+        self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            return self._db.execute("PRAGMA user_version").fetchone()[0]
 
     def close(self) -> None:
         with self._lock:
@@ -69,10 +105,10 @@ class EventStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 cur = self._db.execute(
-                    "INSERT INTO events(event_id, camera_id, zone_id, started_at, ended_at, confidence, payload)"
-                    " VALUES (?,?,?,?,?,?,?)",
+                    "INSERT INTO events(event_id, camera_id, zone_id, started_at, ended_at, confidence, payload,"
+                    " needs_review, currency, total) VALUES (?,?,?,?,?,?,?,?,?,?)",
                     (event.event_id, event.camera_id, event.zone_id, event.started_at, event.ended_at,
-                     event.confidence, json.dumps(d)))
+                     event.confidence, json.dumps(d), int(event.needs_review), event.currency, event.total))
                 seq = cur.lastrowid
                 self._db.executemany("INSERT INTO event_labels(seq, label, count) VALUES (?,?,?)",
                                      [(seq, i.label, i.count) for i in event.items])
@@ -85,7 +121,7 @@ class EventStore:
     def get(self, event_id: str) -> dict | None:
         with self._lock:
             row = self._db.execute("SELECT seq, payload FROM events WHERE event_id=?", (event_id,)).fetchone()
-        return {"seq": row["seq"], **json.loads(row["payload"])} if row else None
+        return _record(row["seq"], row["payload"]) if row else None
 
     def count(self) -> int:
         with self._lock:
@@ -93,13 +129,14 @@ class EventStore:
 
     def list(self, *, after: int = 0, limit: int = 50, camera_id: str | None = None,
              zone_id: str | None = None, label: str | None = None, since: float | None = None,
-             until: float | None = None) -> EventPage:
+             until: float | None = None, needs_review: bool | None = None) -> EventPage:
         """Events in ``seq`` order after ``after``, filtered, at most ``limit``."""
         filters = (
             ("e.camera_id = ?", camera_id),
             ("e.zone_id = ?", zone_id),
             ("e.ended_at >= ?", since),
             ("e.ended_at < ?", until),
+            ("e.needs_review = ?", None if needs_review is None else int(needs_review)),
             ("EXISTS (SELECT 1 FROM event_labels l WHERE l.seq = e.seq AND l.label = ?)", label),
         )
         where, args = ["e.seq > ?"], [after]
@@ -110,5 +147,5 @@ class EventStore:
         sql = f"SELECT e.seq, e.payload FROM events e WHERE {' AND '.join(where)} ORDER BY e.seq LIMIT ?"
         with self._lock:
             rows = self._db.execute(sql, (*args, limit + 1)).fetchall()
-        items = [{"seq": r["seq"], **json.loads(r["payload"])} for r in rows[:limit]]
+        items = [_record(r["seq"], r["payload"]) for r in rows[:limit]]
         return EventPage(items, items[-1]["seq"] if len(rows) > limit else None)

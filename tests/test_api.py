@@ -10,11 +10,14 @@ from dishtrack.service.api import build_runtime, create_app
 
 
 def make_cfg(tmp_path, **camera):
+    menu = tmp_path / "menu.yaml"
+    menu.write_text("currency: EUR\nitems:\n  person: {name: Walk-in, price: 1.25}\n")
     return AppConfig.model_validate({
         "cameras": [{"id": "cam0", "source": str(VIDEO), "realtime": False, "loop": False, **camera}],
         "zones": [{"id": "z0", "camera": "cam0", "line": {"p1": [0.5, 0.0], "p2": [0.5, 1.0]},
                    "tray_gap_s": 0.3, "tray_max_s": 2.0}],
         "storage": {"sqlite_path": str(tmp_path / "events.sqlite3")},
+        "menu": {"path": str(menu), "timezone": "UTC"},
     })
 
 
@@ -44,6 +47,14 @@ def test_offline_file_processes_every_frame_and_serves_events(client):
     assert sum(i["count"] for e in items for i in e["items"]) >= 3  # people crossing the middle line
     assert all(e["items"][0]["label"] == "person" for e in items)
     assert [e["seq"] for e in items] == sorted(e["seq"] for e in items)
+    # receipts: priced from the menu, one person = 1.25 EUR
+    for e in items:
+        n = sum(i["count"] for i in e["items"])
+        assert e["currency"] == "EUR" and e["total"] == pytest.approx(1.25 * n)
+        assert all(i["name"] == "Walk-in" and not i["unpriced"] for i in e["items"])
+        assert e["needs_review"] == any(i["needs_review"] for i in e["items"])
+    reviewed = client.get("/events", params={"needs_review": True, "limit": 1000}).json()["items"]
+    assert [e["seq"] for e in reviewed] == [e["seq"] for e in items if e["needs_review"]]
 
     p1 = client.get("/events", params={"limit": 1}).json()
     assert len(p1["items"]) == 1 and p1["next_after"] == p1["items"][0]["seq"]

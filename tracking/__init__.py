@@ -1,6 +1,7 @@
 """Tracking core: pure numpy / scipy / filterpy (no cv2, torch or web code)."""
-from .checkout import CheckoutAssembler, LineCrossingCounter
+from .checkout import CheckoutAssembler, LineCrossingCounter, TrayParams
 from .kalman import KalmanBoxFilter
+from .menu import Menu, MenuError, PricedReceipt
 from .tracker import Tracker, TrackUpdate
 from .types import CheckoutEvent, CheckoutItem, Crossing, Detections, Frame, Track, TrackState
 from .geometry import iou_matrix
@@ -14,9 +15,13 @@ __all__ = [
     "Frame",
     "KalmanBoxFilter",
     "LineCrossingCounter",
+    "Menu",
+    "MenuError",
+    "PricedReceipt",
     "Track",
     "TrackState",
     "TrackUpdate",
     "Tracker",
+    "TrayParams",
     "iou_matrix",
 ]

@@ -1,14 +1,17 @@
-"""Checkout logic: tracks crossing a line become crossings; crossings that
-happen close together in time (one tray) become one CheckoutEvent."""
+"""Checkout logic: tracks crossing a line become crossings; crossings of the
+dishes that travel together (one tray) become one CheckoutEvent, whose items
+use each track's class vote as of the moment the tray closes."""
 from __future__ import annotations
 
 import collections
 import uuid
 from dataclasses import dataclass
 
+import numpy as np
+
 from .geometry import segments_intersect, side_of_line
 from .tracker import TrackUpdate
-from .types import CheckoutEvent, CheckoutItem, Crossing, TrackState
+from .types import CheckoutEvent, CheckoutItem, Crossing, Track, TrackState
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,39 +62,131 @@ class LineCrossingCounter:
             if s.direction == "right_to_left" and not (before < 0 <= after):
                 continue
             self._counted.add(t.track_id)
-            out.append(Crossing(update.camera_id, s.zone_id, t.track_id, update.timestamp, t.label, t.confidence))
+            out.append(Crossing(update.camera_id, s.zone_id, t.track_id, update.timestamp, t.label, t.confidence,
+                                t.class_share, t.class_margin, t))
         for t in update.removed:
             self._last.pop(t.track_id, None)
             self._counted.discard(t.track_id)
         return out
 
 
-class CheckoutAssembler:
-    """Groups crossings of one zone into trays: a tray closes when no crossing
-    arrived for ``tray_gap_s`` or when it has been open ``tray_max_s`` (a
-    queue with no gaps still yields bounded trays). ``assemble`` is called
-    every frame (with or without new crossings) so trays close on time."""
+@dataclass(frozen=True, slots=True)
+class TrayParams:
+    """How crossings are grouped into trays (see CheckoutAssembler)."""
 
-    def __init__(self, zone_id: str, camera_id: str, tray_gap_s: float, tray_max_s: float = 10.0) -> None:
+    gap_s: float = 1.5  # time rule: crossings closer than this are one tray (when motion says nothing)
+    max_s: float = 10.0  # hard cap: a tray open this long is closed
+    link_gap: float = 1.0  # space rule: box gap to the nearest member, in dish sizes
+    speed_tol: float = 0.5  # motion rule: relative velocity difference to the tray's mean
+    velocity_window_s: float = 0.5  # trajectory span a velocity is fitted over
+    review_margin: float = 0.3  # an item whose class vote margin is below this needs review
+    line: tuple[tuple[float, float], tuple[float, float]] | None = None  # normalised; enables "parked" trays
+
+    @classmethod
+    def from_config(cls, zcfg) -> "TrayParams":
+        return cls(gap_s=zcfg.tray_gap_s, max_s=zcfg.tray_max_s, link_gap=zcfg.tray_link_gap,
+                   speed_tol=zcfg.tray_speed_tol, velocity_window_s=zcfg.velocity_window_s,
+                   review_margin=zcfg.review_margin, line=(tuple(zcfg.line.p1), tuple(zcfg.line.p2)))
+
+
+def track_velocity(track: Track, window_s: float) -> np.ndarray | None:
+    """Least-squares (vx, vy) in px/s over the last ``window_s`` of the
+    trajectory; None with fewer than two points or no time span."""
+    if len(track.trajectory) < 2:
+        return None
+    tr = np.asarray(track.trajectory, dtype=float)
+    tr = tr[tr[:, 0] >= tr[-1, 0] - window_s]
+    dt = tr[:, 0] - tr[:, 0].mean()
+    den = float(dt @ dt)
+    if len(tr) < 2 or den <= 1e-12:
+        return None
+    return (dt @ (tr[:, 1:] - tr[:, 1:].mean(axis=0))) / den
+
+
+def _size(box) -> float:
+    """A dish's size: sqrt of its box area (the unit of the space rules)."""
+    return float(np.sqrt(max((box[2] - box[0]) * (box[3] - box[1]), 1.0)))
+
+
+def _box_gap(a, b) -> float:
+    """Euclidean gap between two xyxy boxes (0 when they overlap)."""
+    dx = max(0.0, max(a[0], b[0]) - min(a[2], b[2]))
+    dy = max(0.0, max(a[1], b[1]) - min(a[3], b[3]))
+    return float(np.hypot(dx, dy))
+
+
+def _point_segment_distance(p, a, b) -> float:
+    p, a, b = (np.asarray(v, dtype=float) for v in (p, a, b))
+    ab = b - a
+    u = float(np.clip((p - a) @ ab / max(float(ab @ ab), 1e-12), 0.0, 1.0))
+    return float(np.linalg.norm(p - (a + u * ab)))
+
+
+class CheckoutAssembler:
+    """Groups crossings of one zone into trays.
+
+    Dishes on one tray cross the line close in time *and* move together. A
+    crossing joins the open tray when:
+
+    * motion is known (the crossing track and tray members have snapshots):
+      its box is within ``link_gap`` dish sizes (size = sqrt(box area), the
+      larger of the two dishes, so a cup next to a plate links) of some
+      member's box (members extrapolated along their velocity to the crossing
+      time) and its velocity
+      is within ``speed_tol`` of the members' mean velocity (plus half a dish
+      size per second, so two nearly stopped dishes count as equal). A clearly
+      separate cluster (e.g. the next tray, a gap behind along the motion)
+      starts a new tray even within ``gap_s``; a co-moving dish joins even after
+      a longer pause (a tray stopped on the line);
+    * motion is unknown: the time rule, crossings closer than ``gap_s``.
+
+    ``tray_max_s`` always caps a tray. Called every frame (``assemble`` with
+    the frame's TrackUpdate), an idle tray closes ``gap_s`` after its last
+    crossing unless it is *parked*: a live member's box is still within
+    ``link_gap`` dish sizes of the line (a dish linked to it may have yet to
+    cross: the tray stopped on the line).
+
+    The latest snapshot of each member track is kept while its tray is open
+    (also after the track was removed: its final vote); at close each unit
+    takes its label, class margin and confidence from it, since the vote keeps
+    going after the crossing. State is bounded by the open tray's members and
+    dropped at close.
+    """
+
+    def __init__(self, zone_id: str, camera_id: str, tray_gap_s: float = 1.5, tray_max_s: float = 10.0,
+                 params: TrayParams | None = None) -> None:
         self.zone_id = zone_id
         self.camera_id = camera_id
-        self.tray_gap_s = tray_gap_s
-        self.tray_max_s = tray_max_s
+        self.params = params or TrayParams(gap_s=tray_gap_s, max_s=tray_max_s)
         self._open: list[Crossing] = []
+        self._latest: dict[int, tuple[float, Track, bool]] = {}  # track id -> (time, snapshot, live)
+        self._image_size: tuple[int, int] | None = None
 
     @property
     def pending(self) -> int:
         return len(self._open)
 
-    def assemble(self, crossings: list[Crossing], now: float) -> list[CheckoutEvent]:
+    @property
+    def tracked(self) -> int:
+        """Member snapshots held (bounded by the open tray)."""
+        return len(self._latest)
+
+    def assemble(self, crossings: list[Crossing], now: float, update: TrackUpdate | None = None
+                 ) -> list[CheckoutEvent]:
+        """Add this frame's crossings; return trays that closed. ``now`` is the
+        tray clock (the frame's timestamp); ``update`` refreshes member snapshots."""
+        p = self.params
+        if update is not None:
+            self._observe(update)
         events: list[CheckoutEvent] = []
         for c in sorted(crossings, key=lambda c: c.timestamp):
-            if self._open and (c.timestamp - self._open[-1].timestamp > self.tray_gap_s
-                               or c.timestamp - self._open[0].timestamp > self.tray_max_s):
+            if self._open and not self._belongs(c):
                 events.append(self._close())
             self._open.append(c)
-        if self._open and (now - self._open[-1].timestamp > self.tray_gap_s
-                           or now - self._open[0].timestamp > self.tray_max_s):
+            if c.track is not None and c.track_id not in self._latest:
+                self._latest[c.track_id] = (c.timestamp, c.track, True)
+        if self._open and (now - self._open[0].timestamp > p.max_s
+                           or (now - self._open[-1].timestamp > p.gap_s and not self._parked(now))):
             events.append(self._close())
         return events
 
@@ -99,18 +194,86 @@ class CheckoutAssembler:
         """Close the open tray (at shutdown or end of stream) so nothing is lost."""
         return [self._close()] if self._open else []
 
+    # -- grouping
+    def _observe(self, update: TrackUpdate) -> None:
+        self._image_size = update.image_size
+        if not self._open:
+            return
+        members = {c.track_id for c in self._open}
+        for t in update.tracks:
+            if t.track_id in members:
+                self._latest[t.track_id] = (update.timestamp, t, True)
+        for t in update.removed:
+            if t.track_id in members:
+                self._latest[t.track_id] = (update.timestamp, t, False)
+
+    def _belongs(self, c: Crossing) -> bool:
+        p = self.params
+        if c.timestamp - self._open[0].timestamp > p.max_s:
+            return False
+        together = self._co_moving(c)
+        if together is None:
+            return c.timestamp - self._open[-1].timestamp <= p.gap_s
+        return together
+
+    def _co_moving(self, c: Crossing) -> bool | None:
+        """True/False when motion decides, None when it cannot (no snapshots)."""
+        p = self.params
+        if c.track is None:
+            return None
+        members = [(ts, t) for ts, t, _ in self._latest.values() if 0 <= c.timestamp - ts <= p.gap_s]
+        if not members:
+            return None
+        box = c.track.box
+        near, vels = False, []
+        for ts, t in members:
+            v = track_velocity(t, p.velocity_window_s)
+            mbox = t.box if v is None else (np.asarray(t.box) + np.tile(v, 2) * (c.timestamp - ts))
+            if _box_gap(box, mbox) <= p.link_gap * max(_size(box), _size(mbox)):
+                near = True
+            if v is not None:
+                vels.append(v)
+        if not near:
+            return False
+        cv = track_velocity(c.track, p.velocity_window_s)
+        if cv is None or not vels:
+            return True  # co-located, motion unknown
+        vm = np.mean(vels, axis=0)
+        diff = float(np.linalg.norm(cv - vm))
+        return diff <= p.speed_tol * max(float(np.linalg.norm(cv)), float(np.linalg.norm(vm))) + 0.5 * _size(box)
+
+    def _parked(self, now: float) -> bool:
+        p = self.params
+        if p.line is None or self._image_size is None:
+            return False
+        w, h = self._image_size
+        a = (p.line[0][0] * w, p.line[0][1] * h)
+        b = (p.line[1][0] * w, p.line[1][1] * h)
+        return any(live and now - ts <= p.gap_s
+                   and _point_segment_distance(t.center, a, b) <= (0.5 + p.link_gap) * _size(t.box)
+                   for ts, t, live in self._latest.values())
+
+    # -- receipt
     def _close(self) -> CheckoutEvent:
         crossings, self._open = self._open, []
-        by_label: dict[str, list[float]] = collections.defaultdict(list)
+        latest, self._latest = self._latest, {}
+        by_label: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
+        confs = []
         for c in crossings:
-            by_label[c.label].append(c.confidence)
+            snap = latest.get(c.track_id, (0.0, c.track, True))[1]
+            label, conf, margin = ((snap.label, snap.confidence, snap.class_margin) if snap is not None
+                                   else (c.label, c.confidence, c.class_margin))
+            by_label[label].append((conf, margin))
+            confs.append(conf)
+        rm = self.params.review_margin
         items = tuple(
-            CheckoutItem(label=lbl, count=len(confs), confidence=round(sum(confs) / len(confs), 4))
-            for lbl, confs in sorted(by_label.items())
+            CheckoutItem(label=lbl, count=len(units), confidence=round(sum(u[0] for u in units) / len(units), 4),
+                         needs_review=any(u[1] < rm for u in units))
+            for lbl, units in sorted(by_label.items())
         )
-        conf = min(c.confidence for c in crossings)
         return CheckoutEvent(
             event_id=uuid.uuid4().hex, camera_id=self.camera_id, zone_id=self.zone_id,
             started_at=crossings[0].timestamp, ended_at=crossings[-1].timestamp, items=items,
-            track_ids=tuple(c.track_id for c in crossings), confidence=round(conf, 4),
+            track_ids=tuple(c.track_id for c in crossings), confidence=round(min(confs), 4),
+            needs_review=any(i.needs_review for i in items),
         )

@@ -85,9 +85,13 @@ class _TrackState:
         self.trajectory.append((ts, float(cx), float(cy)))
 
     def snapshot(self, camera_id: str, labels: tuple[str, ...]) -> Track:
+        margin = 1.0
         if self.votes:
             cid = max(self.votes, key=self.votes.__getitem__)
-            share = self.votes[cid] / max(sum(self.votes.values()), 1e-12)
+            total = max(sum(self.votes.values()), 1e-12)
+            share = self.votes[cid] / total
+            if len(self.votes) > 1:  # top share minus runner-up share
+                margin = share - sorted(self.votes.values())[-2] / total
         else:
             cid, share = -1, 0.0
         label = labels[cid] if 0 <= cid < len(labels) else "unknown"
@@ -96,7 +100,7 @@ class _TrackState:
             box=tuple(float(v) for v in self.box), class_id=int(cid), label=label,
             confidence=self.score_sum / max(self.hits, 1), class_share=float(share),
             hits=self.hits, age=self.age, time_since_update=self.time_since_update,
-            trajectory=tuple(self.trajectory),
+            trajectory=tuple(self.trajectory), class_margin=float(margin),
         )
 
 

@@ -13,8 +13,16 @@ class Frame:
 
     camera_id: str
     index: int
-    timestamp: float  # wall-clock seconds when the frame was read from the source
+    # the clock trays run on: wall-clock read time for live streams; for files
+    # the media time offset by the wall-clock start (still epoch seconds), so
+    # tray gaps do not stretch when processing is slower than real time
+    timestamp: float
     image: np.ndarray
+    read_at: float | None = None  # wall-clock seconds when read (frame-age metrics); None = timestamp
+
+    @property
+    def read_time(self) -> float:
+        return self.timestamp if self.read_at is None else self.read_at
 
     @property
     def size(self) -> tuple[int, int]:
@@ -70,6 +78,7 @@ class Track:
     age: int  # frames since the track was born
     time_since_update: int
     trajectory: tuple[tuple[float, float, float], ...]  # (timestamp, cx, cy), bounded
+    class_margin: float = 1.0  # top vote share minus runner-up share (1.0 = one class only)
 
     @property
     def center(self) -> tuple[float, float]:
@@ -87,13 +96,30 @@ class Crossing:
     timestamp: float
     label: str
     confidence: float
+    class_share: float = 1.0
+    class_margin: float = 1.0
+    track: Track | None = None  # the track's snapshot at the crossing (position, trajectory)
 
 
 @dataclass(frozen=True, slots=True)
 class CheckoutItem:
+    """One receipt line. ``needs_review``: some unit's class vote margin was
+    below the zone's ``review_margin``. Price fields stay None without a menu;
+    ``unpriced``: the label is missing from the menu (never priced at 0)."""
+
     label: str
     count: int
     confidence: float
+    needs_review: bool = False
+    name: str | None = None
+    unit_price: float | None = None
+    line_total: float | None = None
+    unpriced: bool = False
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "name": self.name, "count": self.count, "confidence": self.confidence,
+                "unit_price": self.unit_price, "line_total": self.line_total, "unpriced": self.unpriced,
+                "needs_review": self.needs_review}
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +134,9 @@ class CheckoutEvent:
     items: tuple[CheckoutItem, ...]
     track_ids: tuple[int, ...]
     confidence: float
+    needs_review: bool = False  # an item needs review (low class margin, or not on the menu)
+    currency: str | None = None  # None = no menu configured
+    total: float | None = None  # sum of priced lines; unpriced items are excluded (and flagged)
 
     def to_dict(self) -> dict:
         return {
@@ -116,7 +145,10 @@ class CheckoutEvent:
             "zone_id": self.zone_id,
             "started_at": self.started_at,
             "ended_at": self.ended_at,
-            "items": [{"label": i.label, "count": i.count, "confidence": i.confidence} for i in self.items],
+            "items": [i.to_dict() for i in self.items],
             "track_ids": list(self.track_ids),
             "confidence": self.confidence,
+            "needs_review": self.needs_review,
+            "currency": self.currency,
+            "total": self.total,
         }

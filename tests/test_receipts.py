@@ -1,0 +1,342 @@
+"""Receipts: class-vote review flags, menu pricing, trays grouped by co-moving
+dishes, media time for file sources, and the store migration."""
+import dataclasses
+import json
+import sqlite3
+import time
+from decimal import Decimal
+
+import numpy as np
+import pytest
+
+from conftest import MOT_DETS, VIDEO
+from dishtrack.config import CameraConfig, ConfigError, load_config
+from dishtrack.service.ingest import CameraReader
+from dishtrack.service.store import EventStore
+from dishtrack.tracking.checkout import CheckoutAssembler, LineCrossingCounter, LineSpec, TrayParams
+from dishtrack.tracking.menu import Menu, MenuError
+from dishtrack.tracking.mot import read_mot
+from dishtrack.tracking.tracker import Tracker, TrackerParams
+from dishtrack.tracking.types import CheckoutEvent, CheckoutItem, Detections
+
+FPS = 25.0
+LABELS = ("plate", "bowl", "cup")
+SIZE = 60.0  # dish box side, px
+LINE = ((0.5, 0.0), (0.5, 1.0))  # vertical line at x = 320 of a 640x480 image
+
+
+class Dish:
+    """A synthetic dish: ``path(t) -> (cx, cy)``, ``cls(t) -> class id``."""
+
+    def __init__(self, path, cls=lambda t: 0):
+        self.path, self.cls = path, cls
+
+
+def tray_path(ref0: float, y: float, dx: float, v: float = 200.0, stop_at: float | None = None,
+              stop_s: float = 0.0):
+    """Centre of a dish ``dx`` behind its tray's reference point, which starts at
+    ``ref0`` and moves right at ``v`` px/s, optionally stopping for ``stop_s``
+    when the reference reaches ``stop_at``."""
+    def path(t: float):
+        ref = ref0 + v * t
+        if stop_at is not None and ref > stop_at:
+            t_stop = (stop_at - ref0) / v
+            ref = stop_at + v * max(0.0, t - t_stop - stop_s)
+        return ref + dx, y
+    return path
+
+
+def run_scene(dishes, seconds, params: TrayParams, motion: bool = True, t0: float = 1_800_000_000.0):
+    """Synthetic detections -> the real Tracker -> line counter -> assembler.
+    ``motion=False`` feeds the assembler no snapshots (the time-only rule)."""
+    tracker = Tracker("cam", TrackerParams())
+    counter = LineCrossingCounter(LineSpec("z", "cam", *LINE))
+    asm = CheckoutAssembler("z", "cam", params=params)
+    crossings, events = [], []
+    for f in range(int(seconds * FPS)):
+        t = f / FPS
+        boxes, cls = [], []
+        for d in dishes:
+            cx, cy = d.path(t)
+            if SIZE / 2 <= cx <= 640 - SIZE / 2:
+                boxes.append((cx - SIZE / 2, cy - SIZE / 2, cx + SIZE / 2, cy + SIZE / 2))
+                cls.append(d.cls(t))
+        n = len(boxes)
+        det = Detections("cam", f, t0 + t, np.array(boxes, np.float32).reshape(n, 4), np.full(n, 0.8, np.float32),
+                         np.array(cls, np.int64), LABELS, (640, 480))
+        upd = tracker.update(det)
+        c = counter.count(upd)
+        if not motion:
+            c = [dataclasses.replace(x, track=None) for x in c]
+        crossings += c
+        events += asm.assemble(c, now=t0 + t, update=upd if motion else None)
+        assert asm.tracked <= asm.pending  # member snapshots are bounded by the open tray
+    events += asm.flush()
+    assert asm.tracked == 0
+    return crossings, events
+
+
+PARAMS = TrayParams(gap_s=1.5, max_s=10.0, line=LINE)
+
+
+def test_two_trays_close_in_time_but_apart_in_space_are_two_events():
+    # tray B follows tray A by 260 px (1.3 s at 200 px/s): B's first dish crosses
+    # 0.95 s after A's last one, inside tray_gap_s, but 130 px (> 1 dish) behind it
+    dishes = [Dish(tray_path(100, 200, 0)), Dish(tray_path(100, 270, -70)),
+              Dish(tray_path(-160, 200, 0)), Dish(tray_path(-160, 280, -70))]
+    crossings, events = run_scene(dishes, 5.0, PARAMS)
+    assert len(crossings) == 4
+    gaps = np.diff(sorted(c.timestamp for c in crossings))
+    assert gaps.max() < PARAMS.gap_s  # time alone cannot separate them ...
+    _, time_only = run_scene(dishes, 5.0, PARAMS, motion=False)
+    assert len(time_only) == 1  # ... the old rule makes one tray of four dishes
+    assert [sum(i.count for i in e.items) for e in events] == [2, 2]
+    a, b = events
+    assert set(a.track_ids).isdisjoint(b.track_ids) and a.ended_at < b.started_at
+
+
+def test_tray_stopped_on_the_line_for_3s_is_one_event():
+    # three dishes in a row; the tray stops with its rear dish straddling the line
+    stop = dict(stop_at=430.0, stop_s=3.0)
+    dishes = [Dish(tray_path(100, 240, 0, **stop)), Dish(tray_path(100, 240, -70, **stop)),
+              Dish(tray_path(100, 240, -140, **stop))]
+    crossings, events = run_scene(dishes, 7.0, PARAMS)
+    ts = sorted(c.timestamp for c in crossings)
+    assert len(ts) == 3 and ts[2] - ts[1] > 3.0  # a pause twice tray_gap_s
+    assert len(events) == 1 and events[0].items[0].count == 3
+    _, time_only = run_scene(dishes, 7.0, PARAMS, motion=False)
+    assert len(time_only) == 2  # the old rule split the tray
+
+
+def test_trays_in_opposite_directions_at_the_same_time_are_separate():
+    # two dishes meet at the line at the same moment, moving in opposite directions
+    dishes = [Dish(tray_path(100, 200, 0)), Dish(tray_path(540, 250, 0, v=-200.0))]
+    crossings, events = run_scene(dishes, 3.0, PARAMS)
+    assert len(crossings) == 2 and abs(crossings[0].timestamp - crossings[1].timestamp) < 0.1
+    assert len(events) == 2
+
+
+def test_receipt_uses_the_vote_at_tray_close_and_flags_low_margins():
+    # dish 1 looks like a bowl until it crosses (t = 1.1 s), then clearly a plate:
+    # the receipt uses the vote at tray close (plate, narrow margin -> review)
+    flip = Dish(tray_path(100, 200, 0), cls=lambda t: 1 if t < 1.1 else 0)
+    steady = Dish(tray_path(100, 280, -70), cls=lambda t: 2)
+    crossings, events = run_scene([flip, steady], 4.0, PARAMS)
+    first = min(crossings, key=lambda c: c.timestamp)
+    assert first.label == "bowl" and first.class_margin > 0.8  # at crossing: (almost) all bowl votes
+    (ev,) = events
+    items = {i.label: i for i in ev.items}
+    assert set(items) == {"plate", "cup"}
+    assert items["plate"].needs_review and not items["cup"].needs_review
+    assert ev.needs_review
+    # same scene with a lower review threshold: nothing to review
+    loose = TrayParams(gap_s=1.5, line=LINE, review_margin=0.05)
+    (ev2,) = run_scene([flip, steady], 4.0, loose)[1]
+    assert not ev2.needs_review and {i.label for i in ev2.items} == {"plate", "cup"}
+
+
+def test_tracker_reports_class_margin():
+    tracker = Tracker("cam", TrackerParams(min_hits=1))
+    box = np.array([[10, 10, 50, 50]], np.float32)
+    for f, (cls, score) in enumerate([(0, 0.6), (1, 0.3), (0, 0.6), (2, 0.3)]):
+        upd = tracker.update(Detections("cam", f, f / FPS, box, np.array([score], np.float32),
+                                        np.array([cls], np.int64), LABELS, (640, 480)))
+    (t,) = upd.tracks
+    # votes: plate 1.2, bowl 0.3, cup 0.3 of 1.8 -> share 2/3, margin 2/3 - 1/6
+    assert t.label == "plate" and t.class_share == pytest.approx(2 / 3) and t.class_margin == pytest.approx(0.5)
+
+
+# -- menu
+MENU = {
+    "currency": "EUR",
+    "items": {"plate": {"name": "Main course", "price": 6.50}, "bowl": {"name": "Soup", "price": 2.80},
+              "cup": {"name": "Coffee", "price": 0.10}},
+    "dates": {"2026-11-23": {"items": {"plate": {"name": "Fish of the day", "price": 7.20}}}},
+}
+
+
+def event(items, ended_at, needs_review=False):
+    return CheckoutEvent("e1", "cam", "z", ended_at - 1, ended_at,
+                         tuple(CheckoutItem(lbl, n, 0.9) for lbl, n in items), (1, 2), 0.9, needs_review)
+
+
+def write_menu(tmp_path, data, name="menu.yaml"):
+    import yaml
+
+    p = tmp_path / name
+    p.write_text(json.dumps(data) if name.endswith(".json") else yaml.safe_dump(data))
+    return p
+
+
+def test_menu_prices_lines_and_total_in_exact_cents(tmp_path):
+    menu = Menu.load(write_menu(tmp_path, MENU), timezone="UTC")
+    ev = event([("bowl", 3), ("cup", 3), ("plate", 1)], ended_at=1795305600.0)  # 2026-11-22 UTC
+    r = menu.price(ev)
+    assert r.currency == "EUR" and r.unpriced == ()
+    assert [(ln.name, ln.count, ln.unit_price, ln.line_total) for ln in r.lines] == [
+        ("Soup", 3, Decimal("2.8"), Decimal("8.40")), ("Coffee", 3, Decimal("0.1"), Decimal("0.30")),
+        ("Main course", 1, Decimal("6.5"), Decimal("6.50"))]
+    assert r.total == Decimal("15.20")
+    priced = menu.apply(ev)
+    d = priced.to_dict()
+    assert d["total"] == 15.2 and d["currency"] == "EUR" and not d["needs_review"]
+    assert d["items"][0] == {"label": "bowl", "name": "Soup", "count": 3, "confidence": 0.9, "unit_price": 2.8,
+                             "line_total": 8.4, "unpriced": False, "needs_review": False}
+
+
+def test_missing_dish_is_flagged_never_priced_zero(tmp_path):
+    menu = Menu.load(write_menu(tmp_path, MENU, "menu.json"))
+    ev = menu.apply(event([("plate", 1), ("pizza", 2)], ended_at=1795305600.0))
+    pizza = next(i for i in ev.items if i.label == "pizza")
+    assert pizza.unpriced and pizza.unit_price is None and pizza.line_total is None and pizza.name is None
+    assert ev.total == 6.5 and ev.needs_review  # excluded from the total, the event goes to review
+
+
+def test_menu_of_the_day_uses_the_site_timezone(tmp_path):
+    path = write_menu(tmp_path, MENU)
+    late = 1795390200.0  # 2026-11-22 23:30 UTC = 2026-11-23 00:30 in Berlin
+    ev = event([("plate", 2)], ended_at=late)
+    assert Menu.load(path, "UTC").apply(ev).total == 13.0
+    berlin = Menu.load(path, "Europe/Berlin").apply(ev)
+    assert berlin.total == 14.4 and berlin.items[0].name == "Fish of the day"
+
+
+@pytest.mark.parametrize("data, field", [
+    ({**MENU, "items": {"plate": {"name": "x", "prize": 1}}}, "items.plate.prize"),
+    ({**MENU, "items": {"plate": {"name": "x", "price": -1}}}, "items.plate.price"),
+    ({**MENU, "currency": "euro"}, "currency"),
+    ({**MENU, "dates": {"not-a-date": {"items": {}}}}, "dates.not-a-date"),
+    ({"items": {}}, "currency"),
+])
+def test_bad_menu_names_file_and_field(tmp_path, data, field):
+    path = write_menu(tmp_path, data)
+    with pytest.raises(MenuError) as e:
+        Menu.load(path)
+    assert str(path) in str(e.value) and field in str(e.value)
+
+
+def test_menu_file_errors_and_config(tmp_path):
+    with pytest.raises(MenuError, match="no such menu file"):
+        Menu.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "m.json"
+    bad.write_text("{not json")
+    with pytest.raises(MenuError, match="not valid JSON"):
+        Menu.load(bad)
+    import yaml
+
+    cfg_path = tmp_path / "c.yaml"
+    base = {"cameras": [{"id": "a", "source": "x.mp4"}]}
+    cfg_path.write_text(yaml.safe_dump({**base, "menu": {"path": "m.yaml", "timezone": "Europe/Berlin"}}))
+    assert load_config(cfg_path).menu.timezone == "Europe/Berlin"
+    assert load_config(cfg_path).zones == [] and load_config(cfg_path).menu.path == "m.yaml"
+    cfg_path.write_text(yaml.safe_dump({**base, "menu": {"path": "m.yaml", "timezone": "Mars/Base"}}))
+    with pytest.raises(ConfigError, match="menu.timezone"):
+        load_config(cfg_path)
+
+
+# -- store
+OLD_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL UNIQUE,
+    camera_id TEXT NOT NULL,
+    zone_id TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    ended_at REAL NOT NULL,
+    confidence REAL NOT NULL,
+    payload TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_camera ON events(camera_id, seq);
+CREATE INDEX IF NOT EXISTS events_time ON events(ended_at);
+CREATE TABLE IF NOT EXISTS event_labels (
+    seq INTEGER NOT NULL REFERENCES events(seq),
+    label TEXT NOT NULL,
+    count INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS event_labels_label ON event_labels(label, seq);
+"""
+
+
+def test_store_migrates_a_database_written_by_the_old_schema(tmp_path):
+    """A file written by the pre-receipt store (its schema and insert, verbatim)
+    opens, keeps its rows, serves them with the new keys, and takes priced events."""
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(OLD_SCHEMA)
+    old = {"event_id": "old1", "camera_id": "cam0", "zone_id": "z", "started_at": 1.0, "ended_at": 2.0,
+           "items": [{"label": "plate", "count": 2, "confidence": 0.8}], "track_ids": [1, 2], "confidence": 0.7}
+    cur = db.execute("INSERT INTO events(event_id, camera_id, zone_id, started_at, ended_at, confidence, payload)"
+                     " VALUES (?,?,?,?,?,?,?)", ("old1", "cam0", "z", 1.0, 2.0, 0.7, json.dumps(old)))
+    db.execute("INSERT INTO event_labels(seq, label, count) VALUES (?,?,?)", (cur.lastrowid, "plate", 2))
+    db.commit()
+    db.close()
+
+    s = EventStore(path)
+    assert s.schema_version == 2
+    rec = s.get("old1")
+    assert rec["items"][0]["label"] == "plate" and rec["needs_review"] is False and rec["total"] is None
+    assert rec["items"][0]["unpriced"] is False and rec["currency"] is None
+    menu = Menu.load(write_menu(tmp_path, MENU), "UTC")
+    new = menu.apply(event([("plate", 1), ("pizza", 1)], ended_at=1795305600.0))
+    stored = s.save(new)
+    assert stored["needs_review"] and stored["total"] == 6.5
+    assert [r["event_id"] for r in s.list(needs_review=True).items] == ["e1"]
+    assert [r["event_id"] for r in s.list(needs_review=False).items] == ["old1"]
+    assert [r["event_id"] for r in s.list(label="plate").items] == ["old1", "e1"]
+    s.close()
+    s2 = EventStore(path)  # reopening a migrated file is a no-op
+    assert s2.count() == 2 and s2.get("e1")["items"][1]["unpriced"] is True
+    row = sqlite3.connect(path).execute("SELECT needs_review, currency, total FROM events WHERE event_id='e1'")
+    assert row.fetchone() == (1, "EUR", 6.5)
+
+
+# -- media time
+def read_file_frames(realtime: bool, delay: float):
+    """The real reader on the shared video; ``delay`` per frame mimics a detector."""
+    reader = CameraReader(CameraConfig(id="cam0", source=str(VIDEO), realtime=realtime)).start()
+    frames = []
+    try:
+        while not reader.ended or reader.slot.wait(0):
+            f = reader.slot.take()
+            if f is None:
+                reader.slot.wait(0.05)
+                continue
+            frames.append(f)
+            time.sleep(delay)
+    finally:
+        reader.stop()
+    return frames
+
+
+def group_mot(frames, clock):
+    """TUD-Campus's MOT15 detections on the frames' clock -> tracker -> trays."""
+    dets = read_mot(MOT_DETS / "TUD-Campus" / "det/det.txt")
+    tracker = Tracker("cam0", TrackerParams())
+    counter = LineCrossingCounter(LineSpec("z", "cam0", (0.5, 0.0), (0.5, 1.0)))
+    asm = CheckoutAssembler("z", "cam0", params=TrayParams(gap_s=0.3, max_s=1.5, line=LINE))
+    events = []
+    for f in frames:
+        d = dets[dets[:, 0].astype(int) == f.index + 1]
+        boxes = np.c_[d[:, 2:4], d[:, 2:4] + d[:, 4:6]].astype(np.float32)
+        det = Detections("cam0", f.index, clock(f), boxes, d[:, 6].astype(np.float32),
+                         np.zeros(len(d), np.int64), ("person",), (640, 480))
+        upd = tracker.update(det)
+        events += asm.assemble(counter.count(upd), now=clock(f), update=upd)
+    events += asm.flush()
+    return [e.track_ids for e in events]
+
+
+def test_file_frames_carry_media_time_so_slow_processing_keeps_tray_grouping():
+    slow = read_file_frames(realtime=False, delay=0.08)  # ~2x slower than the video's 25 fps
+    assert [f.index for f in slow] == list(range(71))  # every frame, none dropped
+    ts = np.array([f.timestamp for f in slow])
+    assert np.allclose(np.diff(ts), 1 / 25, atol=1e-6)  # media time: 1/fps apart ...
+    assert np.diff([f.read_at for f in slow]).mean() > 0.07  # ... though read 80 ms apart
+    assert abs(ts[0] - time.time()) < 60  # still epoch seconds
+
+    by_media = group_mot(slow, lambda f: f.timestamp)
+    assert len(by_media) >= 2
+    # same trays as processing in real time (frame i at start + i / fps)
+    assert by_media == group_mot(slow, lambda f: slow[0].read_at + f.index / 25)
+    # the old clock (read time) stretches gaps 2x and splits trays differently
+    assert group_mot(slow, lambda f: f.read_at) != by_media
