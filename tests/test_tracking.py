@@ -31,7 +31,7 @@ def test_mot15_accuracy_default_tracker(seq, min_mota, min_idf1):
 
 def test_sort_settings_reproduce_published_sort_mota():
     dets, gt = load("TUD-Campus")
-    m = evaluate(dets, gt, TrackerParams(max_age=1))
+    m = evaluate(dets, gt, TrackerParams.sort())
     pub = float(published(SHARED)["TUD-Campus"]["MOTA"]) / 100
     assert abs(m["mota"] - pub) < 0.03, (m["mota"], pub)
 
