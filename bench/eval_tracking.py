@@ -69,7 +69,8 @@ def _prepare(gt: np.ndarray, res: np.ndarray, n: int) -> dict:
     """trackeval's per-sequence data dict, MOTChallenge-style preprocessing:
     results matched (IoU >= 0.5) to ignored / distractor ground truth are
     dropped, then only considered pedestrians (flag 1, class 1 or -1) remain."""
-    cls = gt[:, 7] if gt.shape[1] > 7 else -np.ones(len(gt))
+    # MOT16/17 gt has 9 columns (class, visibility); MOT15's 10 hold world coordinates
+    cls = gt[:, 7] if gt.shape[1] == 9 else -np.ones(len(gt))
     keep_gt = (gt[:, 6] != 0) & ((cls == 1) | (cls == -1))
     distract = ~keep_gt
     gid = {v: i for i, v in enumerate(np.unique(gt[keep_gt, 1]))}
@@ -102,7 +103,7 @@ def trackeval_metrics(gt: np.ndarray, res: np.ndarray, n: int) -> dict:
 
     data = _prepare(gt, res, n)
     out = {}
-    for metric in (HOTA(), CLEAR(), Identity()):
+    for metric in (HOTA({"PRINT_CONFIG": False}), CLEAR({"PRINT_CONFIG": False}), Identity({"PRINT_CONFIG": False})):
         out.update(metric.eval_sequence(data))
     return {"HOTA": float(np.mean(out["HOTA"])), "MOTA": out["MOTA"], "IDF1": out["IDF1"],
             "IDSW": int(out["IDSW"]), "Frag": int(out["Frag"])}

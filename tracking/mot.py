@@ -74,6 +74,8 @@ class NoiseProtocol:
 def noisy_detections(gt: np.ndarray, image_size: tuple[int, int], proto: NoiseProtocol = NoiseProtocol()) -> np.ndarray:
     """MOT ground truth (frame,id,x,y,w,h,flag,class,vis) -> det rows (frame,-1,x,y,w,h,score)."""
     rng = np.random.default_rng(proto.seed)
+    if gt.shape[1] != 9:
+        raise ValueError("noise protocol needs MOT16/17 ground truth (9 columns: ..., class, visibility)")
     g = gt[(gt[:, 6] != 0) & (gt[:, 7] == 1) & (gt[:, 8] >= proto.min_visibility)]
     g = g[rng.random(len(g)) >= proto.drop]
     wh = g[:, 4:6]

@@ -331,9 +331,13 @@ class Tracker:
         vel_h, vel_m = kf.x[hidden, 4:6], kf.x[mt, 4:6]
         speed_m = np.linalg.norm(vel_m, axis=1)
         diag = np.hypot(prev_box[hidden, 2] - prev_box[hidden, 0], prev_box[hidden, 3] - prev_box[hidden, 1])
-        # moving (not merely standing next to it) and moving the same way
-        moving = speed_m[None, :] >= p.group_velocity_tol * diag[:, None]
-        same = np.linalg.norm(vel_h[:, None, :] - vel_m[None, :, :], axis=2) <= 0.25 * speed_m[None, :]
+        speed_h = np.linalg.norm(vel_h, axis=1)
+        # moving (not merely standing next to it) and moving the same way; once a
+        # hidden track follows a group its velocity is the group's, so it keeps
+        # following it while the tray slows down
+        moving = np.maximum(speed_m[None, :], speed_h[:, None]) >= p.group_velocity_tol * diag[:, None]
+        diff = np.linalg.norm(vel_h[:, None, :] - vel_m[None, :, :], axis=2)
+        same = diff <= 0.25 * np.maximum(speed_m[None, :], speed_h[:, None])
         group = near & moving & same
         for r in np.flatnonzero(group.any(axis=1)):
             i = hidden[r]
