@@ -26,10 +26,12 @@ def _xyxy(a: np.ndarray) -> np.ndarray:
     return np.c_[a[:, 2:4], a[:, 2:4] + a[:, 4:6]]
 
 
-def evaluate(dets: np.ndarray, gt: np.ndarray, params: TrackerParams | None = None) -> dict:
-    """MOT devkit conventions: a match needs IoU >= 0.5; gt rows with flag 0 are ignored."""
+def evaluate(dets: np.ndarray, gt: np.ndarray, params: TrackerParams | None = None,
+             image_size: tuple[int, int] = (640, 480), fps: float = 25.0) -> dict:
+    """MOT devkit conventions: a match needs IoU >= 0.5; gt rows with flag 0 are ignored.
+    Defaults are TUD-Campus / TUD-Stadtmitte's 640x480 at 25 fps."""
     gt = gt[gt[:, 6] != 0]
-    res = track_sequence(dets, params)
+    res = track_sequence(dets, params, image_size=image_size, fps=fps)
     acc = mm.MOTAccumulator(auto_id=False)
     for f in np.unique(np.r_[gt[:, 0], dets[:, 0]]).astype(int):
         g, r = gt[gt[:, 0] == f], res[res[:, 0] == f]
@@ -64,7 +66,7 @@ def main() -> None:
         p = pub.get(seq)
         ref = f"{p['MOTA']}, {p['FP']}, {p['FN']}, {p['IDs']}" if p else "not published"
         for name, params in (("dishtrack (default)", TrackerParams()),
-                             ("SORT settings", TrackerParams(max_age=1, tentative_max_age=1))):
+                             ("SORT settings", TrackerParams.sort())):
             m = evaluate(dets, gt, params)
             log.info("%-15s %-22s %6.1f %6.1f %5d %5d %4d | %s", seq, name, 100 * m["mota"], 100 * m["idf1"],
                      m["num_false_positives"], m["num_misses"], m["num_switches"], ref)

@@ -119,6 +119,18 @@ def cmd_make_video(args) -> int:
     settings = SynthSettings(width=args.width, height=args.height, fps=args.fps, seed=args.seed)
     res = make_checkout_video(samples, args.out, args.trays, settings, classes=classes)
     print(f"{res.video}: {len(res.receipts)} trays, {res.frames} frames; ground truth in {res.out_dir}")
+
+def cmd_track(args) -> int:
+    """The configured tracker on MOT-format detections -> MOT-format results."""
+    from dishtrack.tracking.mot import read_mot, read_seqinfo, track_sequence, write_mot
+    from dishtrack.tracking.tracker import TrackerParams
+
+    params = TrackerParams.from_config(load_config(args.config).tracker)
+    info = read_seqinfo(args.seqinfo)
+    rows = track_sequence(read_mot(args.dets), params, camera_id=info.name, image_size=info.image_size,
+                          fps=info.fps, n_frames=info.length)
+    write_mot(args.out, rows)
+    log.info("%s: %d frames, %d tracks -> %s", info.name, info.length, len(set(rows[:, 1].tolist())), args.out)
     return 0
 
 
@@ -178,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--height", type=int, default=480)
     v.add_argument("--fps", type=float, default=25.0)
     v.set_defaults(fn=cmd_make_video)
+
+    k = sub.add_parser("track", help="run the configured tracker on MOT-format detections, write MOT results")
+    k.add_argument("--dets", required=True, help="MOT det.txt (frame,-1,x,y,w,h,score,...)")
+    k.add_argument("--seqinfo", required=True, help="seqinfo.ini: frame rate, image size, length")
+    k.add_argument("--out", required=True)
+    k.add_argument("--config", default=None, help="YAML whose tracker section is used (default: built-in)")
+    k.set_defaults(fn=cmd_track)
     return p
 
 

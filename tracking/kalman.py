@@ -62,3 +62,84 @@ class KalmanBoxFilter:
     @property
     def velocity(self) -> tuple[float, float]:
         return float(self._kf.x[4, 0]), float(self._kf.x[5, 0])
+
+
+def boxes_to_z(boxes: np.ndarray) -> np.ndarray:
+    """(N,4) xyxy -> (N,4) [cx, cy, area, aspect], as ``box_to_z`` row-wise."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    w = np.maximum(b[:, 2] - b[:, 0], 1e-3)
+    h = np.maximum(b[:, 3] - b[:, 1], 1e-3)
+    return np.stack([b[:, 0] + w / 2.0, b[:, 1] + h / 2.0, w * h, w / h], axis=1)
+
+
+def xs_to_boxes(x: np.ndarray) -> np.ndarray:
+    """(N,>=4) states -> (N,4) xyxy, as ``x_to_box`` row-wise."""
+    x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    s = np.maximum(x[:, 2], 1e-6)
+    r = np.maximum(x[:, 3], 1e-6)
+    w = np.sqrt(s * r)
+    h = s / w
+    return np.stack([x[:, 0] - w / 2.0, x[:, 1] - h / 2.0, x[:, 0] + w / 2.0, x[:, 1] + h / 2.0], axis=1)
+
+
+def _sort_matrices() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """F, Q, R, P0 of SORT's filter, taken from the filterpy reference so both stay identical."""
+    ref = KalmanBoxFilter(np.array([0.0, 0.0, 1.0, 1.0]))._kf
+    return ref.F.copy(), ref.Q.copy(), ref.R.copy(), ref.P.copy(), ref.H.copy()
+
+
+class BatchKalman:
+    """SORT's constant-velocity box filter for all tracks at once.
+
+    State rows ``x`` (N,7) and covariances ``P`` (N,7,7) live in arrays, so a
+    frame costs a few batched matrix products instead of one filterpy object
+    call per track. Numerically the same as ``KalmanBoxFilter`` (filterpy's
+    predict and Joseph-form update), which the tests compare against.
+    """
+
+    def __init__(self) -> None:
+        self.F, self.Q, self.R, self.P0, self.H = _sort_matrices()
+        self.x = np.zeros((0, 7))
+        self.P = np.zeros((0, 7, 7))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def add(self, boxes: np.ndarray) -> None:
+        z = boxes_to_z(boxes)
+        x = np.zeros((len(z), 7))
+        x[:, :4] = z
+        self.x = np.concatenate([self.x, x])
+        self.P = np.concatenate([self.P, np.broadcast_to(self.P0, (len(z), 7, 7))])
+
+    def keep(self, mask: np.ndarray) -> None:
+        self.x = self.x[mask]
+        self.P = self.P[mask]
+
+    def predict(self) -> np.ndarray:
+        """Advance every track one frame; returns predicted (N,4) xyxy boxes."""
+        if len(self.x):
+            bad = self.x[:, 6] + self.x[:, 2] <= 0
+            self.x[bad, 6] = 0.0  # area must stay positive
+            self.x = self.x @ self.F.T
+            self.P = self.F @ self.P @ self.F.T + self.Q
+        return self.boxes()
+
+    def update(self, idx: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """Fuse measured boxes into rows ``idx``; returns their corrected boxes."""
+        idx = np.asarray(idx, dtype=np.intp)
+        if len(idx) == 0:
+            return np.zeros((0, 4))
+        z = boxes_to_z(boxes)
+        x, P = self.x[idx], self.P[idx]
+        S = P[:, :4, :4] + self.R
+        K = np.linalg.solve(S, P[:, :4, :]).transpose(0, 2, 1)  # P H^T S^-1 (P, S symmetric)
+        x = x + np.einsum("nij,nj->ni", K, z - x[:, :4])
+        I_KH = np.broadcast_to(np.eye(7), P.shape).copy()
+        I_KH[:, :, :4] -= K
+        P = I_KH @ P @ I_KH.transpose(0, 2, 1) + K @ self.R @ K.transpose(0, 2, 1)
+        self.x[idx], self.P[idx] = x, P
+        return xs_to_boxes(x)
+
+    def boxes(self) -> np.ndarray:
+        return xs_to_boxes(self.x) if len(self.x) else np.zeros((0, 4))

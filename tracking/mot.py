@@ -1,8 +1,11 @@
-"""MOTChallenge text format: read detections / ground truth, run a tracker,
-write results. Pure numpy; the metrics themselves are computed by callers
-(bench/eval_mot15.py, tests) with py-motmetrics."""
+"""MOTChallenge text format: read detections / ground truth / seqinfo.ini, a
+seeded noise protocol that turns ground truth into detections, run a tracker,
+write results. Pure numpy; metrics are computed by callers
+(bench/eval_tracking.py with trackeval, bench/eval_mot15.py with motmetrics)."""
 from __future__ import annotations
 
+import configparser
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,29 @@ from .types import Detections, TrackState
 PERSON = ("person",)
 
 
+@dataclass(frozen=True, slots=True)
+class SeqInfo:
+    name: str
+    fps: float
+    width: int
+    height: int
+    length: int
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.width, self.height
+
+
+def read_seqinfo(path: str | Path) -> SeqInfo:
+    """MOTChallenge ``seqinfo.ini`` ([Sequence] name, frameRate, imWidth, imHeight, seqLength)."""
+    cp = configparser.ConfigParser()
+    if not cp.read(path):
+        raise FileNotFoundError(path)
+    s = cp["Sequence"]
+    return SeqInfo(s.get("name", Path(path).parent.name), float(s["frameRate"]), int(s["imWidth"]),
+                   int(s["imHeight"]), int(s["seqLength"]))
+
+
 def read_mot(path: str | Path) -> np.ndarray:
     """Rows of frame, id, x, y, w, h, score, ... as float64 (N, >=7)."""
     arr = np.loadtxt(path, delimiter=",", ndmin=2)
@@ -21,17 +47,75 @@ def read_mot(path: str | Path) -> np.ndarray:
     return arr
 
 
-def track_sequence(dets: np.ndarray, params: TrackerParams | None = None,
-                   camera_id: str = "mot", image_size: tuple[int, int] = (640, 480)) -> np.ndarray:
-    """Run the tracker over MOT detections; returns rows frame,id,x,y,w,h
-    for the tracks confirmed (matched) in each frame, as SORT reports them."""
+def write_mot(path: str | Path, rows: np.ndarray) -> None:
+    """frame,id,x,y,w,h rows -> MOTChallenge result file (conf 1, x/y/z -1)."""
+    rows = np.asarray(rows, dtype=np.float64).reshape(-1, 6)
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(f"{int(r[0])},{int(r[1])},{r[2]:.2f},{r[3]:.2f},{r[4]:.2f},{r[5]:.2f},1,-1,-1,-1\n")
+
+
+@dataclass(frozen=True, slots=True)
+class NoiseProtocol:
+    """Ground truth -> detections, seeded, identical for every tracker compared:
+    pedestrians (class 1, considered) with visibility >= min_visibility, a
+    ``drop`` share removed at random, box corners jittered by ``jitter`` x the
+    box size, ``false_pos`` x as many false boxes added; scores follow
+    visibility (so low-score detections are the partly hidden ones) and false
+    positives score low."""
+
+    min_visibility: float = 0.25
+    drop: float = 0.10
+    jitter: float = 0.05
+    false_pos: float = 0.05
+    seed: int = 0
+
+
+def noisy_detections(gt: np.ndarray, image_size: tuple[int, int], proto: NoiseProtocol = NoiseProtocol()) -> np.ndarray:
+    """MOT ground truth (frame,id,x,y,w,h,flag,class,vis) -> det rows (frame,-1,x,y,w,h,score)."""
+    rng = np.random.default_rng(proto.seed)
+    if gt.shape[1] != 9:
+        raise ValueError("noise protocol needs MOT16/17 ground truth (9 columns: ..., class, visibility)")
+    g = gt[(gt[:, 6] != 0) & (gt[:, 7] == 1) & (gt[:, 8] >= proto.min_visibility)]
+    g = g[rng.random(len(g)) >= proto.drop]
+    wh = g[:, 4:6]
+    box = np.c_[g[:, 2:4], g[:, 2:4] + wh] + rng.normal(0, proto.jitter, (len(g), 4)) * np.c_[wh, wh]
+    score = np.clip(0.35 + 0.6 * g[:, 8] + rng.normal(0, 0.1, len(g)), 0.05, 1.0)
+    n_fp = int(round(proto.false_pos * len(g)))
+    src = g[rng.integers(0, len(g), n_fp)] if len(g) else np.zeros((0, 9))
+    w, h = image_size
+    fw, fh = src[:, 4] * rng.uniform(0.7, 1.3, n_fp), src[:, 5] * rng.uniform(0.7, 1.3, n_fp)
+    fx, fy = rng.uniform(0, np.maximum(w - fw, 1)), rng.uniform(0, np.maximum(h - fh, 1))
+    fp = np.c_[src[:, 0], fx, fy, fx + fw, fy + fh, rng.uniform(0.1, 0.6, n_fp)]
+    rows = np.r_[np.c_[g[:, 0], box, score], fp]
+    rows = rows[np.lexsort((rows[:, 1], rows[:, 0]))]
+    out = np.c_[rows[:, 0], -np.ones(len(rows)), rows[:, 1:3], rows[:, 3:5] - rows[:, 1:3], rows[:, 5]]
+    return out
+
+
+def track_sequence(dets: np.ndarray, params: TrackerParams | None = None, camera_id: str = "mot",
+                   image_size: tuple[int, int] | None = None, fps: float = 30.0,
+                   n_frames: int | None = None) -> np.ndarray:
+    """Run the tracker over MOT detections; returns rows frame,id,x,y,w,h for
+    the tracks confirmed (matched) in each frame, as SORT reports them.
+
+    ``image_size`` should come from seqinfo.ini; when unknown it is taken as
+    the extent of all detections (never a fixed guess: a too-small image would
+    delete every track that coasts outside it). Timestamps are frame / fps."""
+    if image_size is None:
+        ext = (dets[:, 2:4] + dets[:, 4:6]).max(axis=0) if len(dets) else np.ones(2)
+        image_size = (int(np.ceil(ext[0])), int(np.ceil(ext[1])))
     tracker = Tracker(camera_id, params)
     out = []
     frames = dets[:, 0].astype(int)
-    for f in range(frames.min(), frames.max() + 1):
-        d = dets[frames == f]
+    order = np.argsort(frames, kind="stable")
+    dets, frames = dets[order], frames[order]
+    last = max(int(frames.max()) if len(frames) else 0, n_frames or 0)
+    bounds = np.searchsorted(frames, np.arange(1, last + 2))
+    for f in range(1, last + 1):
+        d = dets[bounds[f - 1]:bounds[f]]
         boxes = np.c_[d[:, 2:4], d[:, 2:4] + d[:, 4:6]].astype(np.float32)
-        det = Detections(camera_id, f, float(f), boxes, d[:, 6].astype(np.float32),
+        det = Detections(camera_id, f, f / fps, boxes, d[:, 6].astype(np.float32),
                          np.zeros(len(d), np.int64), PERSON, image_size)
         upd = tracker.update(det)
         for t in upd.tracks:

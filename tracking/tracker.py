@@ -1,10 +1,13 @@
-"""Multi-object tracker: Kalman prediction, Hungarian association on IoU,
-track states tentative / confirmed / occluded / removed, coasting through
-occlusion, and a lifetime class vote per track.
+"""Multi-object tracker: batched Kalman prediction, three association passes
+(high-score detections on IoU + direction + appearance, ByteTrack's pass for
+low-score detections, OC-SORT's recovery on last observations), track states
+tentative / confirmed / occluded / removed, coasting measured in seconds and
+longer for tracks hidden behind another object, and a lifetime class vote.
 
-All per-track state lives in ``_TrackState`` objects held by the Tracker and
-dropped when a track is removed, so memory is bounded by the number of live
-tracks times ``trajectory_len``.
+Per-track numbers live in arrays indexed by track row (one batched Kalman
+step per frame); per-track Python state (class votes, trajectory) lives in
+``_Meta`` objects dropped with their row, so memory is bounded by the number
+of live tracks times ``trajectory_len``.
 """
 from __future__ import annotations
 
@@ -13,32 +16,66 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
-from .geometry import iou_matrix
-from .kalman import KalmanBoxFilter
+from .association import assign, centre_distance, direction_score
+from .geometry import centers, ioa_matrix, iou_matrix
+from .kalman import BatchKalman, boxes_to_z, xs_to_boxes
 from .types import Detections, Track, TrackState
 
 log = logging.getLogger(__name__)
+
+_TENT, _CONF, _OCC = 0, 1, 2
+_STATES = (TrackState.TENTATIVE, TrackState.CONFIRMED, TrackState.OCCLUDED)
 
 
 @dataclass(frozen=True, slots=True)
 class TrackerParams:
     iou_threshold: float = 0.3
     min_hits: int = 3
-    max_age: int = 30
+    # coasting, in seconds of the detections' timestamps: a track that vanished
+    # in the open is dropped sooner than one hidden behind another object
+    max_coast_s: float = 1.0
+    max_coast_occluded_s: float = 3.0
+    occlusion_ioa: float = 0.3  # covered share of a coasting box that counts as "hidden"
+    max_age: int | None = None  # optional hard cap in frames (legacy)
     tentative_max_age: int = 1
     min_score: float = 0.0
+    # ByteTrack: detections below high_score only extend existing tracks
+    high_score: float = 0.6
+    low_iou_threshold: float = 0.5
+    # OC-SORT: direction consistency weight, its look-back, re-update after a gap,
+    # and recovery matching on the last observed box
+    direction_weight: float = 0.2
+    delta_t: int = 3
+    observation_reupdate: bool = True
+    observation_recovery: bool = True
+    # appearance (Detections.embeddings): score weight, min cosine for matching a
+    # coasting track beyond IoU, its centre-distance gate (x box diagonal), EMA
+    appearance_weight: float = 0.5
+    appearance_min_cos: float = 0.7
+    appearance_gate: float = 2.0
+    appearance_momentum: float = 0.9
+    # a hidden track follows the median motion of matched tracks that moved with
+    # it (a tray's dishes): neighbours within group_radius x its diagonal whose
+    # velocity is >= group_velocity_tol x its diagonal per frame and within 25% of its own
+    group_motion: bool = True
+    group_radius: float = 1.5
+    group_velocity_tol: float = 0.05
     trajectory_len: int = 64
     # second-chance association for occluded tracks: centre distance relative
-    # to the predicted box diagonal (0 disables; on MOT15 TUD it did not help)
+    # to the predicted box diagonal (0 disables)
     occluded_gate: float = 0.0
 
     @classmethod
+    def sort(cls) -> "TrackerParams":
+        """Plain SORT (Bewley et al. 2016): one IoU pass, no coasting, no extra cues."""
+        return cls(max_age=1, high_score=0.0, direction_weight=0.0, observation_reupdate=False,
+                   observation_recovery=False, appearance_weight=0.0, group_motion=False)
+
+    @classmethod
     def from_config(cls, cfg) -> "TrackerParams":
-        return cls(iou_threshold=cfg.iou_threshold, min_hits=cfg.min_hits, max_age=cfg.max_age,
-                   tentative_max_age=cfg.tentative_max_age, min_score=cfg.min_score,
-                   trajectory_len=cfg.trajectory_len, occluded_gate=cfg.occluded_gate)
+        names = [f for f in cls.__dataclass_fields__ if hasattr(cfg, f)]
+        return cls(**{n: getattr(cfg, n) for n in names})
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,51 +94,37 @@ class TrackUpdate:
         return tuple(t for t in self.tracks if t.state is TrackState.CONFIRMED)
 
 
-class _TrackState:
-    __slots__ = ("track_id", "kf", "state", "hits", "hit_streak", "age", "time_since_update",
-                 "votes", "score_sum", "trajectory", "box")
+class _Meta:
+    """Per-track state that is not a number: class votes and trajectory."""
 
-    def __init__(self, track_id: int, box: np.ndarray, traj_len: int) -> None:
-        self.track_id = track_id
-        self.kf = KalmanBoxFilter(box)
-        self.state = TrackState.TENTATIVE
-        self.hits = 0
-        self.hit_streak = 0
-        self.age = 0
-        self.time_since_update = 0
+    __slots__ = ("votes", "score_sum", "trajectory", "_traj")
+
+    def __init__(self, traj_len: int) -> None:
         self.votes: dict[int, float] = {}  # class id -> summed score; bounded by #classes
         self.score_sum = 0.0
         self.trajectory: collections.deque = collections.deque(maxlen=traj_len)
-        self.box = np.asarray(box, dtype=float)
+        self._traj: tuple | None = ()
 
-    def observe(self, box: np.ndarray, score: float, class_id: int, ts: float) -> None:
-        self.box = self.kf.correct(box)
-        self.hits += 1
-        self.hit_streak += 1
-        self.time_since_update = 0
+    def observe(self, score: float, class_id: int, ts: float, cx: float, cy: float) -> None:
         self.score_sum += score
         self.votes[class_id] = self.votes.get(class_id, 0.0) + score
-        cx, cy = (self.box[0] + self.box[2]) / 2.0, (self.box[1] + self.box[3]) / 2.0
-        self.trajectory.append((ts, float(cx), float(cy)))
+        self.trajectory.append((ts, cx, cy))
+        self._traj = None
 
-    def snapshot(self, camera_id: str, labels: tuple[str, ...]) -> Track:
-        margin = 1.0
-        if self.votes:
-            cid = max(self.votes, key=self.votes.__getitem__)
-            total = max(sum(self.votes.values()), 1e-12)
-            share = self.votes[cid] / total
-            if len(self.votes) > 1:  # top share minus runner-up share
-                margin = share - sorted(self.votes.values())[-2] / total
-        else:
-            cid, share = -1, 0.0
-        label = labels[cid] if 0 <= cid < len(labels) else "unknown"
-        return Track(
-            track_id=self.track_id, camera_id=camera_id, state=self.state,
-            box=tuple(float(v) for v in self.box), class_id=int(cid), label=label,
-            confidence=self.score_sum / max(self.hits, 1), class_share=float(share),
-            hits=self.hits, age=self.age, time_since_update=self.time_since_update,
-            trajectory=tuple(self.trajectory), class_margin=float(margin),
-        )
+    def vote(self) -> tuple[int, float, float]:
+        """(class id, its share, its share minus the runner-up's)."""
+        if not self.votes:
+            return -1, 0.0, 0.0
+        total = max(sum(self.votes.values()), 1e-12)
+        ranked = sorted(self.votes.values(), reverse=True)
+        cid = max(self.votes, key=self.votes.__getitem__)
+        second = ranked[1] if len(ranked) > 1 else 0.0
+        return cid, ranked[0] / total, (ranked[0] - second) / total if len(ranked) > 1 else 1.0
+
+    def traj(self) -> tuple:
+        if self._traj is None:
+            self._traj = tuple(self.trajectory)
+        return self._traj
 
 
 class Tracker:
@@ -110,92 +133,306 @@ class Tracker:
     def __init__(self, camera_id: str, params: TrackerParams | None = None) -> None:
         self.camera_id = camera_id
         self.params = params or TrackerParams()
-        self._tracks: list[_TrackState] = []
-        self._next_id = 1
         self._frames = 0
+        self._next_id = 1
+        self._kf = BatchKalman()
+        k = max(self.params.delta_t, 1) + 1  # observations kept for the direction
+        self._a = {  # row-aligned per-track arrays
+            "id": np.zeros(0, np.int64), "state": np.zeros(0, np.int8),
+            "hits": np.zeros(0, np.int64), "streak": np.zeros(0, np.int64),
+            "age": np.zeros(0, np.int64), "tsu": np.zeros(0, np.int64),
+            "last_ts": np.zeros(0), "hidden": np.zeros(0, bool),
+            "box": np.zeros((0, 4)), "obs": np.zeros((0, k, 4)), "nobs": np.zeros(0, np.int64),
+            "x_obs": np.zeros((0, 7)), "P_obs": np.zeros((0, 7, 7)),
+        }
+        self._emb: np.ndarray | None = None  # (N, D) appearance per track, once seen
+        self._meta: list[_Meta] = []
 
     def __len__(self) -> int:
-        return len(self._tracks)
+        return len(self._meta)
+
+    # ---- one frame -------------------------------------------------------
 
     def update(self, dets: Detections) -> TrackUpdate:
-        p = self.params
+        p, a = self.params, self._a
         self._frames += 1
         keep = dets.scores >= p.min_score
-        boxes, scores, cls = dets.boxes[keep], dets.scores[keep], dets.class_ids[keep]
+        boxes = dets.boxes[keep].astype(np.float64)
+        scores = dets.scores[keep].astype(np.float64)
+        cls = dets.class_ids[keep]
+        emb = dets.embeddings[keep] if dets.embeddings is not None else None
+        high = scores >= p.high_score
 
-        predicted = np.array([t.kf.predict() for t in self._tracks]).reshape(-1, 4)
-        for t, b in zip(self._tracks, predicted):
-            t.age += 1
-            t.time_since_update += 1
-            t.box = b
-            if t.time_since_update > 1:
-                t.hit_streak = 0
+        prev_box = a["box"].copy()
+        pred = self._kf.predict()
+        a["box"] = pred.copy()
+        a["age"] += 1
+        a["tsu"] += 1
+        a["streak"][a["tsu"] > 1] = 0
 
-        matches, unmatched_t, unmatched_d = self._associate(predicted, boxes)
-        for ti, di in matches:
-            self._tracks[ti].observe(boxes[di], float(scores[di]), int(cls[di]), dets.timestamp)
+        matches = self._associate(pred, boxes, scores, high, emb)
+        mt = np.array([t for t, _ in matches], np.intp)
+        md = np.array([d for _, d in matches], np.intp)
+        self._apply_matches(mt, md, boxes, scores, cls, emb, dets.timestamp)
+        if p.group_motion:
+            self._follow_group(mt, prev_box)
 
-        for di in unmatched_d:
-            t = _TrackState(self._next_id, boxes[di], p.trajectory_len)
-            self._next_id += 1
-            t.observe(boxes[di], float(scores[di]), int(cls[di]), dets.timestamp)
-            self._tracks.append(t)
+        unmatched_d = np.setdiff1d(np.flatnonzero(high), md)
+        self._spawn(unmatched_d, boxes, scores, cls, emb, dets.timestamp)
 
-        removed: list[Track] = []
-        alive: list[_TrackState] = []
-        for t in self._tracks:
-            self._advance_state(t, dets.image_size)
-            if t.state is TrackState.REMOVED:
-                removed.append(t.snapshot(self.camera_id, dets.labels))
-            else:
-                alive.append(t)
-        self._tracks = alive
+        removed = self._advance_states(mt, boxes, dets.timestamp, dets.image_size)
+        labels = dets.labels
+        removed_tracks = tuple(self._snapshot(i, labels) for i in np.flatnonzero(removed))
+        if removed.any():
+            self._keep(~removed)
         return TrackUpdate(
             camera_id=self.camera_id, frame_index=dets.frame_index, timestamp=dets.timestamp,
-            tracks=tuple(t.snapshot(self.camera_id, dets.labels) for t in alive),
-            removed=tuple(removed), image_size=dets.image_size,
+            tracks=tuple(self._snapshot(i, labels) for i in range(len(self._meta))),
+            removed=removed_tracks, image_size=dets.image_size,
         )
 
-    def _advance_state(self, t: _TrackState, image_size: tuple[int, int]) -> None:
-        p = self.params
-        if t.time_since_update == 0:
-            # SORT's warm-up: in the first min_hits frames a track confirms at once
-            if t.state is not TrackState.TENTATIVE or t.hit_streak >= p.min_hits or self._frames <= p.min_hits:
-                t.state = TrackState.CONFIRMED
-            return
-        cx, cy = (t.box[0] + t.box[2]) / 2.0, (t.box[1] + t.box[3]) / 2.0
-        left_view = not (0 <= cx <= image_size[0] and 0 <= cy <= image_size[1])
-        if t.state is TrackState.TENTATIVE:
-            if t.time_since_update >= p.tentative_max_age:
-                t.state = TrackState.REMOVED
-        elif t.time_since_update > p.max_age or left_view:
-            t.state = TrackState.REMOVED  # coasted too long, or its prediction left the image (an exit)
-        else:
-            t.state = TrackState.OCCLUDED
+    # ---- association -----------------------------------------------------
 
-    def _associate(self, predicted: np.ndarray, boxes: np.ndarray):
-        p = self.params
-        n_t, n_d = len(predicted), len(boxes)
-        if n_t == 0 or n_d == 0:
-            return [], list(range(n_t)), list(range(n_d))
-        iou = iou_matrix(predicted, boxes)
-        rows, cols = linear_sum_assignment(-iou)
-        matches = [(r, c) for r, c in zip(rows, cols) if iou[r, c] >= p.iou_threshold]
-        mt = {r for r, _ in matches}
-        md = {c for _, c in matches}
-        # second chance for occluded tracks whose coasted box drifted off the object:
-        # nearest centre within a fraction of the predicted box diagonal
-        occ = [i for i in range(n_t) if i not in mt and self._tracks[i].state is TrackState.OCCLUDED]
-        free = [j for j in range(n_d) if j not in md]
-        if occ and free:
-            pc = (predicted[occ, :2] + predicted[occ, 2:]) / 2.0
-            dc = (boxes[free, :2] + boxes[free, 2:]) / 2.0
-            diag = np.hypot(predicted[occ, 2] - predicted[occ, 0], predicted[occ, 3] - predicted[occ, 1])
-            dist = np.linalg.norm(pc[:, None, :] - dc[None, :, :], axis=2) / np.maximum(diag[:, None], 1e-6)
-            r2, c2 = linear_sum_assignment(dist)
-            for r, c in zip(r2, c2):
-                if dist[r, c] <= p.occluded_gate:
-                    matches.append((occ[r], free[c]))
-                    mt.add(occ[r])
-                    md.add(free[c])
-        return matches, [i for i in range(n_t) if i not in mt], [j for j in range(n_d) if j not in md]
+    def _associate(self, pred, boxes, scores, high, emb) -> list[tuple[int, int]]:
+        p, a = self.params, self._a
+        n_t = len(pred)
+        if n_t == 0 or len(boxes) == 0:
+            return []
+        hi = np.flatnonzero(high)
+        lo = np.flatnonzero(~high)
+        matches: list[tuple[int, int]] = []
+        free_t = np.ones(n_t, bool)
+        free_d = np.ones(len(boxes), bool)
+
+        def take(pairs, rows, cols):
+            for r, c in pairs:
+                matches.append((int(rows[r]), int(cols[c])))
+                free_t[rows[r]] = False
+                free_d[cols[c]] = False
+
+        # 1. every track vs high-score detections: IoU + direction (+ appearance)
+        if len(hi):
+            rows = np.arange(n_t)
+            iou = iou_matrix(pred, boxes[hi])
+            score = iou.copy()
+            valid = iou >= p.iou_threshold
+            if p.direction_weight > 0:
+                score += p.direction_weight * direction_score(self._directions(), self._last_obs(),
+                                                              boxes[hi], scores[hi])
+            if emb is not None and self._emb is not None and p.appearance_weight > 0:
+                cos = self._emb @ emb[hi].T
+                seen = np.any(self._emb != 0, axis=1)[:, None]
+                score += np.where(seen, p.appearance_weight * cos, 0.0)
+                # after an occlusion the coasted box may have drifted off the
+                # object: a confident appearance match near it still counts
+                lost = (a["tsu"] > 1)[:, None] & seen
+                near = centre_distance(pred, boxes[hi]) <= p.appearance_gate
+                valid |= lost & near & (cos >= p.appearance_min_cos)
+            take(assign(score, valid), rows, hi)
+        # 2. ByteTrack: tracks matched last frame vs low-score detections
+        if len(lo):
+            rows = np.flatnonzero(free_t & (a["tsu"] == 1))
+            if len(rows):
+                iou = iou_matrix(pred[rows], boxes[lo])
+                take(assign(iou, iou >= p.low_iou_threshold), rows, lo)
+        # 3. OC-SORT recovery: the track's last observed box vs what is left
+        if p.observation_recovery:
+            rows = np.flatnonzero(free_t & (a["nobs"] > 0))
+            cols = hi[free_d[hi]]
+            if len(rows) and len(cols):
+                iou = iou_matrix(self._last_obs()[rows], boxes[cols])
+                take(assign(iou, iou >= p.iou_threshold), rows, cols)
+        # 4. optional second chance for occluded tracks by centre distance
+        if p.occluded_gate > 0:
+            rows = np.flatnonzero(free_t & (a["state"] == _OCC))
+            cols = hi[free_d[hi]]
+            if len(rows) and len(cols):
+                dist = centre_distance(pred[rows], boxes[cols])
+                take(assign(-dist, dist <= p.occluded_gate), rows, cols)
+        return matches
+
+    def _last_obs(self) -> np.ndarray:
+        a = self._a
+        return a["obs"][np.arange(len(a["obs"])), np.maximum(a["nobs"] - 1, 0) % a["obs"].shape[1]] \
+            if len(a["obs"]) else np.zeros((0, 4))
+
+    def _directions(self) -> np.ndarray:
+        """Unit direction from the oldest kept observation to the latest (OC-SORT's
+        velocity over delta_t observations); zero while fewer than two exist."""
+        a = self._a
+        n, k = len(a["obs"]), a["obs"].shape[1]
+        if n == 0:
+            return np.zeros((0, 2))
+        first = a["obs"][np.arange(n), np.where(a["nobs"] > k, a["nobs"] % k, 0)]
+        d = centers(self._last_obs()) - centers(first)
+        norm = np.linalg.norm(d, axis=1, keepdims=True)
+        return np.where((a["nobs"][:, None] >= 2) & (norm > 1e-6), d / np.maximum(norm, 1e-6), 0.0)
+
+    # ---- state changes ---------------------------------------------------
+
+    def _apply_matches(self, mt, md, boxes, scores, cls, emb, ts) -> None:
+        p, a, kf = self.params, self._a, self._kf
+        if len(mt) == 0:
+            return
+        gap = a["tsu"][mt]
+        if p.observation_reupdate:
+            # OC-SORT ORU: rerun the filter over the gap on a straight line of
+            # virtual observations from the last real one, so the velocity
+            # learned while coasting does not carry the error into the re-found track
+            for i, d in zip(mt[gap > 1], md[gap > 1]):
+                self._reupdate(int(i), boxes[d], int(a["tsu"][i]))
+        a["box"][mt] = kf.update(mt, boxes[md])
+        a["x_obs"][mt], a["P_obs"][mt] = kf.x[mt], kf.P[mt]
+        k = a["obs"].shape[1]
+        a["obs"][mt, a["nobs"][mt] % k] = boxes[md]
+        a["nobs"][mt] += 1
+        a["hits"][mt] += 1
+        a["streak"][mt] += 1
+        a["tsu"][mt] = 0
+        a["last_ts"][mt] = ts
+        a["hidden"][mt] = False
+        if emb is not None:
+            self._blend_embeddings(mt, emb[md])
+        c = centers(a["box"][mt])
+        for j, (i, d) in enumerate(zip(mt, md)):
+            self._meta[i].observe(float(scores[d]), int(cls[d]), ts, float(c[j, 0]), float(c[j, 1]))
+
+    def _reupdate(self, i: int, box: np.ndarray, gap: int) -> None:
+        kf = self._kf
+        x, P = self._a["x_obs"][i].copy(), self._a["P_obs"][i].copy()
+        z0, z1 = boxes_to_z(self._last_obs()[i:i + 1])[0], boxes_to_z(box[None])[0]
+        for step in range(1, gap):
+            x, P = kf.F @ x, kf.F @ P @ kf.F.T + kf.Q
+            z = z0 + (z1 - z0) * step / gap
+            x, P = _kalman_correct(x, P, z, kf.R)
+        kf.x[i], kf.P[i] = kf.F @ x, kf.F @ P @ kf.F.T + kf.Q
+
+    def _blend_embeddings(self, rows, e) -> None:
+        m = self.params.appearance_momentum
+        if self._emb is None or self._emb.shape[1] != e.shape[1]:
+            self._emb = np.zeros((len(self._meta), e.shape[1]), np.float32)
+        old = self._emb[rows]
+        seen = np.any(old != 0, axis=1)[:, None]
+        new = np.where(seen, m * old + (1 - m) * e, e)
+        self._emb[rows] = new / np.maximum(np.linalg.norm(new, axis=1, keepdims=True), 1e-12)
+
+    def _follow_group(self, mt, prev_box) -> None:
+        """A coasting track moves with the matched tracks that were moving with it."""
+        p, a, kf = self.params, self._a, self._kf
+        n_old = len(prev_box)
+        hidden = np.flatnonzero((a["state"][:n_old] != _TENT) & (a["tsu"][:n_old] >= 1))
+        if len(hidden) == 0 or len(mt) == 0:
+            return
+        mt = mt[a["tsu"][mt] == 0]
+        mt = mt[mt < n_old]
+        if len(mt) == 0:
+            return
+        near = centre_distance(prev_box[hidden], prev_box[mt]) <= p.group_radius
+        vel_h, vel_m = kf.x[hidden, 4:6], kf.x[mt, 4:6]
+        speed_m = np.linalg.norm(vel_m, axis=1)
+        diag = np.hypot(prev_box[hidden, 2] - prev_box[hidden, 0], prev_box[hidden, 3] - prev_box[hidden, 1])
+        speed_h = np.linalg.norm(vel_h, axis=1)
+        # moving (not merely standing next to it) and moving the same way; once a
+        # hidden track follows a group its velocity is the group's, so it keeps
+        # following it while the tray slows down
+        moving = np.maximum(speed_m[None, :], speed_h[:, None]) >= p.group_velocity_tol * diag[:, None]
+        diff = np.linalg.norm(vel_h[:, None, :] - vel_m[None, :, :], axis=2)
+        same = diff <= 0.25 * np.maximum(speed_m[None, :], speed_h[:, None])
+        group = near & moving & same
+        for r in np.flatnonzero(group.any(axis=1)):
+            i = hidden[r]
+            move = np.median(vel_m[group[r]], axis=0)
+            kf.x[i, 0:2] = centers(prev_box[i:i + 1])[0] + move
+            kf.x[i, 4:6] = move
+            a["box"][i] = prev_box[i] + np.array([move[0], move[1], move[0], move[1]])
+
+    def _spawn(self, idx, boxes, scores, cls, emb, ts) -> None:
+        if len(idx) == 0:
+            return
+        a, n = self._a, len(idx)
+        self._kf.add(boxes[idx])
+        k = a["obs"].shape[1]
+        new = {
+            "id": np.arange(self._next_id, self._next_id + n), "state": np.full(n, _TENT, np.int8),
+            "hits": np.ones(n, np.int64), "streak": np.ones(n, np.int64), "age": np.zeros(n, np.int64),
+            "tsu": np.zeros(n, np.int64), "last_ts": np.full(n, ts), "hidden": np.zeros(n, bool),
+            "box": xs_to_boxes(self._kf.x[-n:]), "obs": np.zeros((n, k, 4)), "nobs": np.ones(n, np.int64),
+            "x_obs": self._kf.x[-n:].copy(), "P_obs": self._kf.P[-n:].copy(),
+        }
+        new["obs"][:, 0] = boxes[idx]
+        self._next_id += n
+        for key, v in new.items():
+            a[key] = np.concatenate([a[key], v.astype(a[key].dtype)])
+        if self._emb is not None or emb is not None:
+            d = emb.shape[1] if emb is not None else self._emb.shape[1]
+            if self._emb is None:
+                self._emb = np.zeros((len(self._meta), d), np.float32)
+            add = emb[idx].astype(np.float32) if emb is not None and emb.shape[1] == d else np.zeros((n, d), np.float32)
+            self._emb = np.concatenate([self._emb, add])
+        c = centers(boxes[idx])
+        for j, d in enumerate(idx):
+            m = _Meta(self.params.trajectory_len)
+            m.observe(float(scores[d]), int(cls[d]), ts, float(c[j, 0]), float(c[j, 1]))
+            self._meta.append(m)
+
+    def _advance_states(self, mt, boxes, ts, image_size) -> np.ndarray:
+        """Set each track's state; returns the mask of rows removed this frame."""
+        p, a = self.params, self._a
+        st, tsu = a["state"], a["tsu"]
+        matched = tsu == 0
+        # SORT's warm-up: in the first min_hits frames a track confirms at once
+        confirm = matched & ((st != _TENT) | (a["streak"] >= p.min_hits) | (self._frames <= p.min_hits))
+        st[confirm] = _CONF
+        coast = ~matched
+        removed = np.zeros(len(st), bool)
+        if not coast.any():
+            return removed
+        rows = np.flatnonzero(coast)
+        # hidden: a large share of the coasting box is covered by a detection
+        # (any class: another dish, a hand) or by a matched track
+        occluders = np.concatenate([boxes, a["box"][matched]])
+        cover = ioa_matrix(a["box"][rows], occluders).max(axis=1) if len(occluders) else np.zeros(len(rows))
+        a["hidden"][rows] |= cover >= p.occlusion_ioa
+        c = centers(a["box"][rows])
+        w, h = image_size
+        left_view = (c[:, 0] < 0) | (c[:, 0] > w) | (c[:, 1] < 0) | (c[:, 1] > h)
+        limit = np.where(a["hidden"][rows], p.max_coast_occluded_s, p.max_coast_s)
+        too_old = (ts - a["last_ts"][rows]) > limit + 1e-9
+        if p.max_age is not None:
+            too_old |= tsu[rows] > p.max_age
+        tent = st[rows] == _TENT
+        gone = np.where(tent, tsu[rows] >= p.tentative_max_age, too_old | left_view)
+        removed[rows[gone]] = True
+        st[rows[~gone & ~tent]] = _OCC
+        return removed
+
+    def _keep(self, mask: np.ndarray) -> None:
+        for k in self._a:
+            self._a[k] = self._a[k][mask]
+        self._kf.keep(mask)
+        if self._emb is not None:
+            self._emb = self._emb[mask]
+        self._meta = [m for m, k in zip(self._meta, mask) if k]
+
+    def _snapshot(self, i: int, labels: tuple[str, ...]) -> Track:
+        a, m = self._a, self._meta[i]
+        cid, share, margin = m.vote()
+        label = labels[cid] if 0 <= cid < len(labels) else "unknown"
+        hits = int(a["hits"][i])
+        b = a["box"][i]
+        return Track(
+            track_id=int(a["id"][i]), camera_id=self.camera_id, state=_STATES[a["state"][i]],
+            box=(float(b[0]), float(b[1]), float(b[2]), float(b[3])), class_id=int(cid), label=label,
+            confidence=m.score_sum / max(hits, 1), class_share=float(share),
+            hits=hits, age=int(a["age"][i]), time_since_update=int(a["tsu"][i]),
+            trajectory=m.traj(), class_margin=float(margin),
+        )
+
+
+def _kalman_correct(x, P, z, R):
+    S = P[:4, :4] + R
+    K = np.linalg.solve(S, P[:4, :]).T
+    x = x + K @ (z - x[:4])
+    I_KH = np.eye(7)
+    I_KH[:, :4] -= K
+    return x, I_KH @ P @ I_KH.T + K @ R @ K.T

@@ -42,6 +42,9 @@ class Detections:
     class_ids: np.ndarray  # (N,) int64, indices into ``labels``
     labels: tuple[str, ...]
     image_size: tuple[int, int]  # (width, height)
+    # (N, D) float32, L2-normalised appearance vectors from the detector's own
+    # trunk; the tracker uses them to re-identify objects after an occlusion
+    embeddings: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.boxes)
@@ -50,6 +53,8 @@ class Detections:
                 f"inconsistent detection arrays: boxes {self.boxes.shape}, "
                 f"scores {self.scores.shape}, class_ids {self.class_ids.shape}"
             )
+        if self.embeddings is not None and (self.embeddings.ndim != 2 or len(self.embeddings) != n):
+            raise ValueError(f"embeddings must be (N, D) with N={n}, got {self.embeddings.shape}")
 
     def __len__(self) -> int:
         return len(self.boxes)
@@ -78,7 +83,7 @@ class Track:
     age: int  # frames since the track was born
     time_since_update: int
     trajectory: tuple[tuple[float, float, float], ...]  # (timestamp, cx, cy), bounded
-    class_margin: float = 1.0  # top vote share minus runner-up share (1.0 = one class only)
+    class_margin: float = 1.0  # top class vote share minus the runner-up's (1.0 with one class)
 
     @property
     def center(self) -> tuple[float, float]:

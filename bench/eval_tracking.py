@@ -1,0 +1,240 @@
+"""Tracker benchmark on any MOT-format folder: HOTA, MOTA, IDF1, IDSW, Frag
+(trackeval), gap bridging and updates/s, for dishtrack and the Roboflow
+``trackers`` SORT, ByteTrack and OC-SORT run on the same detections.
+
+Each sequence is a subfolder with ``gt/gt.txt`` and ``seqinfo.ini`` (or pass
+``--fps/--size``), and detections from ``det/det.txt`` unless ``--noise`` asks
+for the seeded protocol of ``dishtrack.tracking.mot.NoiseProtocol``.
+
+    python bench/eval_tracking.py ../shared/data/mot17_train_dev --noise
+    python bench/eval_tracking.py ../shared/data/mot15_sort_frcnn_dets/data/train \\
+        --gt-root ../shared/data/motmetrics_pkg_data/motmetrics/data --seqs TUD-Campus TUD-Stadtmitte --fps 25 --size 640 480
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from dishtrack.tracking.geometry import iou_matrix
+from dishtrack.tracking.mot import NoiseProtocol, noisy_detections, read_mot, read_seqinfo, track_sequence
+from dishtrack.tracking.tracker import TrackerParams
+
+log = logging.getLogger("eval_tracking")
+DISTRACTORS = (2, 7, 8, 12)  # MOT17 person-on-vehicle, static person, distractor, reflection
+
+
+def _xyxy(a: np.ndarray) -> np.ndarray:
+    return np.c_[a[:, 2:4], a[:, 2:4] + a[:, 4:6]]
+
+
+# ---- trackers --------------------------------------------------------------
+
+def run_dishtrack(params: TrackerParams):
+    def run(dets, fps, size, n):
+        return track_sequence(dets, params, image_size=size, fps=fps, n_frames=n)
+    return run
+
+
+def run_roboflow(kind: str):
+    """Roboflow ``trackers`` with their default settings at the sequence frame rate."""
+    def run(dets, fps, size, n):
+        import supervision as sv
+        from trackers import ByteTrackTracker, OCSORTTracker, SORTTracker
+
+        cls = {"SORT": SORTTracker, "ByteTrack": ByteTrackTracker, "OC-SORT": OCSORTTracker}[kind]
+        tr = cls(frame_rate=fps)
+        frames = dets[:, 0].astype(int)
+        out = []
+        for f in range(1, n + 1):
+            d = dets[frames == f]
+            det = sv.Detections(xyxy=_xyxy(d).astype(np.float32), confidence=d[:, 6].astype(np.float32),
+                                class_id=np.zeros(len(d), int))
+            r = tr.update(det)
+            for b, tid in zip(r.xyxy, r.tracker_id):
+                if tid >= 0:
+                    out.append((f, tid, b[0], b[1], b[2] - b[0], b[3] - b[1]))
+        return np.array(out, np.float64).reshape(-1, 6)
+    return run
+
+
+# ---- metrics ---------------------------------------------------------------
+
+def _prepare(gt: np.ndarray, res: np.ndarray, n: int) -> dict:
+    """trackeval's per-sequence data dict, MOTChallenge-style preprocessing:
+    results matched (IoU >= 0.5) to ignored / distractor ground truth are
+    dropped, then only considered pedestrians (flag 1, class 1 or -1) remain."""
+    # MOT16/17 gt has 9 columns (class, visibility); MOT15's 10 hold world coordinates
+    cls = gt[:, 7] if gt.shape[1] == 9 else -np.ones(len(gt))
+    keep_gt = (gt[:, 6] != 0) & ((cls == 1) | (cls == -1))
+    distract = ~keep_gt
+    gid = {v: i for i, v in enumerate(np.unique(gt[keep_gt, 1]))}
+    tid = {v: i for i, v in enumerate(np.unique(res[:, 1]))} if len(res) else {}
+    data = {"num_timesteps": n, "gt_ids": [], "tracker_ids": [], "similarity_scores": []}
+    gf, rf = gt[:, 0].astype(int), res[:, 0].astype(int)
+    n_gt = n_tr = 0
+    used_t = set()
+    for f in range(1, n + 1):
+        g, r = gt[(gf == f)], res[rf == f]
+        dist_g = g[distract[gf == f]]
+        if len(dist_g) and len(r):
+            iou = iou_matrix(_xyxy(dist_g), _xyxy(r))
+            rr, cc = linear_sum_assignment(-iou)
+            drop = {c for a, c in zip(rr, cc) if iou[a, c] >= 0.5}
+            r = r[[i for i in range(len(r)) if i not in drop]]
+        g = g[keep_gt[gf == f]]
+        data["gt_ids"].append(np.array([gid[v] for v in g[:, 1]], int))
+        data["tracker_ids"].append(np.array([tid[v] for v in r[:, 1]], int))
+        used_t |= set(data["tracker_ids"][-1].tolist())
+        data["similarity_scores"].append(iou_matrix(_xyxy(g), _xyxy(r)))
+        n_gt += len(g)
+        n_tr += len(r)
+    data.update(num_gt_ids=len(gid), num_tracker_ids=len(tid), num_gt_dets=n_gt, num_tracker_dets=n_tr)
+    return data
+
+
+def trackeval_metrics(gt: np.ndarray, res: np.ndarray, n: int) -> dict:
+    from trackeval.metrics import CLEAR, HOTA, Identity
+
+    data = _prepare(gt, res, n)
+    out = {}
+    for metric in (HOTA({"PRINT_CONFIG": False}), CLEAR({"PRINT_CONFIG": False}), Identity({"PRINT_CONFIG": False})):
+        out.update(metric.eval_sequence(data))
+    return {"HOTA": float(np.mean(out["HOTA"])), "MOTA": out["MOTA"], "IDF1": out["IDF1"],
+            "IDSW": int(out["IDSW"]), "Frag": int(out["Frag"])}
+
+
+def gap_bridging(gt: np.ndarray, dets: np.ndarray, res: np.ndarray, n: int, min_gap: int, max_gap: int) -> tuple[int, int]:
+    """Ground-truth objects not detected (IoU >= 0.5) for min_gap..max_gap
+    frames: (gaps whose both ends are tracked, gaps tracked with the same id)."""
+    keep = gt[:, 6] != 0
+    gt = gt[keep]
+    ids = np.unique(gt[:, 1]).astype(int)
+    index = {v: i for i, v in enumerate(ids)}
+    detected = np.zeros((len(ids), n + 2), bool)
+    present = np.zeros((len(ids), n + 2), bool)
+    track = np.full((len(ids), n + 2), -1)
+    gf, df, rf = gt[:, 0].astype(int), dets[:, 0].astype(int), res[:, 0].astype(int)
+    for f in range(1, n + 1):
+        g = gt[gf == f]
+        if not len(g):
+            continue
+        rows = [index[int(v)] for v in g[:, 1]]
+        present[rows, f] = True
+        for other, mark in ((dets[df == f], "det"), (res[rf == f], "res")):
+            if not len(other):
+                continue
+            iou = iou_matrix(_xyxy(g), _xyxy(other))
+            rr, cc = linear_sum_assignment(-iou)
+            for a, c in zip(rr, cc):
+                if iou[a, c] >= 0.5:
+                    if mark == "det":
+                        detected[rows[a], f] = True
+                    else:
+                        track[rows[a], f] = int(other[c, 1])
+    tracked = bridged = 0
+    for i in range(len(ids)):
+        fr = np.flatnonzero(detected[i])
+        for a, b in zip(fr[:-1], fr[1:]):
+            gap = b - a - 1
+            if min_gap <= gap <= max_gap and track[i, a] >= 0 and track[i, b] >= 0:
+                tracked += 1
+                bridged += int(track[i, a] == track[i, b])
+    return tracked, bridged
+
+
+# ---- driver ----------------------------------------------------------------
+
+def load_sequences(root: Path, seqs, gt_root: Path | None, noise: NoiseProtocol | None, fps, size):
+    names = seqs or sorted(p.name for p in root.iterdir() if p.is_dir())
+    out = []
+    for name in names:
+        d = root / name
+        gt = read_mot((gt_root / name / "gt.txt") if gt_root else d / "gt" / "gt.txt")
+        if (d / "seqinfo.ini").exists():
+            info = read_seqinfo(d / "seqinfo.ini")
+            s_fps, s_size, n = info.fps, info.image_size, info.length
+        else:
+            s_fps, s_size, n = fps, tuple(size), int(gt[:, 0].max())
+        dets = noisy_detections(gt, s_size, noise) if noise else read_mot(d / "det" / "det.txt")
+        n = max(n, int(dets[:, 0].max()))
+        out.append((name, gt, dets, s_fps, s_size, n))
+    return out
+
+
+def evaluate_all(sequences, trackers: dict, gap_s: float = 2.0, min_gap: int = 5) -> list[dict]:
+    rows = []
+    for tname, run in trackers.items():
+        tot = {"tracked": 0, "bridged": 0, "frames": 0, "secs": 0.0}
+        per_seq = []
+        for name, gt, dets, fps, size, n in sequences:
+            t0 = time.perf_counter()
+            res = run(dets, fps, size, n)
+            dt = time.perf_counter() - t0
+            m = trackeval_metrics(gt, res, n)
+            tr, br = gap_bridging(gt, dets, res, n, min_gap, int(round(gap_s * fps)))
+            m.update(sequence=name, tracker=tname, fps=n / dt, gaps=tr, bridged=br)
+            per_seq.append(m)
+            tot["tracked"] += tr
+            tot["bridged"] += br
+            tot["frames"] += n
+            tot["secs"] += dt
+        rows += per_seq
+        if len(per_seq) > 1:
+            w = np.array([1.0] * len(per_seq))
+            comb = {k: float(np.average([m[k] for m in per_seq], weights=w)) for k in ("HOTA", "MOTA", "IDF1")}
+            comb.update(IDSW=sum(m["IDSW"] for m in per_seq), Frag=sum(m["Frag"] for m in per_seq),
+                        sequence="ALL (mean)", tracker=tname, fps=tot["frames"] / tot["secs"],
+                        gaps=tot["tracked"], bridged=tot["bridged"])
+            rows.append(comb)
+    return rows
+
+
+def format_table(rows: list[dict], gap_s: float) -> str:
+    head = f"| sequence | tracker | HOTA | MOTA | IDF1 | IDSW | Frag | gaps<= {gap_s:g}s bridged | updates/s |"
+    lines = [head, "|" + "---|" * 9]
+    for m in sorted(rows, key=lambda r: (r["sequence"], r["tracker"])):
+        pct = 100.0 * m["bridged"] / m["gaps"] if m["gaps"] else float("nan")
+        lines.append(f"| {m['sequence']} | {m['tracker']} | {100 * m['HOTA']:.1f} | {100 * m['MOTA']:.1f} | "
+                     f"{100 * m['IDF1']:.1f} | {m['IDSW']} | {m['Frag']} | {pct:.0f}% ({m['bridged']}/{m['gaps']}) | "
+                     f"{m['fps']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("root", type=Path)
+    ap.add_argument("--seqs", nargs="*")
+    ap.add_argument("--gt-root", type=Path)
+    ap.add_argument("--noise", action="store_true", help="detections from ground truth by the seeded protocol")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fps", type=float, default=30.0)
+    ap.add_argument("--size", type=int, nargs=2, default=(1920, 1080))
+    ap.add_argument("--config", help="dishtrack YAML config whose tracker section is used")
+    ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--legacy", action="store_true", help="also run the previous release's settings (max_age 30 frames, SORT cues)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    params = TrackerParams()
+    if args.config:
+        from dishtrack.config import load_config
+        params = TrackerParams.from_config(load_config(args.config).tracker)
+    noise = NoiseProtocol(seed=args.seed) if args.noise else None
+    seqs = load_sequences(args.root, args.seqs, args.gt_root, noise, args.fps, args.size)
+    trackers = {"dishtrack": run_dishtrack(params), "dishtrack SORT settings": run_dishtrack(TrackerParams.sort())}
+    if args.legacy:
+        trackers["dishtrack previous (max_age 30 frames)"] = run_dishtrack(
+            dataclasses.replace(TrackerParams.sort(), max_age=30, max_coast_s=1e9, max_coast_occluded_s=1e9))
+    if not args.no_baselines:
+        for k in ("SORT", "ByteTrack", "OC-SORT"):
+            trackers[f"trackers {k}"] = run_roboflow(k)
+    print(format_table(evaluate_all(seqs, trackers), 2.0))
+
+
+if __name__ == "__main__":
+    main()

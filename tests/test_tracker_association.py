@@ -1,0 +1,203 @@
+"""Tracker defects and association cues, on real MOT15 / MOT17 data where the
+behaviour can be shown there (tray motion has no public ground truth: a
+scripted tray is used)."""
+import dataclasses
+import subprocess
+
+import numpy as np
+
+from conftest import DATA, MOT_DETS, MOT_GT
+from dishtrack.tracking import Detections, TrackState, Tracker, iou_matrix
+from dishtrack.tracking.kalman import BatchKalman, KalmanBoxFilter
+from dishtrack.tracking.mot import NoiseProtocol, noisy_detections, read_mot, read_seqinfo, track_sequence
+from dishtrack.tracking.tracker import TrackerParams
+
+MOT17 = DATA / "mot17_train_dev"
+
+
+def _frame(dets, f, size=(640, 480), extra=None, fps=25.0):
+    d = dets[dets[:, 0].astype(int) == f]
+    boxes = np.c_[d[:, 2:4], d[:, 2:4] + d[:, 4:6]].astype(np.float32)
+    scores = d[:, 6].astype(np.float32)
+    if extra is not None:
+        boxes = np.r_[boxes, np.asarray(extra, np.float32).reshape(-1, 4)]
+        scores = np.r_[scores, np.full(len(boxes) - len(scores), 0.99, np.float32)]
+    return Detections("cam", f, f / fps, boxes, scores, np.zeros(len(boxes), np.int64), ("person",), size)
+
+
+def _mot17(seq="MOT17-04", frames=300):
+    info = read_seqinfo(MOT17 / seq / "seqinfo.ini")
+    gt = read_mot(MOT17 / seq / "gt" / "gt.txt")
+    gt = gt[gt[:, 0] <= frames]
+    return info, gt, noisy_detections(gt, info.image_size, NoiseProtocol(seed=0))
+
+
+def test_track_sequence_without_image_size_does_not_assume_640x480():
+    """Defect 1: on 1920x1080 MOT17-04 the old default (640, 480) deleted every
+    track coasting right of x=640. Without a size the extent of the detections
+    is used, which must give the same result as the real seqinfo size."""
+    info, gt, dets = _mot17()
+    assert info.image_size == (1920, 1080)
+    real = track_sequence(dets, image_size=info.image_size, fps=info.fps)
+    inferred = track_sequence(dets, fps=info.fps)
+    wrong = track_sequence(dets, image_size=(640, 480), fps=info.fps)
+    n_real = len(np.unique(real[:, 1]))
+    # the detection extent is a little smaller than the image: only tracks
+    # coasting in that thin margin can differ
+    assert abs(len(real) - len(inferred)) <= 0.01 * len(real)
+    assert len(np.unique(inferred[:, 1])) <= 1.1 * n_real
+    # what the old default did: far more identities for the same people
+    assert len(np.unique(wrong[:, 1])) > 1.3 * n_real
+
+
+def test_occluded_gate_zero_disables_second_chance():
+    """Defect 2: with occluded_gate 0 the centre-distance pass still ran and
+    matched a detection whose centre sat exactly on an occluded track's
+    prediction (distance 0 <= 0), whatever its size."""
+    dets = read_mot(MOT_DETS / "TUD-Campus/det/det.txt")
+    gt = read_mot(MOT_GT / "TUD-Campus/gt.txt")
+    tracker = Tracker("cam", TrackerParams(occluded_gate=0.0))
+    for f in range(1, 31):
+        upd = tracker.update(_frame(dets, f))
+    g = gt[(gt[:, 1] == 4) & (gt[:, 0] == 30)][0]
+    gbox = np.array([g[2], g[3], g[2] + g[4], g[3] + g[5]])
+    occ = [t for t in upd.tracks if t.state is TrackState.OCCLUDED
+           and iou_matrix(np.array([t.box]), gbox[None])[0, 0] > 0.4]
+    assert len(occ) == 1, upd.tracks  # person 4 is hidden behind another walker here
+    t = occ[0]
+    cx, cy = t.center
+    tiny = [cx - 2, cy - 2, cx + 2, cy + 2]
+    upd = tracker.update(_frame(dets, 31, extra=tiny))
+    after = {u.track_id: u for u in upd.tracks}[t.track_id]
+    assert after.state is TrackState.OCCLUDED and after.time_since_update == t.time_since_update + 1
+
+
+def test_batch_kalman_equals_filterpy_reference():
+    dets = read_mot(MOT_DETS / "TUD-Stadtmitte/det/det.txt")
+    boxes = np.c_[dets[:, 2:4], dets[:, 2:4] + dets[:, 4:6]][:40]
+    ref = [KalmanBoxFilter(b) for b in boxes]
+    bk = BatchKalman()
+    bk.add(boxes)
+    rng = np.random.default_rng(1)
+    for step in range(25):
+        np.testing.assert_allclose(bk.predict(), [r.predict() for r in ref], rtol=1e-9, atol=1e-6)
+        idx = np.flatnonzero(rng.random(len(ref)) < 0.7)
+        z = boxes[idx] + rng.normal(0, 3, (len(idx), 4)) + step
+        np.testing.assert_allclose(bk.update(idx, z), [ref[i].correct(b) for i, b in zip(idx, z)], rtol=1e-9, atol=1e-6)
+    np.testing.assert_allclose(bk.x, np.array([r._kf.x[:, 0] for r in ref]), rtol=1e-9, atol=1e-6)
+
+
+def _ids_on_person4(params):
+    dets = read_mot(MOT_DETS / "TUD-Campus/det/det.txt")
+    gt = read_mot(MOT_GT / "TUD-Campus/gt.txt")
+    tracker = Tracker("cam", params)
+    out = {}
+    for f in range(1, 72):
+        upd = tracker.update(_frame(dets, f))
+        r = gt[(gt[:, 1] == 4) & (gt[:, 0] == f)][0]
+        iou = iou_matrix(np.array([[r[2], r[3], r[2] + r[4], r[3] + r[5]]]), np.array([t.box for t in upd.tracks]))[0]
+        out[f] = upd.tracks[int(np.argmax(iou))].track_id if iou.size and iou.max() >= 0.4 else None
+    return out
+
+
+def test_hidden_track_coasts_longer_than_one_that_vanished_in_the_open():
+    """TUD-Campus person 4 is hidden behind another walker for frames 28-48
+    (0.84 s at 25 fps). Open-air coasting of 0.4 s would drop it; because its
+    box is covered by the other person it is held for max_coast_occluded_s."""
+    p = TrackerParams(max_coast_s=0.4, max_coast_occluded_s=2.0)
+    ids = _ids_on_person4(p)
+    assert ids[24] is not None and all(ids[f] == ids[24] for f in range(49, 72)), ids
+    never_hidden = _ids_on_person4(dataclasses.replace(p, occlusion_ioa=1.01))
+    assert never_hidden[49] != never_hidden[24]
+
+
+def test_track_whose_prediction_leaves_the_image_is_removed_at_once():
+    tracker = Tracker("cam", TrackerParams(max_coast_s=10.0, max_coast_occluded_s=10.0))
+    size = (176, 100)
+    for f in range(10):  # a box walking right 8 px a frame, towards the right edge
+        x = 100 + 8 * f
+        b = np.array([[x - 20, 40, x + 20, 60]], np.float32)
+        upd = tracker.update(Detections("cam", f, f / 25, b, np.ones(1, np.float32), np.zeros(1, np.int64), ("plate",), size))
+    assert len(upd.tracks) == 1 and upd.tracks[0].state is TrackState.CONFIRMED and upd.tracks[0].hits == 10
+    empty = Detections("cam", 10, 10 / 25, np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
+                       np.zeros(0, np.int64), ("plate",), size)
+    upd = tracker.update(empty)
+    assert not upd.tracks and len(upd.removed) == 1 and len(tracker) == 0
+
+
+def _tray_frame(f, boxes, size=(640, 480)):
+    b = np.asarray(boxes, np.float32).reshape(-1, 4)
+    return Detections("cam", f, f / 25, b, np.full(len(b), 0.9, np.float32), np.zeros(len(b), np.int64), ("plate",), size)
+
+
+def _run_tray(params):
+    """Three dishes on a tray slide right 6 px/frame; dish C is hidden (by a hand)
+    from frame 10; the tray slows to 3 px/frame at frame 15; C reappears at
+    frame 34 under the tray. Returns (id of C before, id of C after)."""
+    tracker = Tracker("cam", params)
+    dx = 0.0
+    before = after = None
+    for f in range(1, 41):
+        dx += 6.0 if f < 15 else 3.0
+        a = [100 + dx, 200, 160 + dx, 260]
+        b = [170 + dx, 200, 230 + dx, 260]
+        c = [135 + dx, 270, 195 + dx, 330]
+        hand = [125 + dx, 305, 205 + dx, 355]  # a hand covering C's lower part (IoU < 0.3)
+        boxes = [a, b] + ([c] if not 10 <= f < 34 else [hand])
+        upd = tracker.update(_tray_frame(f, boxes))
+        on_c = [t for t in upd.tracks if iou_matrix(np.array([t.box]), np.array([c]))[0, 0] > 0.5]
+        if f == 9:
+            before = on_c[0].track_id
+        if f == 36:
+            after = on_c[0].track_id if on_c else None
+    return before, after
+
+
+def test_hidden_dish_follows_its_tray():
+    before, after = _run_tray(TrackerParams(high_score=0.5))
+    assert before is not None and after == before
+    before, after = _run_tray(TrackerParams(high_score=0.5, group_motion=False))
+    assert after != before  # on its own Kalman velocity it slides on past the tray
+
+
+def test_appearance_reidentifies_after_occlusion_with_drifted_prediction():
+    """A dish hidden for 1 s reappears away from where its coasted box went:
+    IoU and the last observation both miss it; its embedding matches."""
+    rng = np.random.default_rng(0)
+    e_a, e_b = (v / np.linalg.norm(v) for v in rng.normal(size=(2, 64)))
+
+    def run(use_emb):
+        tracker = Tracker("cam", TrackerParams(high_score=0.5))
+        ids = {}
+        for f in range(1, 60):
+            a = [100 + 4 * min(f, 20), 100, 160 + 4 * min(f, 20), 160]  # moves then stops
+            b = [400, 300, 460, 360]
+            boxes, embs = [b], [e_b]
+            if f < 20 or f >= 45:
+                boxes.append([a[0] - 45 if f >= 45 else a[0], a[1] + 45 if f >= 45 else a[1],
+                              a[2] - 45 if f >= 45 else a[2], a[3] + 45 if f >= 45 else a[3]])
+                embs.append(e_a)
+            d = _tray_frame(f, boxes)
+            if use_emb:
+                d = dataclasses.replace(d, embeddings=np.array(embs, np.float32))
+            upd = tracker.update(d)
+            ids[f] = sorted(t.track_id for t in upd.tracks if t.state is TrackState.CONFIRMED)
+        return ids
+
+    with_emb, without = run(True), run(False)
+    assert with_emb[19] == with_emb[50] == [1, 2]  # same two identities after the occlusion
+    assert without[50] != without[19]
+
+
+def test_class_margin_and_cli_track_writes_mot_results(tmp_path):
+    info, gt, dets = _mot17("MOT17-05", frames=120)
+    det_path = tmp_path / "det.txt"
+    np.savetxt(det_path, np.c_[dets, -np.ones((len(dets), 3))], delimiter=",", fmt="%.3f")
+    out = tmp_path / "result.txt"
+    r = subprocess.run(["dishtrack", "track", "--dets", str(det_path), "--seqinfo", str(MOT17 / "MOT17-05/seqinfo.ini"),
+                        "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    res = read_mot(out)
+    expect = track_sequence(dets, image_size=info.image_size, fps=info.fps, n_frames=info.length)
+    np.testing.assert_allclose(res[:, :6], expect, atol=0.01)
+    assert res[:, 0].max() <= 120 and len(np.unique(res[:, 1])) >= 5
