@@ -172,9 +172,9 @@ def evaluate(args) -> dict:
     if args.oracle:
         detector = OracleDetector(video_dir, args.jitter, args.min_visibility, args.drop, args.seed)
     else:
-        from dishtrack.models.detector import Detector
+        from dishtrack.models.detector import load_detector
 
-        detector = Detector(cfg.detector)
+        detector = load_detector(cfg.detector)
     t0 = time.perf_counter()
     if args.mode == "pipeline":
         with tempfile.TemporaryDirectory() as tmp:

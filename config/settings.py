@@ -44,7 +44,8 @@ class DetectorConfig(_Strict):
     kind: Literal["centernet", "checkpoint"] = "centernet"
     checkpoint: str | None = Field(None, description="a file written by `dishtrack train` (kind=checkpoint)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    input_size: int = Field(512, ge=128, le=1024, multiple_of=32)
+    input_size: int | None = Field(None, ge=128, le=1024, multiple_of=32,
+                                   description="network input side; null: 512 for centernet, the trained size for a checkpoint")
     score_threshold: float = Field(0.3, ge=0.0, le=1.0)
     nms_iou: float = Field(0.5, gt=0.0, le=1.0)
     max_detections: int = Field(100, ge=1, le=1000)

@@ -108,7 +108,9 @@ class Detector:
         if cfg.kind == "checkpoint":
             self.model, self.labels, self.input_size = load_checkpoint(cfg.checkpoint)
         else:
-            self.model, self.labels, self.input_size = CenterNetModel(bundled_weights()), COCO_LABELS, cfg.input_size
+            self.model, self.labels, self.input_size = CenterNetModel(bundled_weights()), COCO_LABELS, cfg.input_size or 512
+        if cfg.input_size and cfg.kind == "checkpoint":
+            self.input_size = cfg.input_size
         # channels-last weights: ~20% faster convolutions on CPU, the layout tensor cores want on CUDA;
         # the input (NHWC images permuted to NCHW) already has channels-last strides
         self.model.eval().to(self.device, memory_format=torch.channels_last)
@@ -152,6 +154,25 @@ class Detector:
                 boxes=b[nms].float().cpu().numpy(), scores=s[nms].float().cpu().numpy(),
                 class_ids=c[nms].cpu().numpy().astype(np.int64), labels=self.labels, image_size=(w, h)))
         return out
+
+
+def load_detector(cfg, device: torch.device | None = None):
+    """The detector backend a config asks for: the bundled COCO CenterNet, or a checkpoint
+    (a two-stage dish detector written by ``dishtrack train``, or an older CenterNet head)."""
+    if cfg.kind == "checkpoint":
+        from .dish_detector import FORMAT, DishDetector, load_dish_checkpoint, read_checkpoint
+
+        fmt = read_checkpoint(cfg.checkpoint)["format"]
+        if fmt == FORMAT:
+            model = load_dish_checkpoint(cfg.checkpoint)
+            if cfg.input_size:
+                model.spec = type(model.spec)(**{**model.spec.__dict__, "loc_size": cfg.input_size})
+            det = DishDetector(model, device or pick_device(cfg.device), nms_iou=cfg.nms_iou,
+                               max_detections=min(cfg.max_detections, 100), classes=cfg.classes)
+            log.info("dish detector %s on %s: %s, localiser input %d", cfg.checkpoint, det.device,
+                     ", ".join(det.labels), det.input_size)
+            return det
+    return Detector(cfg, device)
 
 
 def save_checkpoint(path: str | Path, model: CenterNetModel, labels: tuple[str, ...], input_size: int,

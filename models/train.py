@@ -1,19 +1,28 @@
-"""Transfer learning for dish detection.
+"""``dishtrack train``: labelled tray photos -> two-stage dish detector checkpoint.
 
-Stage 1: the pretrained CenterNet-MobileNetV3 trunk is frozen and a new head
-(class heatmap for the dataset's labels + box edges) is trained. Stage 2: all
-weights are fine-tuned with layer-wise learning rates: the head gets
-``lr_finetune``, the trunk is split into stages in graph order and each
-stage nearer the input gets ``layer_decay`` times the rate of the next.
+Transfer learning as the seeds teach it, in three phases, each validated
+every epoch on trays held out whole (photos of one tray never straddle the
+split), best weights kept, stopped early when validation stops improving:
 
-The new head starts from the pretrained COCO head: box-edge weights are
-copied, and a dish label that is also a COCO label starts from that COCO
-class channel; other labels start from the CenterNet prior.
+1. localiser head: the bundled CenterNet trunk frozen, a new one-class "dish"
+   head (box edges copied from the COCO head, the heatmap from COCO "bowl");
+2. localiser fine-tune: all weights, layer-wise learning rates (earlier trunk
+   stages get ``layer_decay`` times the next);
+3. classifier: ImageNet EfficientNet-Lite0, its first ``freeze_blocks`` blocks
+   frozen, computed once on ``cls_views`` augmented views of every box (so the
+   expensive high-resolution layers do not run every epoch on 2 CPU cores),
+   the remaining blocks fine-tuned with layer-wise rates + a new head.
+
+Then per-dish score thresholds are chosen on the validation trays and stored
+in the checkpoint, and the validation report (mAP, receipts) is written with
+loss/metric curves as PNG. A ``.state`` file next to the output holds the
+finished epochs: ``--resume`` continues an interrupted run.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -21,165 +30,474 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+import torchvision
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
-from .dataset import DetectionDataset, read_manifest
-from .detector import CenterNetModel, bundled_weights, pick_device, save_checkpoint
-from .labels import COCO_LABELS
-from .tfjs_graph import read_tfjs_weights
+from .augment import AugmentSettings, photometric
+from .detector import CenterNetModel, bundled_weights, pick_device
+from .dish_classifier import box_geometry, crop, rotate_crops
+from .dish_detector import DishDetector, DishModel, DishModelSpec, localise, save_dish_checkpoint
+from .evaluate import choose_thresholds, evaluate_predictions
+from .importers import LabelledData, load_dataset
+from .localiser import ImageCache, LocaliserDataset, average_precision
+from .sample import DatasetError, Sample
+from .train_settings import TrainSettings
 
 log = logging.getLogger(__name__)
 TRUNK_STAGES = 4
 
 
-class TrainSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+# ---------------------------------------------------------------- data
+def split_by_group(samples: list[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Hold out whole trays (``Sample.group``); photos without a group are their own group."""
+    groups: dict[str, list[Sample]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(s.group if s.group is not None else f"__photo{i}", []).append(s)
+    keys = sorted(groups)
+    random.Random(seed).shuffle(keys)
+    n_val = int(round(len(keys) * val_fraction))
+    if val_fraction > 0 and n_val == 0 and len(keys) > 1:
+        n_val = 1
+    val_keys = set(keys[:n_val])
+    train = [s for k in keys if k not in val_keys for s in groups[k]]
+    val = [s for k in keys if k in val_keys for s in groups[k]]
+    return train, val
 
-    data: str
-    out: str
-    epochs_head: int = Field(10, ge=0)
-    epochs_finetune: int = Field(5, ge=0)
-    lr_head: float = Field(1e-3, gt=0)
-    lr_finetune: float = Field(2e-4, gt=0)
-    layer_decay: float = Field(0.5, gt=0, le=1)
-    batch_size: int = Field(8, ge=1)
-    input_size: int = Field(512, ge=128, le=1024, multiple_of=32)
-    device: str = "auto"
-    val_fraction: float = Field(0.2, ge=0, lt=1)
-    seed: int = 0
-    max_images: int | None = Field(None, ge=1)
+
+# ---------------------------------------------------------------- resumable phases
+class RunState:
+    """Finished epochs of every phase, persisted after each epoch (atomic replace)."""
+
+    def __init__(self, path: Path, settings: TrainSettings, resume: bool) -> None:
+        self.path = path
+        self.fingerprint = settings.model_dump(exclude={"resume", "progress", "out"})
+        self.data: dict = {"fingerprint": self.fingerprint, "phases": {}}
+        if resume and path.is_file():
+            d = torch.load(path, map_location="cpu", weights_only=False)
+            if d.get("fingerprint") != self.fingerprint:
+                raise ValueError(f"{path}: saved with other settings; drop --resume or delete it")
+            self.data = d
+            log.info("resuming from %s: %s", path,
+                     {k: len(v["history"]) for k, v in self.data["phases"].items()})
+
+    def phase(self, name: str) -> dict:
+        return self.data["phases"].setdefault(name, {"history": [], "best": None, "best_state": None,
+                                                     "state": None, "opt": None, "done": False})
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        torch.save(self.data, tmp)
+        tmp.replace(self.path)
 
 
+def run_phase(name: str, epochs: int, module: torch.nn.Module, opt: torch.optim.Optimizer, sched,
+              train_epoch, validate, state: RunState, patience: int) -> dict:
+    """Train ``epochs`` epochs with early stopping; keep (and finally load) the best weights.
+    ``validate`` returns (score, metrics dict); higher score is better."""
+    ph = state.phase(name)
+    if ph["state"] is not None:  # resume
+        module.load_state_dict(ph["state"])
+        opt.load_state_dict(ph["opt"])
+        if sched is not None and ph.get("sched"):
+            sched.load_state_dict(ph["sched"])
+    start = len(ph["history"])
+    if ph["done"]:
+        start = epochs
+    for ep in range(start, epochs):
+        t0 = time.time()
+        loss = train_epoch(ep)
+        score, metrics = validate()
+        rec = {"epoch": ep + 1, "loss": loss, "score": score, **metrics, "seconds": round(time.time() - t0, 1)}
+        ph["history"].append(rec)
+        if ph["best"] is None or score > ph["best"]:
+            ph["best"] = score
+            ph["best_state"] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        ph["state"] = module.state_dict()
+        ph["opt"] = opt.state_dict()
+        ph["sched"] = sched.state_dict() if sched is not None else None
+        log.info("%s epoch %d/%d loss %.4f val %.4f %s (%.0fs)", name, ep + 1, epochs, loss, score,
+                 {k: round(v, 4) for k, v in metrics.items()}, rec["seconds"])
+        best_ep = max(range(len(ph["history"])), key=lambda i: ph["history"][i]["score"])
+        if len(ph["history"]) - 1 - best_ep >= patience:
+            log.info("%s: no validation gain for %d epochs, stopping early", name, patience)
+            break
+        state.save()
+    ph["done"] = True
+    if ph["best_state"] is not None:
+        module.load_state_dict(ph["best_state"])
+    ph["state"], ph["opt"] = None, None  # the best weights are what later phases start from
+    state.save()
+    return ph
+
+
+# ---------------------------------------------------------------- localiser
 def focal_loss(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     """CenterNet's penalty-reduced pixel-wise focal loss."""
     pred = pred.clamp(1e-4, 1 - 1e-4)
     pos = gt.eq(1).float()
-    neg = 1 - pos
     pos_loss = (torch.log(pred) * (1 - pred) ** 2 * pos).sum()
-    neg_loss = (torch.log(1 - pred) * pred ** 2 * (1 - gt) ** 4 * neg).sum()
-    n = pos.sum()
-    return -(pos_loss + neg_loss) / n.clamp(min=1)
+    neg_loss = (torch.log(1 - pred) * pred ** 2 * (1 - gt) ** 4 * (1 - pos)).sum()
+    return -(pos_loss + neg_loss) / pos.sum().clamp(min=1)
 
 
 def detection_loss(heat: torch.Tensor, ltrb: torch.Tensor, batch: dict) -> torch.Tensor:
     b = ltrb.shape[0]
     pred = ltrb.reshape(b, 4, -1).gather(2, batch["ind"][:, None, :].expand(b, 4, -1)).permute(0, 2, 1)
     m = batch["mask"][..., None]
-    l1 = (F.l1_loss(pred * m, batch["ltrb"] * m, reduction="sum") / (m.sum() * 4).clamp(min=1))
-    return focal_loss(heat, batch["heat"]) + 0.1 * l1 / 4.0  # edge distances in stride units
+    # GIoU-like scale invariance: L1 on edge distances relative to the box size
+    size = (batch["ltrb"][..., 0:1] + batch["ltrb"][..., 2:3] + batch["ltrb"][..., 1:2] + batch["ltrb"][..., 3:4]) / 2
+    l1 = (F.l1_loss(pred * m, batch["ltrb"] * m, reduction="none") / size.clamp(min=1)).sum() / (m.sum() * 4).clamp(min=1)
+    return focal_loss(heat, batch["heat"]) + 5.0 * l1
 
 
-def init_head_from_coco(model: CenterNetModel, classes: tuple[str, ...]) -> list[str]:
-    """Copy pretrained head weights into the new head; returns the labels seeded from COCO."""
+def init_localiser_head(model: CenterNetModel) -> None:
+    """New one-class head from the COCO head: edges copied, heatmap from COCO 'bowl'."""
+    from .labels import COCO_LABELS
+    from .tfjs_graph import read_tfjs_weights
+
     w = read_tfjs_weights(json.loads(bundled_weights().read_text()), bundled_weights().parent)
 
     def dw(name):
-        a = w[name]  # kh, kw, c, 1
+        a = w[name]
         return torch.from_numpy(a.transpose(2, 3, 0, 1).reshape(a.shape[2], 1, a.shape[0], a.shape[1]).copy())
 
     def pw(name):
         return torch.from_numpy(w[name].transpose(3, 2, 0, 1).copy())
 
-    head = model.head
-    seeded = []
+    head, j = model.head, COCO_LABELS.index("bowl")
     with torch.no_grad():
         head.wh[0].weight.copy_(dw("CenternetHead/centernet_wh_output/depthwise_weights"))
         head.wh[1].weight.copy_(pw("CenternetHead/centernet_wh_output/pointwise_weights"))
         head.wh[1].bias.copy_(torch.from_numpy(w["CenternetHead/centernet_wh_output/biases"].copy()))
         head.cls[0].weight.copy_(dw("CenternetHead/centernet_cls_output/depthwise_weights"))
-        cls_w = pw("CenternetHead/centernet_cls_output/pointwise_weights")
-        cls_b = torch.from_numpy(w["CenternetHead/centernet_cls_output/biases"].copy())
-        for i, c in enumerate(classes):
-            if c in COCO_LABELS:
-                j = COCO_LABELS.index(c)
-                head.cls[1].weight[i].copy_(cls_w[j])
-                head.cls[1].bias[i] = cls_b[j]
-                seeded.append(c)
-    return seeded
+        head.cls[1].weight[0].copy_(pw("CenternetHead/centernet_cls_output/pointwise_weights")[j])
+        head.cls[1].bias[0] = torch.from_numpy(w["CenternetHead/centernet_cls_output/biases"].copy())[j]
 
 
 def layerwise_groups(model: CenterNetModel, lr: float, decay: float) -> list[dict]:
-    """Head at ``lr``; trunk in TRUNK_STAGES chunks (graph order), earlier = lower lr."""
     trunk = list(model.graph.parameters())
-    chunks = np.array_split(np.arange(len(trunk)), TRUNK_STAGES)
     groups = []
-    for k, idx in enumerate(chunks):
-        stage_lr = lr * decay ** (TRUNK_STAGES - k)
-        groups.append({"params": [trunk[i] for i in idx], "lr": stage_lr, "name": f"trunk{k}"})
-    groups.append({"params": list(model.head.parameters()), "lr": lr, "name": "head"})
+    for k, idx in enumerate(np.array_split(np.arange(len(trunk)), TRUNK_STAGES)):
+        groups.append({"params": [trunk[i] for i in idx], "lr": lr * decay ** (TRUNK_STAGES - k)})
+    groups.append({"params": list(model.head.parameters()), "lr": lr})
     return groups
 
 
-def _run_epoch(model, loader, device, opt=None) -> float:
-    total, n = 0.0, 0
-    model.train(opt is not None)
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with torch.set_grad_enabled(opt is not None):
+def _bar(total: int, desc: str, s: TrainSettings):
+    return tqdm(total=total, desc=desc, unit="batch", disable=not s.progress, leave=False, dynamic_ncols=True)
+
+
+def train_localiser(s: TrainSettings, model: CenterNetModel, train_c: ImageCache, val_c: ImageCache,
+                    device: torch.device, state: RunState) -> list[dict]:
+    aug = AugmentSettings()
+    tl = DataLoader(LocaliserDataset(train_c, s.loc_size, aug, seed=s.seed), batch_size=s.batch_size, shuffle=True,
+                    num_workers=0, generator=torch.Generator().manual_seed(s.seed))
+    vds = LocaliserDataset(val_c, s.loc_size, None)
+
+    def train_epoch(desc):
+        def run(ep):
+            model.train()
+            if not any(p.requires_grad for p in model.graph.parameters()):
+                model.graph.eval()  # frozen trunk: keep its batch-norm statistics
+            total, n = 0.0, 0
+            with _bar(len(tl), f"{desc} {ep + 1}", s) as bar:
+                for batch in tl:
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    heat, ltrb = model(batch["image"])
+                    loss = detection_loss(heat, ltrb, batch)
+                    opt_ref[0].zero_grad()
+                    loss.backward()
+                    opt_ref[0].step()
+                    total += loss.item() * len(batch["image"])
+                    n += len(batch["image"])
+                    bar.set_postfix(loss=f"{total / n:.3f}")
+                    bar.update()
+            return total / max(n, 1)
+        return run
+
+    @torch.inference_mode()
+    def validate():
+        model.eval()
+        preds, gts, losses = [], [], []
+        for i in range(0, len(vds), s.batch_size):
+            items = [vds[j] for j in range(i, min(i + s.batch_size, len(vds)))]
+            batch = {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
             heat, ltrb = model(batch["image"])
-            loss = detection_loss(heat, ltrb, batch)
-        if opt is not None:
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        total += loss.item() * len(batch["image"])
-        n += len(batch["image"])
-    return total / max(n, 1)
+            losses.append(detection_loss(heat, ltrb, batch).item())
+            sizes = [(s.loc_size, s.loc_size)] * len(items)
+            for (b, sc), it in zip(localise(model, batch["image"], [1.0] * len(items), sizes, 0.05, 50), items):
+                preds.append((b.cpu().numpy(), sc.cpu().numpy()))
+                gts.append(_targets_to_boxes(it))
+        ap50 = average_precision(preds, gts, 0.5)
+        ap75 = average_precision(preds, gts, 0.75)
+        return (ap50 + ap75) / 2, {"val_loss": float(np.mean(losses)), "ap50": ap50, "ap75": ap75}
+
+    hist = []
+    opt_ref: list = [None]
+    # phase 1: frozen trunk
+    for p in model.graph.parameters():
+        p.requires_grad_(False)
+    opt_ref[0] = torch.optim.AdamW(model.head.parameters(), lr=s.loc_lr_head, weight_decay=1e-4)
+    ph = run_phase("localiser-head", s.loc_epochs_head, model, opt_ref[0], None, train_epoch("localiser head"),
+                   validate, state, s.patience)
+    hist += [{"phase": "localiser-head", **h} for h in ph["history"]]
+    # phase 2: everything, layer-wise rates
+    if s.loc_epochs_finetune:
+        for p in model.graph.parameters():
+            p.requires_grad_(True)
+        opt_ref[0] = torch.optim.AdamW(layerwise_groups(model, s.loc_lr_finetune, s.layer_decay), weight_decay=1e-4)
+        ph = run_phase("localiser-finetune", s.loc_epochs_finetune, model, opt_ref[0], None,
+                       train_epoch("localiser fine-tune"), validate, state, s.patience)
+        hist += [{"phase": "localiser-finetune", **h} for h in ph["history"]]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return hist
 
 
-def _fit(model, loader, device, opt, epochs: int, stage: str) -> list[float]:
-    losses = []
-    for ep in range(epochs):
-        t0 = time.time()
-        losses.append(_run_epoch(model, loader, device, opt))
-        log.info("%s epoch %d/%d loss %.4f (%.1fs)", stage, ep + 1, epochs, losses[-1], time.time() - t0)
-    return losses
+def _targets_to_boxes(item: dict) -> np.ndarray:
+    """Ground-truth boxes back from CenterNet targets (exact: centre cell + edge distances)."""
+    from .dataset import STRIDE
+
+    m = item["mask"].numpy() > 0
+    ind, ltrb = item["ind"].numpy()[m], item["ltrb"].numpy()[m]
+    out = item["heat"].shape[-1]
+    px, py = (ind % out) * STRIDE, (ind // out) * STRIDE
+    return np.c_[px - ltrb[:, 0], py - ltrb[:, 1], px + ltrb[:, 2], py + ltrb[:, 3]].astype(np.float32)
+
+
+# ---------------------------------------------------------------- classifier
+class CropViews:
+    """Augmented crop views of every labelled box (+ background boxes), passed through the
+    frozen lower trunk once. Augmentation: colour/brightness/white balance on the photo,
+    box jitter (the localiser is not exact), any top-down rotation and flips, blur, and a
+    random camera distance applied to the size features."""
+
+    def __init__(self, model, cache: ImageCache, labels: list[list[int]], n_classes: int, views: int, augment: bool,
+                 seed: int, progress: bool, desc: str) -> None:
+        rng = np.random.default_rng(seed)
+        g = torch.Generator().manual_seed(seed)
+        aug = AugmentSettings()
+        feats, geos, ys, owner = [], [], [], []
+        trunk = model.trunk
+        with torch.no_grad(), tqdm(total=len(cache) * views, desc=desc, unit="photo", disable=not progress,
+                                   leave=False, dynamic_ncols=True) as bar:
+            for i, (img, boxes) in enumerate(zip(cache.images, cache.boxes)):
+                for _ in range(views):
+                    b = torch.from_numpy(boxes).float()
+                    y = torch.tensor(labels[i], dtype=torch.long)
+                    im = img
+                    h, w = img.shape[:2]
+                    if augment:
+                        im = photometric(img, aug, rng)
+                        bw, bh = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+                        b = b + torch.from_numpy(rng.uniform(-0.08, 0.08, (len(b), 4))).float() * torch.stack(
+                            [bw, bh, bw, bh], 1)
+                        bg = _background_box(boxes, w, h, rng)
+                        if bg is not None:
+                            b = torch.cat([b, bg])
+                            y = torch.cat([y, torch.tensor([n_classes])])
+                    if len(b) == 0:
+                        bar.update()
+                        continue
+                    t = torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).float()[None]
+                    c = crop(t, [b], model.crop_size)
+                    if augment:
+                        c = rotate_crops(c, 12.0, g)
+                    geo = box_geometry(b, torch.tensor([[w, h]], dtype=torch.float32).expand(len(b), 2))
+                    if augment:
+                        geo = geo * torch.tensor([rng.uniform(0.6, 1.25), 1.0, 1.0], dtype=torch.float32)
+                    feats.append(trunk.lower(c))
+                    geos.append(geo)
+                    ys.append(y)
+                    owner += [i] * len(y)
+                    bar.update()
+        self.x = torch.cat(feats) if feats else torch.zeros(0)
+        self.geo = torch.cat(geos) if geos else torch.zeros(0, 3)
+        self.y = torch.cat(ys) if ys else torch.zeros(0, dtype=torch.long)
+        self.owner = torch.tensor(owner)
+
+
+def _background_box(boxes: np.ndarray, w: int, h: int, rng: np.random.Generator) -> torch.Tensor | None:
+    """A random box overlapping no dish much: tray, napkin, hands — what the localiser may propose."""
+    for _ in range(10):
+        side = rng.uniform(0.1, 0.4) * min(w, h)
+        x, y = rng.uniform(0, max(1.0, w - side)), rng.uniform(0, max(1.0, h - side))
+        bb = torch.tensor([[x, y, x + side, y + side * rng.uniform(0.6, 1.6)]], dtype=torch.float32)
+        if len(boxes) == 0 or torchvision.ops.box_iou(bb, torch.from_numpy(boxes).float()).max() < 0.2:
+            return bb
+    return None
+
+
+def train_classifier(s: TrainSettings, model: DishModel, classes: tuple[str, ...], train_c: ImageCache,
+                     train_labels, val_c: ImageCache, val_labels, state: RunState) -> list[dict]:
+    clf = model.classifier
+    clf.eval()
+    c = len(classes)
+    tv = CropViews(clf, train_c, train_labels, c, s.cls_views, True, s.seed, s.progress, "classifier views")
+    vv = CropViews(clf, val_c, val_labels, c, 1, False, s.seed, s.progress, "classifier val crops")
+    log.info("classifier: %d training crop views, %d validation crops", len(tv.y), len(vv.y))
+    stages = clf.trunk.tuned_stages()
+    groups = [{"params": list(clf.fc.parameters()) + list(clf.geo.parameters()), "lr": 2 * s.cls_lr}]
+    for i, ps in enumerate(stages):
+        groups.append({"params": ps, "lr": s.cls_lr * 0.8 ** (len(stages) - 1 - i)})
+    opt = torch.optim.AdamW(groups, weight_decay=1e-4)
+    bs = 64
+    steps_per_epoch = max(1, math.ceil(len(tv.y) / bs))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups],
+                                                total_steps=max(1, s.cls_epochs) * steps_per_epoch, pct_start=0.15)
+    gen = torch.Generator().manual_seed(s.seed)
+
+    def train_epoch(ep):
+        clf.train()
+        total = 0.0
+        perm = torch.randperm(len(tv.y), generator=gen)
+        with _bar(steps_per_epoch, f"classifier {ep + 1}", s) as bar:
+            for i in range(0, len(tv.y), bs):
+                j = perm[i:i + bs]
+                emb = clf.trunk.upper(tv.x[j]).mean(dim=(2, 3))
+                logits = clf.fc(clf.drop(torch.cat([emb, clf.geo(tv.geo[j])], 1)))
+                loss = F.cross_entropy(logits, tv.y[j], label_smoothing=0.05)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += loss.item()
+                bar.set_postfix(loss=f"{total / (i // bs + 1):.3f}")
+                bar.update()
+        return total / steps_per_epoch
+
+    @torch.inference_mode()
+    def validate():
+        clf.eval()
+        if len(vv.y) == 0:
+            return 0.0, {}
+        logits = torch.cat([clf.fc(torch.cat([clf.trunk.upper(vv.x[i:i + 128]).mean(dim=(2, 3)),
+                                              clf.geo(vv.geo[i:i + 128])], 1)) for i in range(0, len(vv.y), 128)])
+        pred = logits[:, :c].argmax(1)
+        acc = (pred == vv.y).float().mean().item()
+        exact = []
+        for i in range(len(val_labels)):
+            m = vv.owner == i
+            exact.append(sorted(pred[m].tolist()) == sorted(vv.y[m].tolist()))
+        return acc + float(np.mean(exact)), {"crop_acc": acc, "photo_exact_gt_boxes": float(np.mean(exact))}
+
+    ph = run_phase("classifier", s.cls_epochs, clf, opt, sched, train_epoch, validate, state, s.patience)
+    return [{"phase": "classifier", **h} for h in ph["history"]]
+
+
+# ---------------------------------------------------------------- curves
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = list(dict.fromkeys(h["phase"] for h in history))
+    fig, axes = plt.subplots(1, len(phases), figsize=(4.2 * len(phases), 3.4), squeeze=False)
+    for ax, ph in zip(axes[0], phases):
+        hs = [h for h in history if h["phase"] == ph]
+        ep = [h["epoch"] for h in hs]
+        ax.plot(ep, [h["loss"] for h in hs], "o-", label="train loss")
+        if "val_loss" in hs[0]:
+            ax.plot(ep, [h["val_loss"] for h in hs], "o-", label="val loss")
+        ax2 = ax.twinx()
+        for key in ("ap50", "ap75", "crop_acc", "photo_exact_gt_boxes"):
+            if key in hs[0]:
+                ax2.plot(ep, [h[key] for h in hs], "s--", label=key)
+        ax2.set_ylim(0, 1.02)
+        ax.set_title(ph)
+        ax.set_xlabel("epoch")
+        lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+        labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
+        ax.legend(lines, labels, fontsize=7, loc="center right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- entry point
+def load_training_data(s: TrainSettings) -> LabelledData:
+    data = load_dataset(s.data, trays=s.trays)
+    for p in data.problems:
+        log.warning("%s", p)
+    if data.problems:
+        log.warning("%d problem(s) in %s (listed above; `dishtrack check-data` shows them too)",
+                    len(data.problems), s.data)
+    return data
 
 
 def train(s: TrainSettings) -> dict:
+    t_start = time.time()
     random.seed(s.seed)
     np.random.seed(s.seed)
     torch.manual_seed(s.seed)
-    samples = read_manifest(s.data)
+    data = load_training_data(s)
+    samples = list(data.samples)
     if s.max_images:
         samples = samples[: s.max_images]
-    classes = tuple(sorted({lbl for smp in samples for lbl in smp.labels}))
-    if not classes:
-        raise ValueError(f"{s.data}: no labelled boxes")
-    n_val = int(round(len(samples) * s.val_fraction))
-    # contiguous split: neighbouring video frames must not straddle train/val
-    train_s, val_s = samples[: len(samples) - n_val], samples[len(samples) - n_val:]
+    classes = data.classes
+    if not any(len(x.labels) for x in samples):
+        raise DatasetError(f"{s.data}: no labelled boxes")
+    train_s, val_s = split_by_group(samples, s.val_fraction, s.seed)
+    if not val_s:
+        log.warning("no validation trays (val_fraction=0): best-epoch selection and thresholds use training photos")
+        val_s = train_s
     device = pick_device(s.device)
-    model = CenterNetModel(bundled_weights(), num_classes=len(classes)).to(device)
-    seeded = init_head_from_coco(model, classes)
-    model.to(device)
-    tl = DataLoader(DetectionDataset(train_s, classes, s.input_size, augment=True), batch_size=s.batch_size,
-                    shuffle=True, num_workers=0)
-    vl = DataLoader(DetectionDataset(val_s, classes, s.input_size), batch_size=s.batch_size) if val_s else None
-    report: dict = {"classes": list(classes), "seeded_from_coco": seeded, "train_images": len(train_s),
-                    "val_images": len(val_s), "device": str(device)}
-    if vl:
-        report["val_loss_start"] = _run_epoch(model, vl, device)
+    log.info("%d classes, %d training photos, %d validation photos (%d trays held out), device %s",
+             len(classes), len(train_s), len(val_s), len({x.group for x in val_s}), device)
+    out = Path(s.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = RunState(out.with_name(out.name + ".state"), s, s.resume)
 
-    # stage 1: frozen trunk, new head
-    for p in model.graph.parameters():
-        p.requires_grad_(False)
-    report["stage1"] = _fit(model, tl, device, torch.optim.Adam(model.head.parameters(), lr=s.lr_head),
-                            s.epochs_head, "stage 1 (frozen trunk)")
-    if vl:
-        report["val_loss_after_head"] = _run_epoch(model, vl, device)
+    spec = DishModelSpec(classes=classes, loc_size=s.loc_size, crop_size=s.crop_size, crop_long_side=s.crop_long_side,
+                         freeze_blocks=s.freeze_blocks)
+    model = DishModel(spec)
+    init_localiser_head(model.localiser)
+    long_side = max(s.loc_size, s.crop_long_side)
+    train_c, val_c = ImageCache(train_s, long_side), ImageCache(val_s, long_side)
+    cidx = {c: i for i, c in enumerate(classes)}
+    train_labels = [[cidx[lbl] for lbl in x.labels] for x in train_s]
+    val_labels = [[cidx[lbl] for lbl in x.labels] for x in val_s]
 
-    # stage 2: everything, layer-wise learning rates
-    for p in model.graph.parameters():
-        p.requires_grad_(True)
-    groups = layerwise_groups(model, s.lr_finetune, s.layer_decay)
-    report["finetune_lrs"] = {g["name"]: g["lr"] for g in groups}
-    report["stage2"] = _fit(model, tl, device, torch.optim.Adam(groups), s.epochs_finetune, "stage 2 (fine-tune)")
-    if vl:
-        report["val_loss_end"] = _run_epoch(model, vl, device)
-    model.eval()
-    Path(s.out).parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(s.out, model.cpu(), classes, s.input_size, meta={"report": report})
-    report["checkpoint"] = s.out
-    return report
+    model.localiser.to(device)
+    history = train_localiser(s, model.localiser, train_c, val_c, device, state)
+    model.localiser.cpu()
+    history += train_classifier(s, model, classes, train_c, train_labels, val_c, val_labels, state)
+
+    # thresholds per dish on validation trays, then the validation report with them
+    det = DishDetector(model, device)
+    preds = predict_samples(det, val_s, s.progress)
+    gt = [(np.asarray(x.boxes, np.float32).reshape(-1, 4), np.array(lbls, np.int64)) for x, lbls in zip(val_s, val_labels)]
+    thresholds = choose_thresholds(gt, [(p["boxes"], p["scores"], p["class_ids"]) for p in preds], classes)
+    model.spec = DishModelSpec(**{**spec.__dict__, "thresholds": thresholds})
+    report = evaluate_predictions(val_s, classes, preds, thresholds,
+                                  confusion_png=out.with_name(out.stem + "_confusion.png"))
+    curves = out.with_name(out.stem + "_curves.png")
+    plot_curves(history, curves)
+    meta = {"classes": list(classes), "train_photos": len(train_s), "val_photos": len(val_s),
+            "val_trays": sorted({str(x.group) for x in val_s}), "history": history,
+            "validation": {k: v for k, v in report.items() if k != "confusion"},
+            "settings": s.model_dump(), "seconds": round(time.time() - t_start, 1), "device": str(device),
+            "data_problems": len(data.problems)}
+    model.cpu()
+    save_dish_checkpoint(out, model, meta=meta)
+    state.path.unlink(missing_ok=True)  # finished: nothing to resume
+    log.info("wrote %s (curves %s) in %.0fs: val mAP@0.5 %.3f, exact receipts %.1f%% of trays",
+             out, curves, meta["seconds"], report["map50"], 100 * report["receipt_exact_tray"])
+    return {"checkpoint": str(out), "curves": str(curves), **meta}
+
+
+def predict_samples(det: DishDetector, samples: list[Sample], progress: bool = True) -> list[dict]:
+    """Raw detector predictions on labelled photos (full resolution, read from disk)."""
+    from .localiser import read_rgb
+
+    out = []
+    import cv2
+
+    for x in tqdm(samples, desc="predicting", unit="photo", disable=not progress, leave=False):
+        img = cv2.cvtColor(read_rgb(x.image), cv2.COLOR_RGB2BGR)
+        p = det.predict([img])[0]
+        p["size"] = (img.shape[1], img.shape[0])
+        out.append(p)
+    return out

@@ -34,9 +34,9 @@ class Runtime:
 
 def build_runtime(cfg: AppConfig, detector=None) -> Runtime:
     if detector is None:
-        from dishtrack.models.detector import Detector  # torch import only when serving
+        from dishtrack.models.detector import load_detector  # torch import only when serving
 
-        detector = Detector(cfg.detector)
+        detector = load_detector(cfg.detector)
     store = EventStore(cfg.storage.sqlite_path)
     hub = EventHub(cfg.api.ws_queue)
     metrics = Metrics()

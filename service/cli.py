@@ -44,13 +44,42 @@ def cmd_check_config(args) -> int:
 def cmd_train(args) -> int:
     from dishtrack.models.train import TrainSettings, train
 
-    settings = TrainSettings(
-        data=args.data, out=args.out, epochs_head=args.epochs_head, epochs_finetune=args.epochs_finetune,
-        lr_head=args.lr_head, lr_finetune=args.lr_finetune, layer_decay=args.layer_decay,
-        batch_size=args.batch_size, input_size=args.input_size, device=args.device,
-        val_fraction=args.val_fraction, seed=args.seed, max_images=args.max_images)
+    fields = {k: getattr(args, k) for k in TrainSettings.model_fields if getattr(args, k, None) is not None}
+    settings = TrainSettings(**fields)
     report = train(settings)
-    log.info("trained: %s", report)
+    v = report["validation"]
+    print(f"checkpoint: {report['checkpoint']}  curves: {report['curves']}")
+    print(f"validation ({report['val_photos']} photos, {len(report['val_trays'])} trays): mAP@0.5 {v['map50']:.3f}  "
+          f"mAP@0.5:0.95 {v['map50_95']:.3f}  exact receipts: photos {v['receipt_exact_photo']:.1%}, "
+          f"trays {v['receipt_exact_tray']:.1%}  ({report['seconds']:.0f} s)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+    from pathlib import Path
+
+    from dishtrack.models.dish_detector import DishDetector
+    from dishtrack.models.evaluate import evaluate_predictions
+    from dishtrack.models.importers import load_dataset
+    from dishtrack.models.train import predict_samples
+
+    det = DishDetector.from_checkpoint(args.checkpoint, args.device)
+    data = load_dataset(args.data, trays=args.trays, classes=det.labels)
+    for p in data.problems:
+        log.warning("%s", p)
+    preds = predict_samples(det, list(data.samples), progress=not args.no_progress)
+    png = args.confusion or (str(Path(args.json).with_suffix("")) + "_confusion.png" if args.json else None)
+    rep = evaluate_predictions(list(data.samples), det.labels, preds, det.spec.thresholds, confusion_png=png)
+    rep.update({"checkpoint": args.checkpoint, "data": args.data, "data_problems": len(data.problems),
+                "confusion_png": png})
+    print(f"{rep['photos']} photos, {rep['trays']} trays: mAP@0.5 {rep['map50']:.3f}  mAP@0.5:0.95 {rep['map50_95']:.3f}")
+    print("AP@0.5 per dish: " + ", ".join(f"{k} {v:.3f}" for k, v in rep["ap50_per_class"].items()))
+    print(f"exact receipts: photos {rep['receipt_exact_photo']:.1%}, trays {rep['receipt_exact_tray']:.1%}")
+    if png:
+        print(f"confusion matrix: {png}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rep, indent=2))
     return 0
 
 
@@ -134,6 +163,26 @@ def cmd_track(args) -> int:
     return 0
 
 
+def _add_train_args(t: argparse.ArgumentParser) -> None:
+    """One flag per TrainSettings field, defaults and help from the settings model."""
+    from dishtrack.models.train_settings import TrainSettings
+
+    for name, f in TrainSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_ = f.description or ""
+        if name in ("data", "out"):
+            t.add_argument(flag, required=True, help={"data": "labelled tray photos: YOLO folder, COCO JSON, CVAT XML, "
+                                                       "Label Studio JSON or manifest.jsonl", "out": "checkpoint to write"}[name])
+        elif f.annotation is bool:
+            t.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{help_} (default {f.default})")
+        else:
+            typ = {int: int, float: float}.get(f.annotation, None)
+            if typ is None:
+                typ = int if "int" in str(f.annotation) else float if "float" in str(f.annotation) else str
+            t.add_argument(flag, type=typ, default=None, help=f"{help_} (default {f.default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dishtrack", description=__doc__)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -149,21 +198,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config")
     c.set_defaults(fn=cmd_check_config)
 
-    t = sub.add_parser("train", help="transfer-learn a dish head: frozen trunk, then layer-wise fine-tune")
-    t.add_argument("--data", required=True, help="labelled dataset: a manifest.jsonl (see README)")
-    t.add_argument("--out", required=True, help="checkpoint file to write")
-    t.add_argument("--epochs-head", type=int, default=10)
-    t.add_argument("--epochs-finetune", type=int, default=5)
-    t.add_argument("--lr-head", type=float, default=1e-3)
-    t.add_argument("--lr-finetune", type=float, default=2e-4)
-    t.add_argument("--layer-decay", type=float, default=0.5, help="lr factor per trunk stage going back to the input")
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--input-size", type=int, default=512)
-    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    t.add_argument("--val-fraction", type=float, default=0.2)
-    t.add_argument("--max-images", type=int, default=None)
-    t.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("train", help="train a dish detector (localiser + classifier) on labelled tray photos")
+    _add_train_args(t)
     t.set_defaults(fn=cmd_train)
+
+    ev = sub.add_parser("eval", help="mAP, AP per dish, confusion matrix and receipt agreement of a checkpoint")
+    ev.add_argument("--data", required=True, help="labelled photos (any format check-data reads)")
+    ev.add_argument("--checkpoint", required=True, help="a file written by `dishtrack train`")
+    ev.add_argument("--trays", help="CSV image,tray (default: trays.csv in the dataset folder)")
+    ev.add_argument("--json", help="write the report (map50, map50_95, ap50_per_class, receipt_exact_*) here")
+    ev.add_argument("--confusion", help="confusion-matrix PNG (default: next to --json)")
+    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(fn=cmd_eval)
 
     e = sub.add_parser("export-mot", help="turn a video + MOT gt.txt into a labelled dataset for `train`")
     e.add_argument("--video", required=True)

@@ -1,0 +1,193 @@
+"""Two-stage dish detector: class-agnostic localiser (CenterNet trunk, one
+"dish" class) + crop classifier (fine-tuned EfficientNet-Lite0).
+
+Chosen by measurement (README "Train on your dishes"): telling dishes apart
+across capture sessions is the hard part, and a classifier on square context
+crops with box geometry does it better than a multi-class heatmap on the
+shared trunk; it also yields an appearance embedding per box for the tracker,
+and a new dish can be enrolled by retraining only the classifier.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from dishtrack.tracking.types import Detections, Frame
+
+from .augment import letterbox
+from .detector import CenterNetModel, bundled_weights, decode, pick_device
+from .dish_classifier import DishClassifier, box_geometry, crop
+
+log = logging.getLogger(__name__)
+FORMAT = "dishtrack-dish-v1"
+
+
+@dataclass(frozen=True)
+class DishModelSpec:
+    """What a dish checkpoint needs besides weights to rebuild the detector."""
+
+    classes: tuple[str, ...]
+    loc_size: int = 384
+    crop_size: int = 128
+    crop_long_side: int = 512  # frames are scaled to this long side before cropping (as in training)
+    freeze_blocks: int = 8
+    loc_threshold: float = 0.15  # localiser peak score kept for classification
+    thresholds: dict[str, float] = field(default_factory=dict)  # per dish, chosen on validation
+
+
+class DishModel(torch.nn.Module):
+    def __init__(self, spec: DishModelSpec, pretrained: bool = True) -> None:
+        super().__init__()
+        self.spec = spec
+        self.localiser = CenterNetModel(bundled_weights(), num_classes=1)
+        self.classifier = DishClassifier(len(spec.classes), spec.crop_size, pretrained=pretrained,
+                                         freeze_blocks=spec.freeze_blocks)
+
+
+def localise(model: CenterNetModel, batch: torch.Tensor, scales: list[float], sizes: list[tuple[int, int]],
+             threshold: float, k: int = 50, nms_iou: float = 0.5) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Letterboxed batch -> per image (boxes in its own pixels, scores), class-agnostic NMS."""
+    heat, ltrb = model(batch)
+    boxes, scores, _ = decode(heat, ltrb, k)
+    out = []
+    for i, (s, (w, h)) in enumerate(zip(scales, sizes)):
+        keep = scores[i] >= threshold
+        b, sc = boxes[i][keep] / s, scores[i][keep]
+        b[:, 0::2] = b[:, 0::2].clamp(0, w)
+        b[:, 1::2] = b[:, 1::2].clamp(0, h)
+        ok = (b[:, 2] - b[:, 0] >= 2) & (b[:, 3] - b[:, 1] >= 2)
+        b, sc = b[ok], sc[ok]
+        nms = torchvision.ops.nms(b, sc, nms_iou)
+        out.append((b[nms], sc[nms]))
+    return out
+
+
+def classify(clf: DishClassifier, images: list[torch.Tensor], boxes: list[torch.Tensor], sizes: list[tuple[int, int]],
+             crop_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crops of ``boxes`` (in ``images`` pixels; frames are (w,h) ``sizes``) -> class probs (N, C+1), embeddings."""
+    n = sum(len(b) for b in boxes)
+    if n == 0:
+        return torch.zeros(0, clf.fc.out_features), torch.zeros(0, clf.fc.in_features - 32)
+    crops = torch.cat([crop(im[None], [b], crop_size) for im, b in zip(images, boxes)])
+    geo_boxes = torch.cat(boxes)
+    fs = torch.cat([torch.tensor([sz], dtype=torch.float32).expand(len(b), 2) for sz, b in zip(sizes, boxes)])
+    logits, emb = clf(crops, box_geometry(geo_boxes, fs.to(geo_boxes.device)))
+    return F.softmax(logits, dim=1), F.normalize(emb, dim=1)
+
+
+class DishDetector:
+    """Stage object: frames in, dish detections (with appearance embeddings) out."""
+
+    def __init__(self, model: DishModel, device: torch.device | str = "cpu", nms_iou: float = 0.5,
+                 max_detections: int = 50, classes: list[str] | None = None) -> None:
+        self.model = model.eval().to(device)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.spec = model.spec
+        self.labels = self.spec.classes
+        self.device = torch.device(device)
+        self.input_size = self.spec.loc_size
+        self.nms_iou = nms_iou
+        self.max_detections = max_detections
+        unknown = sorted(set(classes or []) - set(self.labels))
+        if unknown:
+            raise ValueError(f"detector.classes names dishes the checkpoint does not have: {unknown} "
+                             f"(it has {list(self.labels)})")
+        # per-dish thresholds from validation; a dish left out of detector.classes is never reported
+        self._thr = torch.tensor([self.spec.thresholds.get(c, 0.3) if not classes or c in classes else 2.0
+                                  for c in self.labels])
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> "DishDetector":
+        model = load_dish_checkpoint(path)
+        return cls(model, pick_device(device))
+
+    def _crop_sources(self, images: list[np.ndarray]) -> tuple[list[torch.Tensor], list[float]]:
+        out, scales = [], []
+        for im in images:
+            h, w = im.shape[:2]
+            f = min(1.0, self.spec.crop_long_side / max(h, w))
+            small = cv2.resize(im, (round(w * f), round(h * f)), interpolation=cv2.INTER_AREA) if f < 1 else im
+            out.append(torch.from_numpy(cv2.cvtColor(small, cv2.COLOR_BGR2RGB)).permute(2, 0, 1).float()
+                       .to(self.device))
+            scales.append(f)
+        return out, scales
+
+    @torch.inference_mode()
+    def predict(self, images_bgr: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Raw per-image predictions before per-dish thresholds: boxes, scores, class ids, probs, embeddings."""
+        if not images_bgr:
+            return []
+        lb = [letterbox(cv2.cvtColor(im, cv2.COLOR_BGR2RGB), self.spec.loc_size) for im in images_bgr]
+        batch = torch.from_numpy(np.stack([x for x, _ in lb])).to(self.device).permute(0, 3, 1, 2).float()
+        sizes = [(im.shape[1], im.shape[0]) for im in images_bgr]
+        found = localise(self.model.localiser, batch, [s for _, s in lb], sizes, self.spec.loc_threshold,
+                         self.max_detections, self.nms_iou)
+        srcs, fs = self._crop_sources(images_bgr)
+        probs, emb = classify(self.model.classifier, srcs, [b * f for (b, _), f in zip(found, fs)],
+                              [(round(w * f), round(h * f)) for (w, h), f in zip(sizes, fs)], self.spec.crop_size)
+        out, k = [], 0
+        c = len(self.labels)
+        for b, sc in found:
+            p = probs[k:k + len(b)]
+            e = emb[k:k + len(b)]
+            k += len(b)
+            pc, cls = p[:, :c].max(dim=1)
+            out.append({"boxes": b.cpu().numpy().astype(np.float32), "scores": (sc * pc).cpu().numpy().astype(np.float32),
+                        "class_ids": cls.cpu().numpy().astype(np.int64), "probs": p.cpu().numpy(),
+                        "embeddings": e.cpu().numpy().astype(np.float32), "loc_scores": sc.cpu().numpy()})
+        return out
+
+    def detect(self, frames: list[Frame]) -> list[Detections]:
+        preds = self.predict([f.image for f in frames])
+        out = []
+        thr = self._thr.numpy()
+        for f, p in zip(frames, preds):
+            keep = p["scores"] >= thr[p["class_ids"]] if len(p["scores"]) else np.zeros(0, bool)
+            out.append(Detections(camera_id=f.camera_id, frame_index=f.index, timestamp=f.timestamp,
+                                  boxes=p["boxes"][keep], scores=p["scores"][keep], class_ids=p["class_ids"][keep],
+                                  labels=self.labels, image_size=f.size, embeddings=p["embeddings"][keep]))
+        return out
+
+
+def save_dish_checkpoint(path: str | Path, model: DishModel, meta: dict | None = None) -> None:
+    s = model.spec
+    tmp = Path(str(path) + ".tmp")
+    torch.save({"format": FORMAT, "classes": list(s.classes), "loc_size": s.loc_size, "crop_size": s.crop_size,
+                "crop_long_side": s.crop_long_side, "freeze_blocks": s.freeze_blocks,
+                "loc_threshold": s.loc_threshold, "thresholds": dict(s.thresholds),
+                "localiser": model.localiser.state_dict(), "classifier": model.classifier.state_dict(),
+                "meta": meta or {}}, tmp)
+    tmp.replace(path)  # never a half-written checkpoint
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"detector checkpoint {path} does not exist") from e
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a corrupt file
+        raise ValueError(f"{path}: not a readable dishtrack checkpoint ({e})") from e
+    if not isinstance(ck, dict) or "format" not in ck:
+        raise ValueError(f"{path}: not a dishtrack checkpoint")
+    return ck
+
+
+def load_dish_checkpoint(path: str | Path) -> DishModel:
+    ck = read_checkpoint(path)
+    if ck["format"] != FORMAT:
+        raise ValueError(f"{path}: checkpoint format {ck['format']!r}, expected {FORMAT!r}")
+    spec = DishModelSpec(classes=tuple(ck["classes"]), loc_size=int(ck["loc_size"]), crop_size=int(ck["crop_size"]),
+                         crop_long_side=int(ck["crop_long_side"]), freeze_blocks=int(ck["freeze_blocks"]),
+                         loc_threshold=float(ck["loc_threshold"]), thresholds=dict(ck["thresholds"]))
+    model = DishModel(spec, pretrained=False)
+    model.localiser.load_state_dict(ck["localiser"])
+    model.classifier.load_state_dict(ck["classifier"])
+    return model

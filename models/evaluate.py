@@ -1,0 +1,165 @@
+"""Detector evaluation on labelled photos: COCO mAP (faster-coco-eval), AP per
+dish, confusion matrix, and receipt agreement — the share of photos, and of
+trays (the photos of one tray voted together), whose predicted per-dish
+counts equal the labels exactly. Receipts are what the canteen is paid by,
+so they are reported next to mAP, never instead of it.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def coco_map(gt: Sequence[tuple[np.ndarray, np.ndarray]], pred: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+             classes: Sequence[str], sizes: Sequence[tuple[int, int]]) -> dict:
+    """gt: per image (boxes xyxy, class ids); pred: per image (boxes, scores, class ids).
+    Returns map50, map50_95 and ap50_per_class (NaN-free: classes without labels are left out)."""
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)  # it logs its whole summary at INFO
+    images, anns, dets = [], [], []
+    for i, ((gb, gc), (pb, ps, pc), (w, h)) in enumerate(zip(gt, pred, sizes)):
+        images.append({"id": i, "width": int(w), "height": int(h), "file_name": f"{i}.jpg"})
+        for b, c in zip(gb, gc):
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": int(c) + 1, "iscrowd": 0,
+                         "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
+                         "area": float((b[2] - b[0]) * (b[3] - b[1]))})
+        for b, s, c in zip(pb, ps, pc):
+            dets.append({"image_id": i, "category_id": int(c) + 1, "score": float(s),
+                         "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]})
+    cats = [{"id": k + 1, "name": n} for k, n in enumerate(classes)]
+    cgt = COCO({"images": images, "annotations": anns, "categories": cats})
+    if not dets:
+        return {"map50": 0.0, "map50_95": 0.0, "ap50_per_class": {c: 0.0 for c in classes}}
+    cdt = cgt.loadRes(dets)
+    ev = COCOeval_faster(cgt, cdt, iouType="bbox")
+    ev.params.maxDets = [1, 10, 100]
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    prec = ev.eval["precision"]  # T x R x K x A x M
+    present = {int(a["category_id"]) - 1 for a in anns}
+    per_class = {}
+    for k, name in enumerate(classes):
+        if k not in present:
+            continue
+        p = prec[0, :, k, 0, -1]
+        per_class[name] = float(np.mean(p[p > -1])) if np.any(p > -1) else 0.0
+    return {"map50": float(ev.stats[1]), "map50_95": float(ev.stats[0]), "ap50_per_class": per_class}
+
+
+def match_confusion(gt: Sequence[tuple[np.ndarray, np.ndarray]], pred: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                    n_classes: int, iou: float = 0.5) -> np.ndarray:
+    """(C+1)x(C+1) counts: rows truth, columns prediction; index C = missed / spurious."""
+    import torch
+    import torchvision
+
+    m = np.zeros((n_classes + 1, n_classes + 1), np.int64)
+    for (gb, gc), (pb, ps, pc) in zip(gt, pred):
+        used = np.zeros(len(pb), bool)
+        ious = (torchvision.ops.box_iou(torch.as_tensor(gb, dtype=torch.float32), torch.as_tensor(pb, dtype=torch.float32))
+                .numpy() if len(gb) and len(pb) else np.zeros((len(gb), len(pb))))
+        for g in np.argsort(-np.max(ious, axis=1)) if len(pb) else range(len(gb)):
+            j = -1
+            if len(pb):
+                cand = np.where(~used & (ious[g] >= iou))[0]
+                if len(cand):
+                    j = int(cand[np.argmax(ious[g, cand])])
+            if j >= 0:
+                used[j] = True
+                m[gc[g], pc[j]] += 1
+            else:
+                m[gc[g], n_classes] += 1
+        for j in np.where(~used)[0]:
+            m[n_classes, pc[j]] += 1
+    return m
+
+
+def receipt_agreement(gt_labels: Sequence[Sequence[int]], pred_labels: Sequence[Sequence[int]],
+                      groups: Sequence[str | None]) -> dict:
+    """Exact per-class count agreement per photo, and per tray: the tray's receipt is the
+    most frequent predicted receipt among its photos (ties: the earlier photo)."""
+    photo_ok = [collections.Counter(g) == collections.Counter(p) for g, p in zip(gt_labels, pred_labels)]
+    trays: dict[str, list[int]] = collections.defaultdict(list)
+    for i, g in enumerate(groups):
+        trays[g if g is not None else f"__photo{i}"].append(i)
+    tray_ok = []
+    for idx in trays.values():
+        votes = collections.Counter(tuple(sorted(collections.Counter(pred_labels[i]).items())) for i in idx)
+        best = max(votes.items(), key=lambda kv: kv[1])[0]  # Counter keeps first-seen order for ties
+        truth = collections.Counter(gt_labels[idx[0]])
+        tray_ok.append(dict(best) == dict(truth))
+    return {"receipt_exact_photo": float(np.mean(photo_ok)) if photo_ok else float("nan"),
+            "receipt_exact_tray": float(np.mean(tray_ok)) if tray_ok else float("nan"),
+            "photos": len(photo_ok), "trays": len(tray_ok)}
+
+
+def choose_thresholds(gt: Sequence[tuple[np.ndarray, np.ndarray]], pred: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                      classes: Sequence[str], grid: Sequence[float] = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2))
+                      ) -> dict[str, float]:
+    """Per dish, the score threshold that makes its per-photo counts right most often
+    (then the highest such threshold): counts are what receipts are made of."""
+    out = {}
+    for k, name in enumerate(classes):
+        best, best_t = -1, 0.3
+        truth = [int(np.sum(gc == k)) for _, gc in gt]
+        for t in grid:
+            ok = sum(int(np.sum((pc == k) & (ps >= t))) == n for (_, ps, pc), n in zip(pred, truth))
+            if ok >= best:
+                best, best_t = ok, float(t)
+        # the widest plateau's middle would be more robust; take the lower end of the best plateau's upper half
+        out[name] = best_t
+    return out
+
+
+def plot_confusion(m: np.ndarray, classes: Sequence[str], path: str | Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(classes) + ["(none)"]
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(names), 1 + 0.55 * len(names)))
+    ax.imshow(np.log1p(m), cmap="Blues")
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            if m[i, j]:
+                ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if m[i, j] > m.max() / 2 else "black")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("labelled")
+    ax.set_title(title or "confusion (IoU >= 0.5)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def evaluate_predictions(samples, classes: Sequence[str], preds: Sequence[dict], thresholds: dict[str, float] | None,
+                         confusion_png: str | Path | None = None) -> dict:
+    """Samples (labelled photos) + raw predictions (``DishDetector.predict`` dicts, in the photos'
+    pixels) -> the report dict ``dishtrack eval`` writes."""
+    cidx = {c: i for i, c in enumerate(classes)}
+    gt = [(np.asarray(s.boxes, np.float32).reshape(-1, 4), np.array([cidx[lbl] for lbl in s.labels], np.int64))
+          for s in samples]
+    raw = [(p["boxes"], p["scores"], p["class_ids"]) for p in preds]
+    thr = np.array([(thresholds or {}).get(c, 0.3) for c in classes], np.float32)
+    kept = [(b[s >= thr[c]], s[s >= thr[c]], c[s >= thr[c]]) for b, s, c in raw]
+    sizes = [p.get("size", (1, 1)) for p in preds]
+    rep = coco_map(gt, raw, classes, sizes)  # AP ranks all boxes: thresholds do not apply
+    rep.update(receipt_agreement([list(c) for _, c in gt], [list(c) for _, _, c in kept],
+                                 [s.group for s in samples]))
+    conf = match_confusion(gt, kept, len(classes))
+    rep["confusion"] = {"classes": list(classes) + ["(none)"], "matrix": conf.tolist()}
+    rep["thresholds"] = {c: float(t) for c, t in zip(classes, thr)}
+    if confusion_png:
+        plot_confusion(conf, classes, confusion_png,
+                       f"exact receipts: {rep['receipt_exact_tray']:.1%} of trays, mAP@0.5 {rep['map50']:.3f}")
+    return rep
