@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     for k in range(args.videos):
         vdir = out / f"video{k}"
         if not (vdir / "receipts.json").is_file():
-            make_checkout_video(val, vdir, len(val_trays), SynthSettings(seed=100 + k), classes=data.classes)
+            make_checkout_video(val, vdir, len(val_trays), SynthSettings(seed=100 + k, tray_scale=0.85), classes=data.classes)
         ns = argparse.Namespace(video_dir=str(vdir), checkpoint=str(ck), oracle=False, config=None, mode=args.mode,
                                 realtime=False, tray_gap_s=None, device="auto", jitter=0.0, min_visibility=0.3,
                                 drop=0.0, seed=0, timeout=3600.0, json=None)

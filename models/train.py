@@ -306,7 +306,7 @@ class CropViews:
                         c = rotate_crops(c, 12.0, g)
                     geo = box_geometry(b, torch.tensor([[w, h]], dtype=torch.float32).expand(len(b), 2))
                     if augment:
-                        geo = geo * torch.tensor([rng.uniform(0.6, 1.25), 1.0, 1.0], dtype=torch.float32)
+                        geo = geo * torch.tensor([rng.uniform(0.8, 1.25), 1.0, 1.0], dtype=torch.float32)
                     feats.append(trunk.lower(c))
                     geos.append(geo)
                     ys.append(y)

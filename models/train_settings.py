@@ -11,15 +11,15 @@ class TrainSettings(BaseModel):
 
     data: str
     out: str
-    trays: str | None = None
-    val_fraction: float = Field(0.2, ge=0, lt=1)
+    trays: str | None = Field(None, description="CSV image,tray (default: trays.csv next to the labels)")
+    val_fraction: float = Field(0.2, ge=0, lt=1, description="share of trays held out for validation")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_images: int | None = Field(None, ge=1)
     # localiser
-    loc_size: int = Field(384, ge=128, le=1024, multiple_of=32)
-    loc_epochs_head: int = Field(6, ge=0)
-    loc_epochs_finetune: int = Field(4, ge=0)
+    loc_size: int = Field(352, ge=128, le=1024, multiple_of=32)
+    loc_epochs_head: int = Field(2, ge=0, description="localiser epochs with the trunk frozen")
+    loc_epochs_finetune: int = Field(4, ge=0, description="localiser epochs fine-tuning all weights")
     loc_lr_head: float = Field(2e-3, gt=0)
     loc_lr_finetune: float = Field(4e-4, gt=0)
     layer_decay: float = Field(0.5, gt=0, le=1)
@@ -27,9 +27,9 @@ class TrainSettings(BaseModel):
     # classifier
     crop_size: int = Field(128, ge=64, le=320, multiple_of=32)
     crop_long_side: int = Field(512, ge=128, le=2048)
-    freeze_blocks: int = Field(8, ge=0, le=16)
-    cls_views: int = Field(3, ge=1, le=32)
-    cls_epochs: int = Field(4, ge=0)
+    freeze_blocks: int = Field(8, ge=0, le=16, description="EfficientNet-Lite0 blocks kept frozen (of 16)")
+    cls_views: int = Field(3, ge=1, le=32, description="augmented views of every box for the classifier")
+    cls_epochs: int = Field(4, ge=0, description="classifier fine-tuning epochs")
     cls_lr: float = Field(1e-3, gt=0)
     # run control
     patience: int = Field(3, ge=1, description="epochs without validation gain before a phase stops")
