@@ -19,6 +19,9 @@ WORKDIR /data
 RUN useradd --system --home /data dishtrack && chown dishtrack /data
 USER dishtrack
 EXPOSE 8000
-HEALTHCHECK --interval=30s --timeout=5s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health').status != 200)"
+# /health answers 503 ("failing") when events are not persisted, a camera never delivered a frame or the
+# pipeline is stuck; urlopen raises on 503, so the check fails and the container turns unhealthy
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+  CMD python -c "import sys, urllib.request as u; sys.exit(u.urlopen('http://127.0.0.1:8000/health', timeout=4).status != 200)"
 ENTRYPOINT ["dishtrack"]
 CMD ["run", "--host", "0.0.0.0", "--port", "8000"]

@@ -154,6 +154,8 @@ class ApiConfig(_Strict):
     mjpeg_fps: float = Field(10.0, gt=0, le=60)
     mjpeg_quality: int = Field(75, ge=10, le=100)
     ws_queue: int = Field(256, ge=1, description="per-client bounded queue; a slow client is dropped")
+    health_stuck_s: float = Field(30.0, gt=0, description="no pipeline loop iteration for this long = stuck "
+                                  "(/health failing, /livez 503)")
 
 
 class AppConfig(_Strict):
@@ -202,6 +204,12 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         raw = yaml.safe_load(p.read_text())
     except FileNotFoundError as e:
         raise ConfigError(f"{p}: no such config file") from e
+    except IsADirectoryError as e:
+        raise ConfigError(f"{p}: is a directory, not a config file") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a text (UTF-8) file") from e
+    except OSError as e:  # permission denied, I/O error, ...
+        raise ConfigError(f"{p}: cannot read config file: {e.strerror or e}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from e
     if not isinstance(raw, dict):

@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from importlib import resources
 
 from fastapi import FastAPI, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
-from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from dishtrack.config import AppConfig
 
+from . import health as health_rules
 from .hub import EventHub
 from .metrics import Metrics
 from .pipeline import Pipeline
@@ -21,6 +25,23 @@ from .store import EventStore
 
 log = logging.getLogger(__name__)
 _BOUNDARY = "dishtrackframe"
+_SEQ_MAX = 2**63 - 1  # SQLite INTEGER; a larger ``after`` is a 422, not an OverflowError
+_TIME_MAX = 1e11  # unix seconds (year ~5138); rejects ms timestamps passed by mistake
+
+
+class ErrorBody(BaseModel):
+    """What a 404 / 503 carries."""
+
+    detail: str
+
+
+def _responses(*codes: int) -> dict:
+    text = {404: "unknown camera or event", 503: "not available (yet)"}
+    return {c: {"model": ErrorBody, "description": text[c]} for c in codes}
+
+
+_JSON_503 = {503: {"description": "failing (same body, status `failing`)",
+                   "content": {"application/json": {"schema": {"type": "object"}}}}}
 
 
 @dataclass
@@ -68,19 +89,44 @@ def create_app(runtime: Runtime) -> FastAPI:
     def index() -> str:
         return resources.files("dishtrack.service").joinpath("static", "index.html").read_text()
 
-    @app.get("/health")
-    def health() -> dict:
+    stuck_s = rt.cfg.api.health_stuck_s
+
+    @app.get("/health", responses=_JSON_503)
+    def health() -> JSONResponse:
+        """``ok`` / ``degraded`` (a camera reconnecting; HTTP 200) / ``failing`` (HTTP 503: events not
+        persisted, a camera that never delivered a frame, pipeline dead or stuck; see ``failing``)."""
+        status, reasons, statuses = health_rules.health(rt.pipeline, stuck_s)
         cams = []
-        for cid, r in rt.pipeline.readers.items():
-            d = r.status().to_dict()
+        for cid, st in statuses.items():
+            d = st.to_dict()
             d.update(rt.metrics.summary(cid))
             cams.append(d)
-        ok = all(c["state"] in ("streaming", "ended") for c in cams)
-        return {"status": "ok" if ok else "degraded", "cameras": cams, "events_stored": rt.store.count(),
+        loop_at = rt.pipeline.loop_at
+        body = {"status": status, "cameras": cams, "events_stored": rt.store.count(),
                 "pipeline_finished": rt.pipeline.finished.is_set(),
-                "detector_device": str(getattr(rt.pipeline.detector, "device", "n/a"))}
+                "detector_device": str(getattr(rt.pipeline.detector, "device", "n/a")),
+                "failing": reasons, "events_unsaved": len(rt.pipeline.unsaved),
+                "persist_error": rt.pipeline.persist_error, "pipeline_alive": rt.pipeline.alive,
+                "pipeline_loop_age_s": None if loop_at is None else round(time.time() - loop_at, 3)}
+        return JSONResponse(body, status_code=503 if status == "failing" else 200)
 
-    @app.get("/metrics")
+    @app.get("/livez", responses=_JSON_503)
+    def livez() -> JSONResponse:
+        """Liveness: the process answers and the pipeline thread runs (or finished its input) and is not stuck."""
+        v = health_rules.liveness(rt.pipeline, stuck_s)
+        return JSONResponse({"live": v.ok, "reasons": list(v.reasons), "checks": v.checks},
+                            status_code=200 if v.ok else 503)
+
+    @app.get("/readyz", responses=_JSON_503)
+    def readyz() -> JSONResponse:
+        """Readiness: model loaded, store writable (no event waiting for its write), a camera streaming."""
+        v = health_rules.readiness(rt.pipeline, rt.cfg.storage.sqlite_path)
+        return JSONResponse({"ready": v.ok, "reasons": list(v.reasons), "checks": v.checks},
+                            status_code=200 if v.ok else 503)
+
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"description": "Prometheus text exposition format",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
     def metrics() -> Response:
         rt.pipeline.refresh_gauges()
         return Response(generate_latest(rt.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -89,7 +135,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     def cameras() -> list[dict]:
         return [r.status().to_dict() for r in rt.pipeline.readers.values()]
 
-    @app.get("/cameras/{camera_id}/tracks")
+    @app.get("/cameras/{camera_id}/tracks", responses=_responses(404))
     def tracks(camera_id: str) -> dict:
         camera_or_404(camera_id)
         upd = rt.pipeline.last_update.get(camera_id)
@@ -99,7 +145,10 @@ def create_app(runtime: Runtime) -> FastAPI:
             {"track_id": t.track_id, "state": t.state.value, "box": t.box, "label": t.label,
              "confidence": t.confidence, "hits": t.hits} for t in upd.tracks]}
 
-    @app.get("/cameras/{camera_id}/snapshot.jpg")
+    @app.get("/cameras/{camera_id}/snapshot.jpg", response_class=Response,
+             responses={200: {"description": "latest annotated frame",
+                              "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
+                        **_responses(404, 503)})
     def snapshot(camera_id: str) -> Response:
         camera_or_404(camera_id)
         _, jpeg = rt.pipeline.streams[camera_id].get()
@@ -107,7 +156,11 @@ def create_app(runtime: Runtime) -> FastAPI:
             raise HTTPException(503, "no frame processed yet for this camera")
         return Response(jpeg, media_type="image/jpeg")
 
-    @app.get("/cameras/{camera_id}/stream.mjpg")
+    @app.get("/cameras/{camera_id}/stream.mjpg", response_class=StreamingResponse,
+             responses={200: {"description": "annotated MJPEG, one JPEG part per frame",
+                              "content": {"multipart/x-mixed-replace": {"schema": {"type": "string",
+                                                                                   "format": "binary"}}}},
+                        **_responses(404)})
     async def stream(camera_id: str, request: Request) -> StreamingResponse:
         camera_or_404(camera_id)
         slot = rt.pipeline.streams[camera_id]
@@ -127,20 +180,25 @@ def create_app(runtime: Runtime) -> FastAPI:
                                  headers={"Cache-Control": "no-store"})
 
     @app.get("/events")
-    def events(after: int = Query(0, ge=0, description="return events with seq greater than this"),
+    def events(after: int = Query(0, ge=0, le=_SEQ_MAX, description="return events with seq greater than this"),
                limit: int = Query(50, ge=1, le=1000),
                camera: str | None = None, zone: str | None = None, label: str | None = None,
-               since: float | None = Query(None, description="ended_at >= since (unix seconds)"),
-               until: float | None = Query(None, description="ended_at < until (unix seconds)"),
+               since: float | None = Query(None, ge=0, le=_TIME_MAX, allow_inf_nan=False,
+                                           description="ended_at >= since (unix seconds)"),
+               until: float | None = Query(None, ge=0, le=_TIME_MAX, allow_inf_nan=False,
+                                           description="ended_at < until (unix seconds); >= since"),
                needs_review: bool | None = Query(None, description="only events that do (true) / do not "
                                                  "(false) need review")) -> dict:
-        if since is not None and until is not None and until <= since:
-            raise HTTPException(422, "until must be greater than since")
+        if since is not None and until is not None and until < since:
+            # the same body as every other 422 (pydantic error list), not a bare string
+            raise RequestValidationError([{"type": "greater_than_equal", "loc": ("query", "until"),
+                                           "msg": f"Input should be greater than or equal to since ({since})",
+                                           "input": until, "ctx": {"ge": since}}])
         page = rt.store.list(after=after, limit=limit, camera_id=camera, zone_id=zone, label=label,
                              since=since, until=until, needs_review=needs_review)
         return {"items": page.items, "next_after": page.next_after}
 
-    @app.get("/events/{event_id}")
+    @app.get("/events/{event_id}", responses=_responses(404))
     def event(event_id: str) -> dict:
         rec = rt.store.get(event_id)
         if rec is None:

@@ -22,8 +22,13 @@ def cmd_run(args) -> int:
         overrides["host"] = args.host
     if args.port is not None:
         overrides["port"] = args.port
-    if overrides:
-        cfg = cfg.model_copy(update={"api": cfg.api.model_copy(update=overrides)})
+    if overrides:  # validated like the file (model_copy(update=) would skip validation)
+        from dishtrack.config import AppConfig
+
+        try:
+            cfg = AppConfig.model_validate({**cfg.model_dump(), "api": {**cfg.api.model_dump(), **overrides}})
+        except ValueError as e:
+            raise ConfigError(f"invalid command line: {e}") from e
     import uvicorn
 
     from .api import build_runtime, create_app
@@ -36,8 +41,15 @@ def cmd_run(args) -> int:
 
 
 def cmd_check_config(args) -> int:
+    import json
+
+    from .ingest import redact
+
     cfg = load_config(args.config)
-    print(cfg.model_dump_json(indent=2))  # the command's output is the resolved config
+    data = cfg.model_dump(mode="json")
+    for cam in data["cameras"]:  # camera URLs carry passwords: never print them
+        cam["source"] = redact(cam["source"])
+    print(json.dumps(data, indent=2))  # the command's output is the resolved config
     return 0
 
 
@@ -183,6 +195,16 @@ def _add_train_args(t: argparse.ArgumentParser) -> None:
             t.add_argument(flag, type=typ, default=None, help=f"{help_} (default {f.default})")
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is out of range 0..65535")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dishtrack", description=__doc__)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -191,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the service (default config: bundled sample video + model + SQLite)")
     r.add_argument("--config", help="YAML config; default: the bundled one")
     r.add_argument("--host")
-    r.add_argument("--port", type=int)
+    r.add_argument("--port", type=_port, help="0..65535")
     r.set_defaults(fn=cmd_run)
 
     c = sub.add_parser("check-config", help="validate a config and print it resolved")

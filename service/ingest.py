@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ class SourceState(str, enum.Enum):
     STALLED = "stalled"
     RECONNECTING = "reconnecting"
     ENDED = "ended"  # a file source without loop reached its end
+    ERROR = "error"  # a file source that cannot be opened (missing, not a file, undecodable): no retry
     STOPPED = "stopped"
 
 
@@ -52,12 +54,25 @@ class CameraStatus:
         return d
 
 
+# query parameters some cameras take credentials in (…?user=admin&password=…)
+_SECRET_QUERY = re.compile(r"(?i)([?&;](?:password|passwd|pass|pwd|pw|token|secret|key|auth|sig)=)[^&;#]*")
+
+
 def redact(url: str) -> str:
-    """Hide credentials in rtsp://user:pass@host URLs."""
-    if "://" in url and "@" in url.split("://", 1)[1].split("/", 1)[0]:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
+    """Hide credentials in a source URL, whatever characters the password holds.
+
+    Operators paste passwords unencoded (``rtsp://admin:p@ss/w0rd@10.0.0.5/s``), so
+    the userinfo is taken up to the *last* ``@`` (a host cannot contain one) rather
+    than ending at the first ``/``; it is replaced whole (``***@host``). Secret-looking
+    query parameters are masked too. Over-masking a path that contains ``@`` is
+    accepted: a leaked password is not."""
+    if "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    at = rest.rfind("@")
+    if at >= 0:
+        rest = "***@" + rest[at + 1:]
+    return f"{scheme}://" + _SECRET_QUERY.sub(r"\1***", rest)
 
 
 class LatestFrameSlot:
@@ -104,7 +119,8 @@ def open_capture(cfg: CameraConfig) -> cv2.VideoCapture:
         # then shows up as a read timeout instead of silent packet loss.
         os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", "rtsp_transport;tcp")
     elif not _is_stream(cfg.source) and not os.path.isfile(cfg.source):
-        raise FileNotFoundError(f"camera {cfg.id}: video file {cfg.source} does not exist")
+        what = "is not a regular file" if os.path.exists(cfg.source) else "does not exist"
+        raise FileNotFoundError(f"camera {cfg.id}: video file {cfg.source} {what}")
     params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(cfg.open_timeout_s * 1000),
               cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(cfg.stall_timeout_s * 1000)]
     cap = cv2.VideoCapture(cfg.source, cv2.CAP_FFMPEG, params)
@@ -122,6 +138,7 @@ class CameraReader:
         self.slot = slot or LatestFrameSlot()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"reader-{cfg.id}", daemon=True)
+        self.started_at: float | None = None  # wall clock of start(); health: "never delivered a frame"
         self._lock = threading.Lock()
         self._state = SourceState.CONNECTING
         self._frames = 0
@@ -138,6 +155,7 @@ class CameraReader:
 
     # -- control
     def start(self) -> "CameraReader":
+        self.started_at = time.time()
         self._thread.start()
         return self
 
@@ -148,7 +166,7 @@ class CameraReader:
 
     @property
     def ended(self) -> bool:
-        return self._state in (SourceState.ENDED, SourceState.STOPPED)
+        return self._state in (SourceState.ENDED, SourceState.ERROR, SourceState.STOPPED)
 
     def status(self) -> CameraStatus:
         with self._lock:
@@ -175,9 +193,13 @@ class CameraReader:
                 cap = open_capture(self.cfg)
             except FileNotFoundError as e:
                 log.error("%s", e)
-                self._set(SourceState.ENDED, str(e))
+                self._set(SourceState.ERROR, str(e))
                 return
             except ConnectionError as e:
+                if not _is_stream(self.cfg.source):  # a file that will not decode does not heal by retrying
+                    log.error("%s", e)
+                    self._set(SourceState.ERROR, f"{e} (not a readable video file)")
+                    return
                 log.warning("%s; retrying in %.1fs", e, backoff)
                 self._set(SourceState.RECONNECTING, str(e))
                 if self._stop.wait(backoff):

@@ -3,6 +3,7 @@ per-camera tracker -> line crossings -> trays -> persisted, then published
 events; annotated JPEGs for the MJPEG streams."""
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -71,6 +72,17 @@ class Pipeline:
         self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)
         self.finished = threading.Event()  # every source ended and the last trays were flushed
         self.events_emitted = 0
+        self.loop_at: float | None = None  # wall clock of the last loop iteration (health: stuck loop)
+        # events whose write failed, oldest first, retried every _RETRY_S (bounded; health says failing while any)
+        self.unsaved: collections.deque = collections.deque(maxlen=10000)
+        self.persist_error: str | None = None
+        self._retry_at = 0.0
+
+    _RETRY_S = 1.0
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def start(self) -> "Pipeline":
         for r in self.readers.values():
@@ -85,17 +97,26 @@ class Pipeline:
         self._thread.join(timeout=30)
         if not self.finished.is_set():
             self._flush_all()
+        self._retry_at = 0.0
+        self._retry_unsaved()
+        if self.unsaved:
+            log.error("%d checkout events could not be persisted at shutdown: %s", len(self.unsaved),
+                      self.persist_error)
 
     # -- loop
     def _run(self) -> None:
         batch_max = self.cfg.detector.batch_max
         while not self._stop.is_set():
+            self.loop_at = time.time()
             frames = [f for f in (r.slot.take() for r in self.readers.values()) if f is not None]
             if not frames:
                 self._close_idle_trays()
                 self._housekeep()
                 if all(r.ended for r in self.readers.values()):
                     self._flush_all()
+                    if self.unsaved:  # not finished while events wait for their write
+                        self._stop.wait(0.1)
+                        continue
                     self.finished.set()
                     log.info("all sources ended; pipeline idle")
                     return
@@ -141,7 +162,25 @@ class Pipeline:
     def _emit(self, ev: CheckoutEvent) -> None:
         if self.menu is not None:
             ev = self.menu.apply(ev)
-        record = self.store.save(ev)  # persisted first: a crash after this loses nothing
+        if self.unsaved:  # keep the order: nothing overtakes an event waiting for its write
+            self.unsaved.append(ev)
+            return
+        self._save_and_publish(ev)
+
+    def _save_and_publish(self, ev: CheckoutEvent) -> bool:
+        try:
+            record = self.store.save(ev)  # persisted first: a crash after this loses nothing
+        except Exception as e:  # noqa: BLE001 - disk full, locked, read-only: keep it and retry
+            if not self.unsaved or self.unsaved[0] is not ev:
+                self.unsaved.append(ev)
+            if self.persist_error is None:
+                log.error("cannot persist checkout event %s (kept, retrying): %s", ev.event_id, e)
+            self.persist_error = f"{type(e).__name__}: {e}"
+            self.metrics.pipeline_errors.inc()
+            return False
+        if self.persist_error is not None:
+            log.warning("events are persisted again")
+            self.persist_error = None
         self.metrics.events.labels(ev.camera_id, ev.zone_id).inc()
         self.events_emitted += 1
         log.info("checkout %s %s: %s%s%s", ev.camera_id, ev.zone_id,
@@ -149,6 +188,15 @@ class Pipeline:
                  "" if ev.total is None else f" = {ev.total:.2f} {ev.currency}",
                  " (needs review)" if ev.needs_review else "")
         self.hub.publish(record)
+        return True
+
+    def _retry_unsaved(self) -> None:
+        now = time.time()
+        if not self.unsaved or now < self._retry_at:
+            return
+        self._retry_at = now + self._RETRY_S
+        while self.unsaved and self._save_and_publish(self.unsaved[0]):
+            self.unsaved.popleft()
 
     def _tray_now(self, cam: str, wall: float) -> float | None:
         """A camera's tray clock while no frame arrives: its last frame time
@@ -192,6 +240,7 @@ class Pipeline:
     def _housekeep(self) -> None:
         """Once per loop: gauges, and NO SIGNAL frames (1/s) for cameras that are down, so
         viewers of their MJPEG stream do not watch a frozen picture."""
+        self._retry_unsaved()
         statuses = {cam: r.status() for cam, r in self.readers.items()}
         now = time.time()
         for cam, st in statuses.items():

@@ -123,8 +123,8 @@ class ServiceProcess:
     def _ready(self) -> bool:
         if self.proc.poll() is not None:
             raise AssertionError(f"service exited {self.proc.returncode}:\n{self.log_path.read_text()}")
-        with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(self.base + "/health", timeout=2).status_code == 200
+        with contextlib.suppress(httpx.HTTPError):  # up and serving; /health may rightly say 503 (camera down)
+            return httpx.get(self.base + "/livez", timeout=2).status_code == 200
         return False
 
     def get(self, path: str, **kw) -> httpx.Response:

@@ -65,6 +65,7 @@ def test_offline_file_processes_every_frame_and_serves_events(client):
     assert len(client.get("/events", params={"label": "person"}).json()["items"]) == len(items)
     assert client.get("/events", params={"limit": 0}).status_code == 422
     assert client.get("/events", params={"since": 10, "until": 5}).status_code == 422
+    assert client.get("/events", params={"since": 10, "until": 10}).json()["items"] == []
 
     one = client.get(f"/events/{items[0]['event_id']}")
     assert one.status_code == 200 and one.json() == items[0]
@@ -88,19 +89,19 @@ def test_offline_file_processes_every_frame_and_serves_events(client):
     assert "<title>dishtrack</title>" in client.get("/").text
 
 
-def test_missing_video_file_reports_ended_with_error(tmp_path, detector):
+def test_missing_video_file_reports_error_state(tmp_path, detector):
     cfg = make_cfg(tmp_path, source=str(tmp_path / "missing.mp4"))
     with TestClient(create_app(build_runtime(cfg, detector=detector))) as c:
-        wait_until(lambda: c.get("/cameras").json()[0]["state"] == "ended", 20, what="ended state")
+        wait_until(lambda: c.get("/cameras").json()[0]["state"] == "error", 20, what="error state")
         cam = c.get("/cameras").json()[0]
-        assert "does not exist" in cam["last_error"]
+        assert "does not exist" in cam["last_error"] and str(tmp_path / "missing.mp4") in cam["last_error"]
 
 
 def test_unreachable_rtsp_is_degraded_and_retries_with_backoff(tmp_path, detector):
     from conftest import free_port
 
     cfg = make_cfg(tmp_path, source=f"rtsp://127.0.0.1:{free_port()}/cam", reconnect_initial_s=0.1,
-                   reconnect_max_s=0.4, open_timeout_s=2)
+                   reconnect_max_s=0.4, open_timeout_s=10)
     with TestClient(create_app(build_runtime(cfg, detector=detector))) as c:
         time.sleep(2.0)
         h = c.get("/health").json()
