@@ -184,14 +184,11 @@ def save_checkpoint(path: str | Path, model: CenterNetModel, labels: tuple[str, 
 
 
 def load_checkpoint(path: str | Path) -> tuple[CenterNetModel, tuple[str, ...], int]:
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"detector checkpoint {path} does not exist") from e
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a corrupt file
-        raise ValueError(f"{path}: not a readable dishtrack checkpoint ({e})") from e
-    if not isinstance(ck, dict) or ck.get("format") != "dishtrack-centernet-v1":
-        raise ValueError(f"{path}: not a dishtrack checkpoint (format {ck.get('format') if isinstance(ck, dict) else type(ck)})")
+    from .dish_detector import read_checkpoint
+
+    ck = read_checkpoint(path)
+    if ck["format"] != "dishtrack-centernet-v1":
+        raise ValueError(f"{path}: checkpoint format {ck['format']!r}, expected 'dishtrack-centernet-v1'")
     labels = tuple(ck["labels"])
     model = CenterNetModel(bundled_weights(), num_classes=len(labels))
     model.load_state_dict(ck["state_dict"])
