@@ -160,6 +160,8 @@ def cmd_make_video(args) -> int:
     settings = SynthSettings(width=args.width, height=args.height, fps=args.fps, seed=args.seed)
     res = make_checkout_video(samples, args.out, args.trays, settings, classes=classes)
     print(f"{res.video}: {len(res.receipts)} trays, {res.frames} frames; ground truth in {res.out_dir}")
+    return 0
+
 
 def cmd_track(args) -> int:
     """The configured tracker on MOT-format detections -> MOT-format results."""
