@@ -53,9 +53,6 @@ class Lite0Trunk(nn.Module):
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1) * 255, persistent=False)
 
-    def frozen_parameters(self) -> list[nn.Parameter]:
-        return list(self.stem.parameters()) + [p for b in self.blocks[: self.freeze_blocks] for p in b.parameters()]
-
     def tuned_stages(self) -> list[list[nn.Parameter]]:
         """Trainable blocks in input-to-output order, one list per block, then the head conv."""
         return [list(b.parameters()) for b in self.blocks[self.freeze_blocks:]] + [list(self.head.parameters())]

@@ -1,4 +1,4 @@
-"""Labelled detection data for ``dishtrack train``.
+"""The ``manifest.jsonl`` dataset format and ``export_mot_video``.
 
 Format: a directory holding ``manifest.jsonl``, one JSON object per image::
 
@@ -10,17 +10,12 @@ Paths are relative to the manifest; boxes are pixels of that image.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
 from .sample import DatasetError, Sample  # noqa: F401 - re-exported, defined torch-free
-
-STRIDE = 4
 
 
 def read_manifest(path: str | Path) -> list[Sample]:
@@ -85,63 +80,3 @@ def export_mot_video(video: str | Path, gt: str | Path, out: str | Path, label: 
     if not written:
         raise DatasetError(f"{video}: no frames read")
     return written
-
-
-def _gaussian_radius(h: float, w: float, min_overlap: float = 0.7) -> float:
-    """CenterNet's radius so that a shifted box still has IoU >= min_overlap."""
-    a1, b1, c1 = 1, h + w, w * h * (1 - min_overlap) / (1 + min_overlap)
-    r1 = (b1 + math.sqrt(b1 ** 2 - 4 * a1 * c1)) / 2
-    a2, b2, c2 = 4, 2 * (h + w), (1 - min_overlap) * w * h
-    r2 = (b2 + math.sqrt(b2 ** 2 - 4 * a2 * c2)) / 2
-    a3, b3, c3 = 4 * min_overlap, -2 * min_overlap * (h + w), (min_overlap - 1) * w * h
-    r3 = (b3 + math.sqrt(b3 ** 2 - 4 * a3 * c3)) / 2
-    return min(r1, r2, r3)
-
-
-class DetectionDataset(Dataset):
-    """Images resized to ``size``x``size`` (as the detector does) with CenterNet targets."""
-
-    def __init__(self, samples: list[Sample], classes: tuple[str, ...], size: int, augment: bool = False,
-                 max_objects: int = 128) -> None:
-        self.samples = samples
-        self.classes = classes
-        self.cls_index = {c: i for i, c in enumerate(classes)}
-        self.size = size
-        self.augment = augment
-        self.max_objects = max_objects
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        s = self.samples[i]
-        img = cv2.imread(str(s.image))
-        if img is None:
-            raise DatasetError(f"cannot decode {s.image}")
-        h, w = img.shape[:2]
-        img = cv2.cvtColor(cv2.resize(img, (self.size, self.size)), cv2.COLOR_BGR2RGB)
-        boxes = s.boxes * np.array([self.size / w, self.size / h] * 2, np.float32)
-        if self.augment and np.random.rand() < 0.5:
-            img = img[:, ::-1].copy()
-            boxes = boxes.copy()
-            boxes[:, [0, 2]] = self.size - boxes[:, [2, 0]]
-        out = self.size // STRIDE
-        heat = np.zeros((len(self.classes), out, out), np.float32)
-        ltrb = np.zeros((self.max_objects, 4), np.float32)
-        ind = np.zeros((self.max_objects,), np.int64)
-        mask = np.zeros((self.max_objects,), np.float32)
-        yy, xx = np.mgrid[0:out, 0:out]
-        for k, (b, lbl) in enumerate(zip(boxes[: self.max_objects], s.labels)):
-            c = self.cls_index[lbl]
-            cx, cy = (b[0] + b[2]) / 2 / STRIDE, (b[1] + b[3]) / 2 / STRIDE
-            ix, iy = min(int(cx), out - 1), min(int(cy), out - 1)
-            bw, bh = (b[2] - b[0]) / STRIDE, (b[3] - b[1]) / STRIDE
-            sigma = max(0.0, _gaussian_radius(bh, bw)) / 3 + 1e-3 + 1 / 3
-            g = np.exp(-((xx - ix) ** 2 + (yy - iy) ** 2) / (2 * sigma ** 2))
-            heat[c] = np.maximum(heat[c], g)
-            px, py = ix * STRIDE, iy * STRIDE
-            ltrb[k] = (px - b[0], py - b[1], b[2] - px, b[3] - py)
-            ind[k] = iy * out + ix
-            mask[k] = 1.0
-        return {"image": torch.from_numpy(img).permute(2, 0, 1).float(), "heat": torch.from_numpy(heat),
-                "ltrb": torch.from_numpy(ltrb), "ind": torch.from_numpy(ind), "mask": torch.from_numpy(mask)}

@@ -42,7 +42,7 @@ def crop(images: torch.Tensor, boxes: list[torch.Tensor], size: int, context: fl
     """Bilinear square context crops. images (B,3,H,W) float; boxes: per image (Ni,4) xyxy in its pixels.
     Outside the image is zero (black), as a camera's border would be."""
     wins = [square_windows(b, context) for b in boxes]
-    # sampling_ratio scaled to the downsampling so large crops are averaged, not aliased
+    # 2x2 bilinear samples per output pixel: some averaging when a large box is shrunk to ``size``
     return torchvision.ops.roi_align(images, wins, output_size=size, spatial_scale=1.0, sampling_ratio=2,
                                      aligned=True)
 
@@ -77,7 +77,11 @@ class DishClassifier(nn.Module):
     def features(self, crops: torch.Tensor) -> torch.Tensor:
         return self.trunk(crops).mean(dim=(2, 3))
 
+    def head(self, emb: torch.Tensor, geometry: torch.Tensor) -> torch.Tensor:
+        """Pooled trunk embedding (N, 1280) + box geometry (N, 3) -> logits (N, C+1)."""
+        return self.fc(self.drop(torch.cat([emb, self.geo(geometry)], dim=1)))
+
     def forward(self, crops: torch.Tensor, geometry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns logits (N, C+1) and the pooled trunk embedding (N, 1280)."""
         emb = self.features(crops)
-        return self.fc(self.drop(torch.cat([emb, self.geo(geometry)], dim=1))), emb
+        return self.head(emb, geometry), emb

@@ -109,14 +109,13 @@ class DishDetector:
         model = load_dish_checkpoint(path)
         return cls(model, pick_device(device))
 
-    def _crop_sources(self, images: list[np.ndarray]) -> tuple[list[torch.Tensor], list[float]]:
+    def _crop_sources(self, images_rgb: list[np.ndarray]) -> tuple[list[torch.Tensor], list[float]]:
         out, scales = [], []
-        for im in images:
+        for im in images_rgb:
             h, w = im.shape[:2]
             f = min(1.0, self.spec.crop_long_side / max(h, w))
             small = cv2.resize(im, (round(w * f), round(h * f)), interpolation=cv2.INTER_AREA) if f < 1 else im
-            out.append(torch.from_numpy(cv2.cvtColor(small, cv2.COLOR_BGR2RGB)).permute(2, 0, 1).float()
-                       .to(self.device))
+            out.append(torch.from_numpy(small).permute(2, 0, 1).float().to(self.device))
             scales.append(f)
         return out, scales
 
@@ -125,12 +124,13 @@ class DishDetector:
         """Raw per-image predictions before per-dish thresholds: boxes, scores, class ids, probs, embeddings."""
         if not images_bgr:
             return []
-        lb = [letterbox(cv2.cvtColor(im, cv2.COLOR_BGR2RGB), self.spec.loc_size) for im in images_bgr]
+        rgb = [cv2.cvtColor(im, cv2.COLOR_BGR2RGB) for im in images_bgr]
+        lb = [letterbox(im, self.spec.loc_size) for im in rgb]
         batch = torch.from_numpy(np.stack([x for x, _ in lb])).to(self.device).permute(0, 3, 1, 2).float()
         sizes = [(im.shape[1], im.shape[0]) for im in images_bgr]
         found = localise(self.model.localiser, batch, [s for _, s in lb], sizes, self.spec.loc_threshold,
                          self.max_detections, self.nms_iou)
-        srcs, fs = self._crop_sources(images_bgr)
+        srcs, fs = self._crop_sources(rgb)
         probs, emb = classify(self.model.classifier, srcs, [b * f for (b, _), f in zip(found, fs)],
                               [(round(w * f), round(h * f)) for (w, h), f in zip(sizes, fs)], self.spec.crop_size)
         out, k = [], 0

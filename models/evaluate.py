@@ -57,14 +57,12 @@ def coco_map(gt: Sequence[tuple[np.ndarray, np.ndarray]], pred: Sequence[tuple[n
 def match_confusion(gt: Sequence[tuple[np.ndarray, np.ndarray]], pred: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
                     n_classes: int, iou: float = 0.5) -> np.ndarray:
     """(C+1)x(C+1) counts: rows truth, columns prediction; index C = missed / spurious."""
-    import torch
-    import torchvision
+    from dishtrack.tracking.geometry import iou_matrix
 
     m = np.zeros((n_classes + 1, n_classes + 1), np.int64)
     for (gb, gc), (pb, ps, pc) in zip(gt, pred):
         used = np.zeros(len(pb), bool)
-        ious = (torchvision.ops.box_iou(torch.as_tensor(gb, dtype=torch.float32), torch.as_tensor(pb, dtype=torch.float32))
-                .numpy() if len(gb) and len(pb) else np.zeros((len(gb), len(pb))))
+        ious = iou_matrix(gb, pb)
         for g in np.argsort(-np.max(ious, axis=1)) if len(pb) else range(len(gb)):
             j = -1
             if len(pb):
@@ -111,9 +109,8 @@ def choose_thresholds(gt: Sequence[tuple[np.ndarray, np.ndarray]], pred: Sequenc
         truth = [int(np.sum(gc == k)) for _, gc in gt]
         for t in grid:
             ok = sum(int(np.sum((pc == k) & (ps >= t))) == n for (_, ps, pc), n in zip(pred, truth))
-            if ok >= best:
+            if ok >= best:  # ties: the higher threshold (fewer spurious boxes elsewhere)
                 best, best_t = ok, float(t)
-        # the widest plateau's middle would be more robust; take the lower end of the best plateau's upper half
         out[name] = best_t
     return out
 

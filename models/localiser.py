@@ -15,9 +15,22 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dishtrack.tracking.geometry import iou_matrix
+
 from .augment import AugmentSettings, geometric, letterbox, photometric
-from .dataset import STRIDE, _gaussian_radius
+from .detector import STRIDE
 from .sample import DatasetError, Sample
+
+
+def _gaussian_radius(h: float, w: float, min_overlap: float = 0.7) -> float:
+    """CenterNet's radius so that a shifted box still has IoU >= min_overlap."""
+    a1, b1, c1 = 1, h + w, w * h * (1 - min_overlap) / (1 + min_overlap)
+    r1 = (b1 + math.sqrt(b1 ** 2 - 4 * a1 * c1)) / 2
+    a2, b2, c2 = 4, 2 * (h + w), (1 - min_overlap) * w * h
+    r2 = (b2 + math.sqrt(b2 ** 2 - 4 * a2 * c2)) / 2
+    a3, b3, c3 = 4 * min_overlap, -2 * min_overlap * (h + w), (min_overlap - 1) * w * h
+    r3 = (b3 + math.sqrt(b3 ** 2 - 4 * a3 * c3)) / 2
+    return min(r1, r2, r3)
 
 
 def centernet_targets(boxes: np.ndarray, class_idx: Sequence[int], size: int, num_classes: int,
@@ -96,15 +109,12 @@ class LocaliserDataset(Dataset):
 def average_precision(pred: list[tuple[np.ndarray, np.ndarray]], gt: list[np.ndarray], iou: float = 0.5) -> float:
     """Class-agnostic AP at one IoU (all-point interpolation), for quick per-epoch validation
     of the localiser; the reported mAP comes from faster-coco-eval in ``evaluate``."""
-    import torchvision
-
     scores, tps, n_gt = [], [], sum(len(g) for g in gt)
     for (boxes, sc), g in zip(pred, gt):
         order = np.argsort(-sc)
         boxes, sc = boxes[order], sc[order]
         used = np.zeros(len(g), bool)
-        ious = torchvision.ops.box_iou(torch.as_tensor(boxes), torch.as_tensor(g)).numpy() if len(g) and len(boxes) \
-            else np.zeros((len(boxes), len(g)))
+        ious = iou_matrix(boxes, g)
         for k in range(len(boxes)):
             j = int(np.argmax(ious[k])) if len(g) else -1
             ok = j >= 0 and ious[k, j] >= iou and not used[j]

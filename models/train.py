@@ -30,9 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+
+from dishtrack.tracking.geometry import iou_matrix
 
 from .augment import AugmentSettings, photometric
 from .detector import CenterNetModel, bundled_weights, pick_device
@@ -195,7 +196,7 @@ def train_localiser(s: TrainSettings, model: CenterNetModel, train_c: ImageCache
                     num_workers=0, generator=torch.Generator().manual_seed(s.seed))
     vds = LocaliserDataset(val_c, s.loc_size, None)
 
-    def train_epoch(desc):
+    def train_epoch(desc, opt):
         def run(ep):
             model.train()
             if not any(p.requires_grad for p in model.graph.parameters()):
@@ -206,9 +207,9 @@ def train_localiser(s: TrainSettings, model: CenterNetModel, train_c: ImageCache
                     batch = {k: v.to(device) for k, v in batch.items()}
                     heat, ltrb = model(batch["image"])
                     loss = detection_loss(heat, ltrb, batch)
-                    opt_ref[0].zero_grad()
+                    opt.zero_grad()
                     loss.backward()
-                    opt_ref[0].step()
+                    opt.step()
                     total += loss.item() * len(batch["image"])
                     n += len(batch["image"])
                     bar.set_postfix(loss=f"{total / n:.3f}")
@@ -234,21 +235,20 @@ def train_localiser(s: TrainSettings, model: CenterNetModel, train_c: ImageCache
         return (ap50 + ap75) / 2, {"val_loss": float(np.mean(losses)), "ap50": ap50, "ap75": ap75}
 
     hist = []
-    opt_ref: list = [None]
     # phase 1: frozen trunk
     for p in model.graph.parameters():
         p.requires_grad_(False)
-    opt_ref[0] = torch.optim.AdamW(model.head.parameters(), lr=s.loc_lr_head, weight_decay=1e-4)
-    ph = run_phase("localiser-head", s.loc_epochs_head, model, opt_ref[0], None, train_epoch("localiser head"),
+    opt = torch.optim.AdamW(model.head.parameters(), lr=s.loc_lr_head, weight_decay=1e-4)
+    ph = run_phase("localiser-head", s.loc_epochs_head, model, opt, None, train_epoch("localiser head", opt),
                    validate, state, s.patience)
     hist += [{"phase": "localiser-head", **h} for h in ph["history"]]
     # phase 2: everything, layer-wise rates
     if s.loc_epochs_finetune:
         for p in model.graph.parameters():
             p.requires_grad_(True)
-        opt_ref[0] = torch.optim.AdamW(layerwise_groups(model, s.loc_lr_finetune, s.layer_decay), weight_decay=1e-4)
-        ph = run_phase("localiser-finetune", s.loc_epochs_finetune, model, opt_ref[0], None,
-                       train_epoch("localiser fine-tune"), validate, state, s.patience)
+        opt = torch.optim.AdamW(layerwise_groups(model, s.loc_lr_finetune, s.layer_decay), weight_decay=1e-4)
+        ph = run_phase("localiser-finetune", s.loc_epochs_finetune, model, opt, None,
+                       train_epoch("localiser fine-tune", opt), validate, state, s.patience)
         hist += [{"phase": "localiser-finetune", **h} for h in ph["history"]]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -257,7 +257,7 @@ def train_localiser(s: TrainSettings, model: CenterNetModel, train_c: ImageCache
 
 def _targets_to_boxes(item: dict) -> np.ndarray:
     """Ground-truth boxes back from CenterNet targets (exact: centre cell + edge distances)."""
-    from .dataset import STRIDE
+    from .detector import STRIDE
 
     m = item["mask"].numpy() > 0
     ind, ltrb = item["ind"].numpy()[m], item["ltrb"].numpy()[m]
@@ -324,7 +324,7 @@ def _background_box(boxes: np.ndarray, w: int, h: int, rng: np.random.Generator)
         side = rng.uniform(0.1, 0.4) * min(w, h)
         x, y = rng.uniform(0, max(1.0, w - side)), rng.uniform(0, max(1.0, h - side))
         bb = torch.tensor([[x, y, x + side, y + side * rng.uniform(0.6, 1.6)]], dtype=torch.float32)
-        if len(boxes) == 0 or torchvision.ops.box_iou(bb, torch.from_numpy(boxes).float()).max() < 0.2:
+        if len(boxes) == 0 or iou_matrix(bb.numpy(), boxes).max() < 0.2:
             return bb
     return None
 
@@ -355,8 +355,7 @@ def train_classifier(s: TrainSettings, model: DishModel, classes: tuple[str, ...
         with _bar(steps_per_epoch, f"classifier {ep + 1}", s) as bar:
             for i in range(0, len(tv.y), bs):
                 j = perm[i:i + bs]
-                emb = clf.trunk.upper(tv.x[j]).mean(dim=(2, 3))
-                logits = clf.fc(clf.drop(torch.cat([emb, clf.geo(tv.geo[j])], 1)))
+                logits = clf.head(clf.trunk.upper(tv.x[j]).mean(dim=(2, 3)), tv.geo[j])
                 loss = F.cross_entropy(logits, tv.y[j], label_smoothing=0.05)
                 opt.zero_grad()
                 loss.backward()
@@ -372,8 +371,8 @@ def train_classifier(s: TrainSettings, model: DishModel, classes: tuple[str, ...
         clf.eval()
         if len(vv.y) == 0:
             return 0.0, {}
-        logits = torch.cat([clf.fc(torch.cat([clf.trunk.upper(vv.x[i:i + 128]).mean(dim=(2, 3)),
-                                              clf.geo(vv.geo[i:i + 128])], 1)) for i in range(0, len(vv.y), 128)])
+        logits = torch.cat([clf.head(clf.trunk.upper(vv.x[i:i + 128]).mean(dim=(2, 3)), vv.geo[i:i + 128])
+                            for i in range(0, len(vv.y), 128)])
         pred = logits[:, :c].argmax(1)
         acc = (pred == vv.y).float().mean().item()
         exact = []
@@ -490,13 +489,13 @@ def train(s: TrainSettings) -> dict:
 
 def predict_samples(det: DishDetector, samples: list[Sample], progress: bool = True) -> list[dict]:
     """Raw detector predictions on labelled photos (full resolution, read from disk)."""
-    from .localiser import read_rgb
-
-    out = []
     import cv2
 
+    out = []
     for x in tqdm(samples, desc="predicting", unit="photo", disable=not progress, leave=False):
-        img = cv2.cvtColor(read_rgb(x.image), cv2.COLOR_RGB2BGR)
+        img = cv2.imread(str(x.image))
+        if img is None:
+            raise DatasetError(f"cannot decode image {x.image}")
         p = det.predict([img])[0]
         p["size"] = (img.shape[1], img.shape[0])
         out.append(p)
