@@ -25,7 +25,9 @@
 """
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -277,9 +279,46 @@ class SecurityMiddleware:
                         {"Retry-After": "5"})(scope, receive, send)
             return
         try:
-            await self.app(scope, receive, send)
+            if scope["type"] == "websocket":
+                await _until_client_leaves(self.app, scope, receive, send)
+            else:
+                await self.app(scope, receive, send)  # MJPEG: the route polls is_disconnected itself
         finally:
             self.limiter.close_stream(key)
+
+
+async def _until_client_leaves(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Run a websocket app, cancelling it once the client has disconnected.
+
+    A send-only handler never calls ``receive`` and so would learn of a departed
+    client only at its next send (possibly hours without events), holding its
+    stream slot and hub subscription until then. Here the client's messages are
+    read as they come and handed over through a bounded queue (same order, same
+    back-pressure); after ``websocket.disconnect`` the app gets a second to finish
+    on its own, then is cancelled (its ``finally`` blocks run)."""
+    inbox: asyncio.Queue = asyncio.Queue(maxsize=32)
+
+    async def pump() -> None:
+        while True:
+            msg = await receive()
+            await inbox.put(msg)
+            if msg["type"] == "websocket.disconnect":
+                return
+
+    app_task = asyncio.ensure_future(app(scope, inbox.get, send))
+    pump_task = asyncio.ensure_future(pump())
+    try:
+        await asyncio.wait({app_task, pump_task}, return_when=asyncio.FIRST_COMPLETED)
+        if not app_task.done():
+            await asyncio.wait({app_task}, timeout=1.0)
+            app_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await app_task
+    finally:
+        pump_task.cancel()
+        app_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await pump_task
 
 
 def _cookie(headers: Headers, name: str) -> str | None:
