@@ -158,6 +158,49 @@ class ApiConfig(_Strict):
                                   "(/health failing, /livez 503)")
 
 
+class TokenConfig(_Strict):
+    """One API token, stored only as its hash (``dishtrack hash-token`` makes both)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="who holds it (logs, rate-limit key)")
+    role: Literal["viewer", "admin"] = Field(description="viewer: streams, events, snapshots, cameras; "
+                                             "admin: also config (and corrections)")
+    hash: str = Field(pattern=r"^sha256:[0-9a-f]{64}$", description="sha256:<hex> of the token")
+
+
+class AuthConfig(_Strict):
+    """API tokens, browser sessions and Host/Origin allow-lists (see service/auth.py)."""
+
+    enabled: bool | None = Field(None, description="null: on whenever api.host is not a loopback address")
+    tokens: list[TokenConfig] = []
+    tokens_file: str | None = Field(None, description="YAML/JSON list of tokens ({name, role, hash}) added to tokens")
+    allow_open: bool = Field(False, description="serve without auth on a non-loopback address (else: refuse to start)")
+    session_secret: str | None = Field(None, min_length=32, description="HMAC key for login cookies; null: random "
+                                       "per process (logins end at restart)")
+    session_ttl_s: float = Field(43200.0, gt=0, description="a login cookie is valid this long")
+    cookie_secure: bool = Field(False, description="mark the session cookie Secure (serve over https)")
+    allowed_hosts: list[str] = Field([], description="Host names served besides localhost/127.0.0.1/::1; "
+                                     "'*.example.org' wildcards, '*' = any")
+    allowed_origins: list[str] = Field([], description="foreign Origins (scheme://host[:port]) allowed besides "
+                                       "the page's own")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "AuthConfig":
+        names = [t.name for t in self.tokens]
+        if len(set(names)) != len(names):
+            raise ValueError(f"token names must be unique, got {names}")
+        return self
+
+
+class RateLimitConfig(_Strict):
+    """Per-client limits (client = token name when authenticated, else IP address)."""
+
+    enabled: bool = True
+    requests_per_s: float = Field(20.0, gt=0, description="token-bucket refill rate per client")
+    burst: int = Field(60, ge=1, description="bucket size: requests a client may send at once")
+    max_streams: int = Field(4, ge=1, description="concurrent MJPEG streams + websockets per client")
+    max_clients: int = Field(10000, ge=1, description="buckets kept (least recently used dropped)")
+
+
 class AppConfig(_Strict):
     cameras: list[CameraConfig] = Field(min_length=1)
     detector: DetectorConfig = DetectorConfig()
@@ -166,6 +209,8 @@ class AppConfig(_Strict):
     storage: StorageConfig = StorageConfig()
     api: ApiConfig = ApiConfig()
     menu: MenuConfig | None = None
+    auth: AuthConfig = AuthConfig()
+    rate_limit: RateLimitConfig = RateLimitConfig()
 
     @model_validator(mode="after")
     def _references(self) -> "AppConfig":

@@ -18,6 +18,8 @@ from pydantic import BaseModel
 from dishtrack.config import AppConfig
 
 from . import health as health_rules
+from .admin import admin_router
+from .auth import install_security
 from .hub import EventHub
 from .metrics import Metrics
 from .pipeline import Pipeline
@@ -79,6 +81,8 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     app = FastAPI(title="dishtrack", version="0.1.0", lifespan=lifespan)
     app.state.runtime = rt
+    install_security(app, rt.cfg)  # Host/Origin allow-lists, rate limits, tokens (+ /login)
+    app.include_router(admin_router(rt.cfg))  # /config (admin role)
 
     def camera_or_404(camera_id: str):
         if camera_id not in rt.pipeline.readers:

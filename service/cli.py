@@ -29,6 +29,11 @@ def cmd_run(args) -> int:
             cfg = AppConfig.model_validate({**cfg.model_dump(), "api": {**cfg.api.model_dump(), **overrides}})
         except ValueError as e:
             raise ConfigError(f"invalid command line: {e}") from e
+    if args.allow_open:
+        cfg = cfg.model_copy(update={"auth": cfg.auth.model_copy(update={"allow_open": True})})
+    from .auth import build_policy
+
+    build_policy(cfg)  # refuses to serve a public address open: fail before the model loads
     import uvicorn
 
     from .api import build_runtime, create_app
@@ -50,6 +55,27 @@ def cmd_check_config(args) -> int:
     for cam in data["cameras"]:  # camera URLs carry passwords: never print them
         cam["source"] = redact(cam["source"])
     print(json.dumps(data, indent=2))  # the command's output is the resolved config
+    return 0
+
+
+def cmd_hash_token(args) -> int:
+    """A new random token (or one read from stdin with ``--token -``) and its config lines."""
+    from .auth import MIN_TOKEN_LEN, hash_token, new_token
+
+    token = sys.stdin.readline().strip() if args.token == "-" else new_token()
+    if len(token) < MIN_TOKEN_LEN:
+        raise ConfigError(f"a token must be at least {MIN_TOKEN_LEN} characters (it is stored as an unsalted "
+                          "SHA-256, safe only for random tokens); omit --token to generate one")
+    h = hash_token(token)
+    from dishtrack.config import TokenConfig
+
+    try:
+        TokenConfig(name=args.name, role=args.role, hash=h)
+    except ValueError as e:
+        raise ConfigError(f"--name {args.name!r}: letters, digits, '_', '.', '-' only (1..64)") from e
+    print(f"token: {token}")  # the command's output: shown once, give it to the client
+    print(f"config (auth.tokens or tokens file): - {{name: {args.name}, role: {args.role}, hash: \"{h}\"}}")
+    print(f"env (DISHTRACK_AUTH_TOKENS): {args.name}:{args.role}:{h}")
     return 0
 
 
@@ -216,7 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", help="YAML config; default: the bundled one")
     r.add_argument("--host")
     r.add_argument("--port", type=_port, help="0..65535")
+    r.add_argument("--allow-open", action="store_true",
+                   help="serve without authentication even on a non-loopback --host (auth.allow_open)")
     r.set_defaults(fn=cmd_run)
+
+    h = sub.add_parser("hash-token", help="generate an API token and print its hash line for auth.tokens")
+    h.add_argument("--name", required=True, help="who holds the token (letters, digits, _ . -)")
+    h.add_argument("--role", default="viewer", choices=["viewer", "admin"])
+    h.add_argument("--token", help="'-': read an existing token (>= 32 characters) from stdin instead")
+    h.set_defaults(fn=cmd_hash_token)
 
     c = sub.add_parser("check-config", help="validate a config and print it resolved")
     c.add_argument("--config")

@@ -18,6 +18,7 @@ def make_cfg(tmp_path, **camera):
                    "tray_gap_s": 0.3, "tray_max_s": 2.0}],
         "storage": {"sqlite_path": str(tmp_path / "events.sqlite3")},
         "menu": {"path": str(menu), "timezone": "UTC"},
+        "auth": {"allowed_hosts": ["testserver"]},  # TestClient's Host header
     })
 
 

@@ -28,7 +28,8 @@ SECRET_PARTS = ("Pw/x", "Secret9", "Pw%2Fx", "x@Secret")
 def cfg_for(tmp_path, cameras, zones=None, **api) -> AppConfig:
     return AppConfig.model_validate({
         "cameras": cameras, "zones": zones or [],
-        "storage": {"sqlite_path": str(tmp_path / "events.sqlite3")}, "api": api})
+        "storage": {"sqlite_path": str(tmp_path / "events.sqlite3")}, "api": api,
+        "auth": {"allowed_hosts": ["testserver"]}})  # TestClient's Host header
 
 
 def file_cam(cid="cam0", **kw) -> dict:

@@ -1,0 +1,58 @@
+"""Per-client request limits, so API clients cannot starve the pipeline.
+
+A token bucket per client key (``token:<name>`` when authenticated, else
+``ip:<address>``) bounds request *rate*; long-lived streams (MJPEG, websocket)
+cost one request to open and are bounded by *concurrent connections* instead,
+since a stream is one request that lasts minutes. The bucket table is an LRU of
+``max_clients`` keys, so a flood from many addresses cannot grow memory without
+bound. Used from the event loop only (no locking needed)."""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Callable
+
+from dishtrack.config import RateLimitConfig
+
+
+class RateLimiter:
+    def __init__(self, cfg: RateLimitConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self._clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (tokens, at)
+        self._streams: dict[str, int] = {}
+
+    def take(self, key: str) -> float:
+        """Spend one request for ``key``: 0.0 if allowed, else seconds until one is available."""
+        if not self.cfg.enabled:
+            return 0.0
+        now = self._clock()
+        tokens, at = self._buckets.pop(key, (float(self.cfg.burst), now))
+        tokens = min(float(self.cfg.burst), tokens + (now - at) * self.cfg.requests_per_s)
+        wait = 0.0
+        if tokens >= 1.0:
+            tokens -= 1.0
+        else:
+            wait = (1.0 - tokens) / self.cfg.requests_per_s
+        self._buckets[key] = (tokens, now)  # most recently used last
+        while len(self._buckets) > self.cfg.max_clients:
+            self._buckets.popitem(last=False)
+        return wait
+
+    def open_stream(self, key: str) -> bool:
+        """Count a new stream for ``key``; False (nothing counted) when it already has ``max_streams``."""
+        n = self._streams.get(key, 0)
+        if self.cfg.enabled and n >= self.cfg.max_streams:
+            return False
+        self._streams[key] = n + 1
+        return True
+
+    def close_stream(self, key: str) -> None:
+        n = self._streams.get(key, 0) - 1
+        if n > 0:
+            self._streams[key] = n
+        else:
+            self._streams.pop(key, None)
+
+    def streams(self, key: str) -> int:
+        return self._streams.get(key, 0)
