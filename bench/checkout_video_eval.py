@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import hashlib
 import json
 import logging
+import pickle
 import sys
 import tempfile
 import time
@@ -70,6 +72,33 @@ class OracleDetector:
         return out
 
 
+class CachedPredictions:
+    """Wraps a dish detector: raw per-frame predictions are stored in (or replayed from) a file,
+    and only the thresholding/calibration policy (``to_detections``) runs again. Tracker,
+    checkout and threshold settings can then be compared on one video in seconds."""
+
+    def __init__(self, detector, path: Path, key: str) -> None:
+        self.detector = detector
+        self.labels = detector.labels
+        self.path, self.key = path, key
+        saved = pickle.loads(path.read_bytes()) if path.is_file() else {}
+        # predictions of another checkpoint are stale
+        self.preds: dict[int, dict] = saved.get("preds", {}) if saved.get("key") == key else {}
+        self.dirty = False
+
+    def detect(self, frames: list[Frame]) -> list[Detections]:
+        todo = [f for f in frames if f.index not in self.preds]
+        if todo:
+            for f, p in zip(todo, self.detector.predict([f.image for f in todo])):
+                self.preds[f.index] = p
+            self.dirty = True
+        return [self.detector.to_detections(f, self.preds[f.index]) for f in frames]
+
+    def save(self) -> None:
+        if self.dirty:
+            self.path.write_bytes(pickle.dumps({"key": self.key, "preds": self.preds}))
+
+
 class FrameClock:
     """Wraps a detector; remembers (timestamp, frame index) so wall-clock event times map to video frames."""
 
@@ -107,7 +136,10 @@ def build_config(video: Path, receipts: dict, args) -> AppConfig:
     if args.checkpoint:
         det = DetectorConfig(kind="checkpoint", checkpoint=args.checkpoint, device=args.device)
     cam = CameraConfig(id=cam_id, source=str(video), loop=False, realtime=args.realtime)
-    return cfg.model_copy(update={"cameras": [cam], "zones": zones, "detector": det})
+    tracker = cfg.tracker
+    if getattr(args, "tracker", None):
+        tracker = type(tracker).model_validate({**tracker.model_dump(), **json.loads(args.tracker)})
+    return cfg.model_copy(update={"cameras": [cam], "zones": zones, "detector": det, "tracker": tracker})
 
 
 def run_pipeline(cfg: AppConfig, detector, db: Path, timeout_s: float) -> tuple[list[dict], FrameClock]:
@@ -137,14 +169,14 @@ def run_pipeline(cfg: AppConfig, detector, db: Path, timeout_s: float) -> tuple[
 def run_direct(cfg: AppConfig, detector, video: Path, fps: float) -> list[dict]:
     import cv2
 
-    from dishtrack.tracking.checkout import CheckoutAssembler, LineCrossingCounter, LineSpec
+    from dishtrack.tracking.checkout import CheckoutAssembler, LineCrossingCounter, LineSpec, TrayParams
     from dishtrack.tracking.tracker import Tracker, TrackerParams
 
     cam = cfg.cameras[0].id
     tracker = Tracker(cam, TrackerParams.from_config(cfg.tracker))
     zones = [(LineCrossingCounter(LineSpec(z.id, cam, tuple(z.line.p1), tuple(z.line.p2), z.line.direction,
                                            z.min_track_hits)),
-              CheckoutAssembler(z.id, cam, z.tray_gap_s, z.tray_max_s)) for z in cfg.zones]
+              CheckoutAssembler(z.id, cam, params=TrayParams.from_config(z))) for z in cfg.zones]
     events = []
     cap = cv2.VideoCapture(str(video))
     idx = 0
@@ -155,7 +187,7 @@ def run_direct(cfg: AppConfig, detector, video: Path, fps: float) -> list[dict]:
         ts = idx / fps
         upd = tracker.update(detector.detect([Frame(cam, idx, ts, img)])[0])
         for counter, asm in zones:
-            events += [e.to_dict() for e in asm.assemble(counter.count(upd), now=ts)]
+            events += [e.to_dict() for e in asm.assemble(counter.count(upd), now=ts, update=upd)]
         idx += 1
     cap.release()
     for _, asm in zones:
@@ -175,6 +207,9 @@ def evaluate(args) -> dict:
         from dishtrack.models.detector import load_detector
 
         detector = load_detector(cfg.detector)
+        if args.predictions:
+            key = hashlib.sha256(Path(cfg.detector.checkpoint).read_bytes()).hexdigest()
+            detector = CachedPredictions(detector, Path(args.predictions), key)
     t0 = time.perf_counter()
     if args.mode == "pipeline":
         with tempfile.TemporaryDirectory() as tmp:
@@ -184,6 +219,8 @@ def evaluate(args) -> dict:
         raw = run_direct(cfg, detector, video, fps)
         to_video_s = lambda ts: ts  # noqa: E731
     wall = time.perf_counter() - t0
+    if isinstance(detector, CachedPredictions):
+        detector.save()
     events = [EventCounts((to_video_s(e["started_at"]) + to_video_s(e["ended_at"])) / 2,
                           {i["label"]: i["count"] for i in e["items"]}) for e in raw]
     score = score_receipts(events, trays_from_receipts(receipts))
@@ -217,7 +254,7 @@ def print_table(s: dict) -> None:
             print(f"  tray {r['tray']:>3}: {r['events']} event(s), gt {r['gt']} pred {r['pred']}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("video_dir", help="a directory written by `dishtrack make-video`")
     g = p.add_mutually_exclusive_group()
@@ -235,9 +272,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=3600.0)
     p.add_argument("--json", help="write the scores here")
+    p.add_argument("--predictions", help="dish checkpoint: store raw per-frame predictions here, or replay them "
+                   "if the file exists (compare tracker/checkout settings without running the network again)")
+    p.add_argument("--tracker", help="JSON object of tracker settings to override, e.g. '{\"high_score\": 0.5}'")
     args = p.parse_args(argv)
     if not (args.checkpoint or args.oracle or args.config):
         p.error("give --checkpoint, --oracle or --config")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     s = evaluate(args)
     print_table(s)

@@ -67,10 +67,8 @@ def main(argv=None) -> int:
         vdir = out / f"video{k}"
         if not (vdir / "receipts.json").is_file():
             make_checkout_video(val, vdir, len(val_trays), SynthSettings(seed=100 + k, tray_scale=0.85), classes=data.classes)
-        ns = argparse.Namespace(video_dir=str(vdir), checkpoint=str(ck), oracle=False, config=None, mode=args.mode,
-                                realtime=False, tray_gap_s=None, device="auto", jitter=0.0, min_visibility=0.3,
-                                drop=0.0, seed=0, timeout=3600.0, json=None)
-        s = checkout_video_eval.evaluate(ns)
+        s = checkout_video_eval.evaluate(checkout_video_eval.parse_args(
+            [str(vdir), "--checkpoint", str(ck), "--mode", args.mode, "--predictions", str(vdir / "predictions.pkl")]))
         checkout_video_eval.print_table(s)
         scores.append(s)
     trays = sum(s["trays"] for s in scores)

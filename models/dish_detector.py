@@ -27,6 +27,7 @@ from .dish_classifier import DishClassifier, box_geometry, crop
 
 log = logging.getLogger(__name__)
 FORMAT = "dishtrack-dish-v1"
+CALIBRATED_THRESHOLD = 0.5  # a reported confidence of 0.5 is the dish's own validation threshold
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class DishDetector:
     """Stage object: frames in, dish detections (with appearance embeddings) out."""
 
     def __init__(self, model: DishModel, device: torch.device | str = "cpu", nms_iou: float = 0.5,
-                 max_detections: int = 50, classes: list[str] | None = None) -> None:
+                 max_detections: int = 50, classes: list[str] | None = None, low_confidence: float = 0.25) -> None:
         self.model = model.eval().to(device)
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -96,13 +97,14 @@ class DishDetector:
         self.input_size = self.spec.loc_size
         self.nms_iou = nms_iou
         self.max_detections = max_detections
+        self.low_confidence = low_confidence
         unknown = sorted(set(classes or []) - set(self.labels))
         if unknown:
             raise ValueError(f"detector.classes names dishes the checkpoint does not have: {unknown} "
                              f"(it has {list(self.labels)})")
         # per-dish thresholds from validation; a dish left out of detector.classes is never reported
-        self._thr = torch.tensor([self.spec.thresholds.get(c, 0.3) if not classes or c in classes else 2.0
-                                  for c in self.labels])
+        self._thr = torch.tensor([self.spec.thresholds.get(c, 0.3) for c in self.labels])
+        self._allowed = np.array([not classes or c in classes for c in self.labels])
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto") -> "DishDetector":
@@ -146,15 +148,26 @@ class DishDetector:
         return out
 
     def detect(self, frames: list[Frame]) -> list[Detections]:
-        preds = self.predict([f.image for f in frames])
-        out = []
-        thr = self._thr.numpy()
-        for f, p in zip(frames, preds):
-            keep = p["scores"] >= thr[p["class_ids"]] if len(p["scores"]) else np.zeros(0, bool)
-            out.append(Detections(camera_id=f.camera_id, frame_index=f.index, timestamp=f.timestamp,
-                                  boxes=p["boxes"][keep], scores=p["scores"][keep], class_ids=p["class_ids"][keep],
-                                  labels=self.labels, image_size=f.size, embeddings=p["embeddings"][keep]))
-        return out
+        return [self.to_detections(f, p) for f, p in zip(frames, self.predict([f.image for f in frames]))]
+
+    def calibrate(self, scores: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
+        """Raw scores -> confidence on one scale for every dish: each dish's validation threshold
+        maps to ``CALIBRATED_THRESHOLD`` (0.5), linear on either side. Dishes differ a lot in raw
+        score (a glass bottle localises at 0.2, a plate at 0.8), and the tracker's ByteTrack split
+        and the receipts' confidence need one meaning of "sure"."""
+        thr = self._thr.numpy()[class_ids].clip(1e-6, 1 - 1e-6)
+        t = CALIBRATED_THRESHOLD
+        return np.where(scores >= thr, t + (1 - t) * (scores - thr) / (1 - thr), t * scores / thr).astype(np.float32)
+
+    def to_detections(self, frame: Frame, p: dict[str, np.ndarray]) -> Detections:
+        """Raw predictions of one frame -> Detections with calibrated scores. Below-threshold
+        boxes down to ``low_confidence`` are kept: the tracker uses them only to extend tracks
+        it already has (a dish that blurs for a few frames keeps its identity)."""
+        cal = self.calibrate(p["scores"], p["class_ids"]) if len(p["scores"]) else np.zeros(0, np.float32)
+        keep = (cal >= self.low_confidence) & self._allowed[p["class_ids"]]
+        return Detections(camera_id=frame.camera_id, frame_index=frame.index, timestamp=frame.timestamp,
+                          boxes=p["boxes"][keep], scores=cal[keep], class_ids=p["class_ids"][keep],
+                          labels=self.labels, image_size=frame.size, embeddings=p["embeddings"][keep])
 
 
 def save_dish_checkpoint(path: str | Path, model: DishModel, meta: dict | None = None) -> None:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from dishtrack.tracking.geometry import iou_matrix
 
-from .augment import AugmentSettings, photometric
+from .augment import AugmentSettings, letterbox, photometric
 from .detector import CenterNetModel, bundled_weights, pick_device
 from .dish_classifier import box_geometry, crop, rotate_crops
 from .dish_detector import DishDetector, DishModel, DishModelSpec, localise, save_dish_checkpoint
@@ -196,7 +196,7 @@ def train_localiser(s: TrainSettings, model: CenterNetModel, train_c: ImageCache
                     num_workers=0, generator=torch.Generator().manual_seed(s.seed))
     vds = LocaliserDataset(val_c, s.loc_size, None)
 
-    def train_epoch(desc, opt):
+    def train_epoch(desc, opt, sched=None):
         def run(ep):
             model.train()
             if not any(p.requires_grad for p in model.graph.parameters()):
@@ -210,6 +210,8 @@ def train_localiser(s: TrainSettings, model: CenterNetModel, train_c: ImageCache
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
+                    if sched is not None:
+                        sched.step()
                     total += loss.item() * len(batch["image"])
                     n += len(batch["image"])
                     bar.set_postfix(loss=f"{total / n:.3f}")
@@ -244,11 +246,22 @@ def train_localiser(s: TrainSettings, model: CenterNetModel, train_c: ImageCache
     hist += [{"phase": "localiser-head", **h} for h in ph["history"]]
     # phase 2: everything, layer-wise rates
     if s.loc_epochs_finetune:
-        for p in model.graph.parameters():
-            p.requires_grad_(True)
-        opt = torch.optim.AdamW(layerwise_groups(model, s.loc_lr_finetune, s.layer_decay), weight_decay=1e-4)
-        ph = run_phase("localiser-finetune", s.loc_epochs_finetune, model, opt, None,
-                       train_epoch("localiser fine-tune", opt), validate, state, s.patience)
+        groups = layerwise_groups(model, s.loc_lr_finetune, s.layer_decay)
+        # the earliest stages would move at 1/16 of the rate anyway; frozen, they cost no backward pass
+        for g in groups[:s.loc_frozen_stages]:
+            for p in g["params"]:
+                p.requires_grad_(False)
+        groups = groups[s.loc_frozen_stages:]
+        for g in groups:
+            for p in g["params"]:
+                p.requires_grad_(True)
+        opt = torch.optim.AdamW(groups, weight_decay=1e-4)
+        # short warm-up, then cosine decay: the last epochs settle instead of hopping around
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups],
+                                                    total_steps=s.loc_epochs_finetune * len(tl), pct_start=0.1,
+                                                    div_factor=10.0, final_div_factor=100.0)
+        ph = run_phase("localiser-finetune", s.loc_epochs_finetune, model, opt, sched,
+                       train_epoch("localiser fine-tune", opt, sched), validate, state, s.patience)
         hist += [{"phase": "localiser-finetune", **h} for h in ph["history"]]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -274,7 +287,7 @@ class CropViews:
     random camera distance applied to the size features."""
 
     def __init__(self, model, cache: ImageCache, labels: list[list[int]], n_classes: int, views: int, augment: bool,
-                 seed: int, progress: bool, desc: str) -> None:
+                 seed: int, progress: bool, desc: str, proposals: list[np.ndarray] | None = None) -> None:
         rng = np.random.default_rng(seed)
         g = torch.Generator().manual_seed(seed)
         aug = AugmentSettings()
@@ -297,6 +310,10 @@ class CropViews:
                         if bg is not None:
                             b = torch.cat([b, bg])
                             y = torch.cat([y, torch.tensor([n_classes])])
+                        if proposals is not None:
+                            pb, py = proposal_crops(proposals[i], boxes, labels[i], n_classes)
+                            b = torch.cat([b, torch.from_numpy(pb)])
+                            y = torch.cat([y, torch.from_numpy(py)])
                     if len(b) == 0:
                         bar.update()
                         continue
@@ -318,15 +335,69 @@ class CropViews:
         self.owner = torch.tensor(owner)
 
 
+def _is_background(cand: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Candidate boxes that show no dish: little overlap with every labelled box, and not a
+    part of one either (a small box inside a plate has low IoU but shows food)."""
+    if len(boxes) == 0:
+        return np.ones(len(cand), bool)
+    iou = iou_matrix(cand, boxes)
+    iw = np.clip(np.minimum(cand[:, None, 2], boxes[None, :, 2]) - np.maximum(cand[:, None, 0], boxes[None, :, 0]), 0, None)
+    ih = np.clip(np.minimum(cand[:, None, 3], boxes[None, :, 3]) - np.maximum(cand[:, None, 1], boxes[None, :, 1]), 0, None)
+    area = np.clip((cand[:, 2] - cand[:, 0]) * (cand[:, 3] - cand[:, 1]), 1e-6, None)
+    ioa = (iw * ih) / area[:, None]
+    return (iou.max(1) < 0.2) & (ioa.max(1) < 0.3)
+
+
 def _background_box(boxes: np.ndarray, w: int, h: int, rng: np.random.Generator) -> torch.Tensor | None:
-    """A random box overlapping no dish much: tray, napkin, hands — what the localiser may propose."""
+    """A random box that shows no dish: tray, napkin, cutlery, hands — what the localiser may propose."""
     for _ in range(10):
         side = rng.uniform(0.1, 0.4) * min(w, h)
         x, y = rng.uniform(0, max(1.0, w - side)), rng.uniform(0, max(1.0, h - side))
-        bb = torch.tensor([[x, y, x + side, y + side * rng.uniform(0.6, 1.6)]], dtype=torch.float32)
-        if len(boxes) == 0 or iou_matrix(bb.numpy(), boxes).max() < 0.2:
-            return bb
+        bb = np.array([[x, y, x + side, y + side * rng.uniform(0.6, 1.6)]], dtype=np.float32)
+        if _is_background(bb, boxes)[0]:
+            return torch.from_numpy(bb)
     return None
+
+
+def proposal_crops(proposals: np.ndarray, boxes: np.ndarray, labels: list[int], background: int,
+                   near_gt: float = 0.85) -> tuple[np.ndarray, np.ndarray]:
+    """The localiser's own boxes on a training photo, labelled for the classifier: a box on a dish
+    (IoU >= 0.5) takes its dish's label, so the classifier learns the localiser's real box errors;
+    a box on no dish is a hard negative (background); ambiguous ones are left out."""
+    if len(proposals) == 0:
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
+    if len(boxes) == 0:
+        return proposals.astype(np.float32), np.full(len(proposals), background, np.int64)
+    iou = iou_matrix(proposals, boxes)
+    best = iou.argmax(1)
+    on = iou.max(1) >= 0.5
+    bg = _is_background(proposals, boxes)
+    keep = (on & (iou.max(1) < near_gt)) | bg  # a box the same as the label adds nothing new
+    y = np.where(on, np.asarray(labels, np.int64)[best], background)
+    return proposals[keep].astype(np.float32), y[keep]
+
+
+def class_weights(y: torch.Tensor, n: int, power: float = 0.5) -> torch.Tensor:
+    """Loss weights (median count / count) ** power: a dish on few trays (dessert, fruit) is not
+    drowned by the plate on every tray, without trusting a handful of examples too much."""
+    counts = torch.bincount(y, minlength=n).float()
+    med = counts[counts > 0].median() if (counts > 0).any() else torch.tensor(1.0)
+    w = (med / counts.clamp(min=1)) ** power
+    return w.clamp(0.5, 3.0)
+
+
+def localiser_proposals(model: CenterNetModel, cache: ImageCache, size: int, threshold: float,
+                        progress: bool) -> list[np.ndarray]:
+    """The trained localiser's boxes on every training photo (in the cache's pixels)."""
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for img in tqdm(cache.images, desc="localiser proposals", unit="photo", disable=not progress, leave=False):
+            x, f = letterbox(img, size)
+            t = torch.from_numpy(x).permute(2, 0, 1).float()[None]
+            (b, _), = localise(model, t, [f], [(img.shape[1], img.shape[0])], threshold)
+            out.append(b.numpy())
+    return out
 
 
 def train_classifier(s: TrainSettings, model: DishModel, classes: tuple[str, ...], train_c: ImageCache,
@@ -334,7 +405,9 @@ def train_classifier(s: TrainSettings, model: DishModel, classes: tuple[str, ...
     clf = model.classifier
     clf.eval()
     c = len(classes)
-    tv = CropViews(clf, train_c, train_labels, c, s.cls_views, True, s.seed, s.progress, "classifier views")
+    props = localiser_proposals(model.localiser, train_c, s.loc_size, model.spec.loc_threshold, s.progress)
+    tv = CropViews(clf, train_c, train_labels, c, s.cls_views, True, s.seed, s.progress, "classifier views",
+                   proposals=props)
     vv = CropViews(clf, val_c, val_labels, c, 1, False, s.seed, s.progress, "classifier val crops")
     log.info("classifier: %d training crop views, %d validation crops", len(tv.y), len(vv.y))
     stages = clf.trunk.tuned_stages()
@@ -347,6 +420,8 @@ def train_classifier(s: TrainSettings, model: DishModel, classes: tuple[str, ...
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups],
                                                 total_steps=max(1, s.cls_epochs) * steps_per_epoch, pct_start=0.15)
     gen = torch.Generator().manual_seed(s.seed)
+    weights = class_weights(tv.y, c + 1)
+    log.info("classifier loss weights %s", {n: round(float(w), 2) for n, w in zip((*classes, "background"), weights)})
 
     def train_epoch(ep):
         clf.train()
@@ -356,7 +431,7 @@ def train_classifier(s: TrainSettings, model: DishModel, classes: tuple[str, ...
             for i in range(0, len(tv.y), bs):
                 j = perm[i:i + bs]
                 logits = clf.head(clf.trunk.upper(tv.x[j]).mean(dim=(2, 3)), tv.geo[j])
-                loss = F.cross_entropy(logits, tv.y[j], label_smoothing=0.05)
+                loss = F.cross_entropy(logits, tv.y[j], weight=weights, label_smoothing=0.05)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -23,6 +23,8 @@ class TrainSettings(BaseModel):
     loc_lr_head: float = Field(2e-3, gt=0)
     loc_lr_finetune: float = Field(4e-4, gt=0)
     layer_decay: float = Field(0.5, gt=0, le=1)
+    loc_frozen_stages: int = Field(1, ge=0, le=4, description="earliest of the 4 trunk stages kept frozen while "
+                                   "fine-tuning the localiser (saves their backward pass)")
     batch_size: int = Field(8, ge=1)
     # classifier
     crop_size: int = Field(128, ge=64, le=320, multiple_of=32)

@@ -74,6 +74,42 @@ def test_checkpoint_serves_through_the_config_with_embeddings(tiny_checkpoint):
         load_detector(DetectorConfig(kind="checkpoint", checkpoint=str(out), device="cpu", classes=["Pizza"]))
 
 
+def test_scores_are_calibrated_per_dish_and_weak_boxes_reach_the_tracker(tiny_checkpoint):
+    """Each dish's validation threshold is confidence 0.5; boxes between half and the full threshold
+    are still reported (low confidence, for ByteTrack's second pass); a dish left out of
+    detector.classes never is."""
+    out, _ = tiny_checkpoint
+    det = load_detector(DetectorConfig(kind="checkpoint", checkpoint=str(out), device="cpu"))
+    thr = {c: det.spec.thresholds[c] for c in det.labels}
+    cid = np.arange(len(det.labels))
+    raw = np.array([thr[c] for c in det.labels], np.float32)
+    assert np.allclose(det.calibrate(raw, cid), 0.5, atol=1e-5)
+    assert np.allclose(det.calibrate(np.ones_like(raw), cid), 1.0, atol=1e-5)
+    assert np.allclose(det.calibrate(raw / 2, cid), 0.25, atol=1e-5)
+    img = cv2.imread(str(sorted((KIOSK / "labelled").glob("*.jpg"))[-1]))
+    p = det.predict([img])[0]
+    d = det.to_detections(Frame("c", 0, 0.0, img), p)
+    cal = det.calibrate(p["scores"], p["class_ids"])
+    assert len(d) == int((cal >= 0.25).sum()) and (d.scores >= 0.25).all()
+    only = load_detector(DetectorConfig(kind="checkpoint", checkpoint=str(out), device="cpu", classes=["Cheese"]))
+    assert set(only.to_detections(Frame("c", 0, 0.0, img), p).class_ids.tolist()) <= {7}
+
+
+def test_classifier_training_crops_from_the_localiser_are_labelled_by_overlap():
+    from dishtrack.models.train import _is_background, proposal_crops
+
+    gt = np.array([[100, 100, 300, 300], [400, 100, 480, 180]], np.float32)  # a plate, a yogurt
+    props = np.array([[110, 95, 310, 290],   # loose plate box: keeps the plate's label
+                      [100, 100, 300, 300],  # the label itself: nothing new, left out
+                      [150, 150, 200, 200],  # a part of the plate: not background, ambiguous -> left out
+                      [10, 350, 90, 430],    # empty tray: background
+                      [380, 90, 560, 200]],  # half on the yogurt: ambiguous -> left out
+                     np.float32)
+    boxes, labels = proposal_crops(props, gt, [0, 4], background=8)
+    assert boxes.tolist() == props[[0, 3]].tolist() and labels.tolist() == [0, 8]
+    assert _is_background(np.array([[150, 150, 200, 200]], np.float32), gt).tolist() == [False]
+
+
 def test_eval_cli_reports_map_receipts_and_confusion(tiny_checkpoint, tmp_path):
     out, _ = tiny_checkpoint
     # a small labelled folder in another format (COCO) with a tray grouping: eval reads what train reads
@@ -159,12 +195,8 @@ def test_trained_checkpoint_runs_the_real_pipeline_on_a_checkout_video(tiny_chec
     res = make_checkout_video(val, tmp_path / "v", 2, SynthSettings(width=480, height=360, seed=5, tray_scale=0.9,
                                                                    speed_px_s=(160, 200), hand_prob=0.0),
                               classes=data.classes)
-    import argparse
-
-    ns = argparse.Namespace(video_dir=str(res.out_dir), checkpoint=str(out), oracle=False, config=None,
-                            mode="pipeline", realtime=False, tray_gap_s=None, device="cpu", jitter=0.0,
-                            min_visibility=0.3, drop=0.0, seed=0, timeout=600.0, json=None)
-    s = checkout_video_eval.evaluate(ns)
+    s = checkout_video_eval.evaluate(checkout_video_eval.parse_args(
+        [str(res.out_dir), "--checkpoint", str(out), "--device", "cpu", "--timeout", "600"]))
     assert s["trays"] == 2 and s["setup"]["frames"] == res.frames
     assert s["events"] >= 1  # dishes were detected, tracked across the line and checked out
     for t in s["per_tray"]:
