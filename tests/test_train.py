@@ -14,7 +14,7 @@ from dishtrack.config import DetectorConfig
 from dishtrack.models.dataset import DatasetError, export_mot_video, read_manifest
 from dishtrack.models.detector import load_detector
 from dishtrack.models.dish_detector import DishDetector
-from dishtrack.models.train import RunState, TrainSettings, run_phase, split_by_group, train
+from dishtrack.models.train import RunState, TrainSettings, run_phase, split_by_group
 from dishtrack.models.importers import load_dataset
 from dishtrack.tracking import Frame
 
