@@ -1,8 +1,12 @@
-"""dishtrack benchmark: prints per-camera fps, frame age p50/p95, tracker Hz,
-detector batch timings and, with the GStreamer RTSP test server, glass-to-
-annotated-frame latency on a live camera whose frames carry their capture time.
+"""dishtrack benchmark: one table inference backend x cameras (1, 3, 8) -> processed
+fps per camera, frame age p50/p95, CPU %, detector ms per frame and per batch, stage
+drops, and an accuracy column (MOTA of detector + tracker on MOT15 TUD-Campus against
+its ground truth, so speed is never bought with silent accuracy loss); tracker Hz;
+with the GStreamer RTSP test server, glass-to-annotated-frame latency on a live
+camera whose frames carry their capture time.
 
-    python bench/benchmark.py [--seconds 20] [--shared ../shared]
+    python bench/benchmark.py [--seconds 15] [--backends torch,onnxruntime,openvino,int8]
+                              [--cameras 1,3,8] [--repeat 1] [--shared ../shared]
 
 Numbers from a run are copied into README.md ("Benchmarks").
 """
@@ -24,6 +28,7 @@ import numpy as np
 import torch
 
 from dishtrack.config import AppConfig, DetectorConfig
+from dishtrack.models.backends import available
 from dishtrack.models.detector import Detector
 from dishtrack.service.hub import EventHub
 from dishtrack.service.metrics import Metrics
@@ -61,8 +66,8 @@ def bench_detector(det: Detector, video: Path) -> None:
         for _ in range(n):
             det.detect(frames)
         dt = (time.perf_counter() - t0) / n
-        log.info("detector: batch %d: %.0f ms/batch, %.1f frames/s (%s, input %d)", bs, dt * 1000, bs / dt,
-                 det.device, det.input_size)
+        log.info("detector: batch %d: %.0f ms/batch, %.1f frames/s (%s on %s, input %d)", bs, dt * 1000, bs / dt,
+                 det.backend.name, det.device, det.input_size)
 
 
 def _run_pipeline(cfg: AppConfig, det: Detector, seconds: float, tap=None) -> Pipeline:
@@ -79,24 +84,158 @@ def _run_pipeline(cfg: AppConfig, det: Detector, seconds: float, tap=None) -> Pi
 
         p.annotator.annotate = annotate
     p.start()
-    time.sleep(seconds)
+    end = time.time() + seconds
+    while time.time() < end:  # a viewer on every stream: annotated at the stream rate
+        for slot in p.streams.values():
+            slot.get()
+        time.sleep(0.2)
     p.stop()
     shutil.rmtree(tmp, ignore_errors=True)
     return p
 
 
-def bench_cameras(det: Detector, video: Path, n_cams: int, seconds: float) -> None:
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _hist(h, **labels) -> tuple[float, float]:
+    """(sum, count) of a prometheus Histogram (optionally one label set)."""
+    child = h.labels(**labels) if labels else h
+    total = count = 0.0
+    for metric in child.collect():
+        for smp in metric.samples:
+            if smp.name.endswith("_sum"):
+                total = smp.value
+            elif smp.name.endswith("_count"):
+                count = smp.value
+    return total, count
+
+
+def bench_cameras(det: Detector, video: Path, n_cams: int, seconds: float, batch_wait_ms: float = 5.0) -> dict:
+    """``n_cams`` cameras playing the sample video at 25 fps (looped); one viewer watches cam0's stream."""
     cfg = AppConfig.model_validate({
         "cameras": [{"id": f"cam{i}", "source": str(video), "loop": True, "realtime": True} for i in range(n_cams)],
-        "api": {"mjpeg_fps": 25},
+        "api": {"mjpeg_fps": 10}, "detector": {"batch_wait_ms": batch_wait_ms},
     })
-    p = _run_pipeline(cfg, det, seconds)
-    for cid, r in p.readers.items():
-        s = p.metrics.summary(cid)
-        st = r.status()
-        log.info("pipeline %d cam(s) @25fps source: %s processed %.1f fps, frame age p50 %.0f ms p95 %.0f ms, "
-                 "read %d dropped %d", n_cams, cid, s["fps"], 1000 * s["frame_age_p50_s"],
-                 1000 * s["frame_age_p95_s"], st.frames_read, st.frames_dropped)
+    tmp = tempfile.mkdtemp()
+    p = Pipeline(cfg, det, EventStore(os.path.join(tmp, "e.sqlite3")), EventHub(), Metrics(window=100000))
+    p.start()
+    warm = min(3.0, seconds / 4)
+    time.sleep(warm)  # decoders and first batches; then measure
+    c0, w0 = _cpu_s(), time.time()
+    b0 = _hist(p.metrics.batch_seconds)
+    n0 = {c: len(p.metrics._ages[c]) for c in p.readers}
+    end = time.time() + seconds
+    while time.time() < end:
+        p.streams["cam0"].get()  # a viewer
+        time.sleep(0.2)
+    c1, w1 = _cpu_s(), time.time()
+    b1 = _hist(p.metrics.batch_seconds)
+    ages = np.concatenate([np.array(p.metrics._ages[c])[n0[c]:] for c in p.readers])
+    fps = [(len(p.metrics._ages[c]) - n0[c]) / (w1 - w0) for c in p.readers]
+    p.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
+    n_batches = b1[1] - b0[1]
+    batch_ms = 1000 * (b1[0] - b0[0]) / max(n_batches, 1)
+    frames = sum(len(p.metrics._ages[c]) - n0[c] for c in p.readers)
+    return {"cams": n_cams, "fps": float(np.mean(fps)), "fps_min": float(np.min(fps)),
+            "age_p50": 1000 * float(np.percentile(ages, 50)) if len(ages) else float("nan"),
+            "age_p95": 1000 * float(np.percentile(ages, 95)) if len(ages) else float("nan"),
+            "cpu": 100 * (c1 - c0) / (w1 - w0), "batch_ms": batch_ms,
+            "frame_ms": 1000 * (b1[0] - b0[0]) / max(frames, 1), "batch": frames / max(n_batches, 1),
+            "dropped_read": sum(r.status().frames_dropped for r in p.readers.values()),
+            "dropped_stream": p._annotate.dropped}
+
+
+def detector_mota(det: Detector, shared: Path) -> tuple[float, float]:
+    """Detector + default tracker on every frame of MOT15 TUD-Campus (71 frames) against its
+    ground truth: MOTA and IDF1 in %. Persons only, score >= the detector's threshold."""
+    import cv2
+
+    from eval_mot15 import evaluate
+
+    gt = read_mot(shared / "data/motmetrics_pkg_data/motmetrics/data/TUD-Campus/gt.txt")
+    cap = cv2.VideoCapture(str(shared / "data/video/tud_campus_640x480_25fps_h264.mp4"))
+    rows, idx = [], 0
+    while True:
+        ok, img = cap.read()
+        if not ok:
+            break
+        idx += 1
+        d = det.detect([Frame("mot", idx, idx / 25.0, img)])[0]
+        for b, s, c in zip(d.boxes, d.scores, d.class_ids):
+            if d.labels[c] == "person":
+                rows.append([idx, -1, b[0], b[1], b[2] - b[0], b[3] - b[1], s])
+    m = evaluate(np.array(rows, dtype=np.float64).reshape(-1, 7), gt)
+    return 100 * m["mota"], 100 * m["idf1"]
+
+
+def make_detector(name: str, device: str, input_size: int | None, calib: Path, cache: str | None) -> Detector:
+    kw = {"device": device, "input_size": input_size, "cache_dir": cache}
+    if name == "int8":
+        kw.update(backend="onnxruntime", precision="int8", calibration_images=str(calib))
+    else:
+        kw["backend"] = name
+    return Detector(DetectorConfig(**kw))
+
+
+def calibration_folder(video: Path) -> Path:
+    """Every 10th frame of the sample video (the int8 calibration set: the camera's own images)."""
+    import cv2
+
+    out = Path(tempfile.mkdtemp()) / "calib"
+    out.mkdir()
+    cap = cv2.VideoCapture(str(video))
+    i = 0
+    while True:
+        ok, img = cap.read()
+        if not ok:
+            break
+        if i % 10 == 5:
+            cv2.imwrite(str(out / f"{i:03d}.jpg"), img)
+        i += 1
+    return out
+
+
+def bench_table(args, shared: Path, video: Path) -> Detector | None:
+    cams = [int(c) for c in args.cameras.split(",")]
+    calib = calibration_folder(video)
+    rows, fastest = [], (None, 0.0)
+    for name in args.backends.split(","):
+        pkg = "onnxruntime" if name == "int8" else name
+        if pkg != "torch" and not available(pkg):
+            log.info("backend %s: not installed, skipped", name)
+            continue
+        det = make_detector(name, args.device, args.input_size, calib, args.cache_dir)
+        mota, idf1 = detector_mota(det, shared)
+        for rep in range(args.repeat):
+            for n in cams:
+                r = bench_cameras(det, video, n, args.seconds)
+                r.update(backend=name, device=str(det.device), mota=mota, idf1=idf1, rep=rep)
+                rows.append(r)
+                log.info("%s x %d cams (run %d): %.1f fps/cam, age p50 %.0f p95 %.0f ms, cpu %.0f%%, "
+                         "det %.0f ms/frame %.0f ms/batch (%.1f frames)", name, n, rep + 1, r["fps"], r["age_p50"],
+                         r["age_p95"], r["cpu"], r["frame_ms"], r["batch_ms"], r["batch"])
+                if n == 1 and r["fps"] > fastest[1]:
+                    fastest = (det, r["fps"])
+    log.info("\n| backend | cams | fps/cam (min) | frame age p50 / p95 ms | CPU %% | detector ms/frame | "
+             "ms/batch (frames) | frames dropped at read / stream | MOTA / IDF1 TUD-Campus |")
+    log.info("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        log.info("| %s | %d | %.1f (%.1f) | %.0f / %.0f | %.0f | %.0f | %.0f (%.1f) | %d / %d | %.1f / %.1f |",
+                 r["backend"], r["cams"], r["fps"], r["fps_min"], r["age_p50"], r["age_p95"], r["cpu"],
+                 r["frame_ms"], r["batch_ms"], r["batch"], r["dropped_read"], r["dropped_stream"], r["mota"],
+                 r["idf1"])
+    if args.repeat > 1:  # run-to-run noise: spread of fps/cam and p95 per configuration
+        keys = sorted({(r["backend"], r["cams"]) for r in rows}, key=lambda k: (k[0], k[1]))
+        for b, n in keys:
+            rs = [r for r in rows if r["backend"] == b and r["cams"] == n]
+            f = [r["fps"] for r in rs]
+            a = [r["age_p95"] for r in rs]
+            log.info("noise %s x %d: fps/cam %.1f..%.1f, p95 %.0f..%.0f ms over %d runs", b, n, min(f), max(f),
+                     min(a), max(a), len(rs))
+    return fastest[0]
 
 
 def _decode_stamp(img: np.ndarray) -> int:
@@ -143,24 +282,31 @@ def bench_live_latency(det: Detector, shared: Path, seconds: float) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--seconds", type=float, default=20.0)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=15.0, help="measured seconds per configuration")
     ap.add_argument("--shared", default=str(ROOT.parent / "shared"))
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--backends", default="torch,onnxruntime,openvino,int8",
+                    help="comma list of torch, onnxruntime, openvino, int8 (onnxruntime static int8)")
+    ap.add_argument("--cameras", default="1,3,8")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per configuration (reports the spread)")
+    ap.add_argument("--input-size", type=int, default=None, help="detector input side (default 512)")
+    ap.add_argument("--cache-dir", default=None, help="ONNX export cache (default: the user cache dir)")
+    ap.add_argument("--skip-live", action="store_true", help="no live RTSP latency run")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("dishtrack").setLevel(logging.WARNING)
     shared = Path(args.shared)
     video = ROOT / "service" / "assets" / "sample_tud_campus.mp4"
-    log.info("machine: %s, %d CPUs, torch %s (%d threads), CUDA %s", platform.processor() or platform.machine(),
-             os.cpu_count(), torch.__version__, torch.get_num_threads(),
-             torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
+    log.info("machine: %s, %d CPUs (load avg %.1f), torch %s (%d threads), CUDA %s",
+             platform.processor() or platform.machine(), os.cpu_count(), os.getloadavg()[0], torch.__version__,
+             torch.get_num_threads(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
     bench_tracker(shared)
-    det = Detector(DetectorConfig(device=args.device))
-    bench_detector(det, video)
-    for n in (1, 3):
-        bench_cameras(det, video, n, args.seconds)
-    bench_live_latency(det, shared, args.seconds)
+    det = bench_table(args, shared, video)
+    if det is not None:
+        bench_detector(det, video)
+        if not args.skip_live:
+            bench_live_latency(det, shared, args.seconds)
     log.info("peak RSS: %.0f MiB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 

@@ -51,11 +51,30 @@ class DetectorConfig(_Strict):
     max_detections: int = Field(100, ge=1, le=1000)
     classes: list[str] | None = Field(None, description="keep only these labels; null keeps all")
     batch_max: int = Field(8, ge=1, le=64, description="most frames (one per camera) per forward pass")
+    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
+        "auto", description="inference runtime; auto: torch on CUDA, else onnxruntime, else openvino, else torch "
+        "(onnxruntime/openvino: pip install 'dishtrack[fast]'; they run on CPU)")
+    precision: Literal["auto", "fp32", "fp16", "int8"] = Field(
+        "auto", description="auto: fp16 on CUDA, fp32 on CPU; int8: onnxruntime static quantization calibrated "
+        "on calibration_images")
+    calibration_images: str | None = Field(None, description="folder of camera images for precision int8")
+    cache_dir: str | None = Field(None, description="where ONNX exports are cached; null: ~/.cache/dishtrack "
+                                  "($XDG_CACHE_HOME, $DISHTRACK_CACHE_DIR)")
+    threads: int | None = Field(None, ge=1, le=256, description="onnxruntime/openvino intra-op threads; "
+                                "null: the runtime's default (all cores)")
+    batch_wait_ms: float = Field(5.0, ge=0.0, le=100.0, description="the detector stage waits this long for "
+                                 "more cameras' frames before running a partial batch")
 
     @model_validator(mode="after")
     def _checkpoint_needed(self) -> "DetectorConfig":
         if self.kind == "checkpoint" and not self.checkpoint:
             raise ValueError("detector.kind=checkpoint needs detector.checkpoint")
+        if self.precision == "int8" and not self.calibration_images:
+            raise ValueError("detector.precision=int8 needs detector.calibration_images")
+        if self.precision == "int8" and self.backend not in ("auto", "onnxruntime"):
+            raise ValueError("detector.precision=int8 needs detector.backend onnxruntime (or auto)")
+        if self.backend in ("onnxruntime", "openvino") and self.device == "cuda":
+            raise ValueError(f"detector.backend={self.backend} runs on CPU; use backend torch for device cuda")
         return self
 
 

@@ -99,42 +99,69 @@ def decode(heat: torch.Tensor, ltrb: torch.Tensor, k: int) -> tuple[torch.Tensor
     return boxes, scores, cls
 
 
+class ImageInput(nn.Module):
+    """A model that takes (B,H,W,3) uint8 RGB as decoded: the layout change and cast to the
+    weights' dtype happen inside, so exported graphs take camera pixels as they are and a
+    GPU receives a quarter of the bytes of float input."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor):
+        dtype = next(self.model.parameters()).dtype
+        return self.model(images.permute(0, 3, 1, 2).to(dtype))
+
+
 class Detector:
-    """Stage object: frames in, detections out."""
+    """Stage object: frames in, detections out. The forward pass runs on the configured
+    inference backend (``models/backends.py``); decoding is the same for all of them."""
 
     def __init__(self, cfg, device: torch.device | None = None) -> None:
+        from .backends import BackendSettings, ModelSpec, make_backend
+
         self.cfg = cfg
-        self.device = device or pick_device(cfg.device)
         if cfg.kind == "checkpoint":
             self.model, self.labels, self.input_size = load_checkpoint(cfg.checkpoint)
         else:
             self.model, self.labels, self.input_size = CenterNetModel(bundled_weights()), COCO_LABELS, cfg.input_size or 512
         if cfg.input_size and cfg.kind == "checkpoint":
             self.input_size = cfg.input_size
-        # channels-last weights: ~20% faster convolutions on CPU, the layout tensor cores want on CUDA;
-        # the input (NHWC images permuted to NCHW) already has channels-last strides
-        self.model.eval().to(self.device, memory_format=torch.channels_last)
-        for p in self.model.parameters():
-            p.requires_grad_(False)
         unknown = sorted(set(cfg.classes or []) - set(self.labels))
         if unknown:
             raise ValueError(f"detector.classes names labels the model does not have: {unknown}")
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        settings = BackendSettings.from_config(cfg)
+        if device is not None:
+            settings = BackendSettings(**{**settings.__dict__, "device": device.type})
+        s = self.input_size
+        spec = ModelSpec(ImageInput(self.model), (np.zeros((2, s, s, 3), np.uint8),), ("images",), ("heat", "ltrb"),
+                         f"centernet-{cfg.kind}-{s}")
+        self.backend = make_backend(spec, settings, self._calibration)
+        self.device = self.backend.device
         self._keep = (torch.tensor([lbl in cfg.classes for lbl in self.labels], device=self.device)
                       if cfg.classes else None)
-        log.info("detector %s on %s, %d labels, input %d", cfg.kind, self.device, len(self.labels), self.input_size)
+        log.info("detector %s on %s (%s), %d labels, input %d", cfg.kind, self.device, self.backend.name,
+                 len(self.labels), self.input_size)
 
-    def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
+    def preprocess(self, images: list[np.ndarray]) -> np.ndarray:
+        """BGR frames of any size -> (B,s,s,3) uint8 RGB."""
         s = self.input_size
-        batch = np.stack([cv2.cvtColor(cv2.resize(im, (s, s), interpolation=cv2.INTER_LINEAR), cv2.COLOR_BGR2RGB)
-                          for im in images])
-        return torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float()
+        return np.stack([cv2.cvtColor(cv2.resize(im, (s, s), interpolation=cv2.INTER_LINEAR), cv2.COLOR_BGR2RGB)
+                         for im in images])
+
+    def _calibration(self) -> list[tuple[np.ndarray, ...]]:
+        """int8 calibration batches: the images in ``detector.calibration_images``."""
+        return [(self.preprocess([im]),) for im in read_calibration_images(self.cfg.calibration_images)]
 
     @torch.inference_mode()
     def detect(self, frames: list[Frame]) -> list[Detections]:
         if not frames:
             return []
         cfg = self.cfg
-        heat, ltrb = self.model(self.preprocess([f.image for f in frames]))
+        heat, ltrb = self.backend.run(self.preprocess([f.image for f in frames]))
         if self._keep is not None:
             heat = heat * self._keep[None, :, None, None]
         boxes, scores, cls = decode(heat, ltrb, cfg.max_detections)
@@ -156,6 +183,17 @@ class Detector:
         return out
 
 
+def read_calibration_images(folder: str | Path | None, limit: int = 64) -> list[np.ndarray]:
+    """Up to ``limit`` BGR images (jpg/png) from a folder, in name order, for int8 calibration."""
+    if not folder:
+        raise ValueError("detector.precision=int8 needs detector.calibration_images (a folder of camera images)")
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:limit]
+    images = [im for im in (cv2.imread(str(p)) for p in paths) if im is not None]
+    if not images:
+        raise ValueError(f"detector.calibration_images: no readable images in {folder}")
+    return images
+
+
 def load_detector(cfg, device: torch.device | None = None):
     """The detector backend a config asks for: the bundled COCO CenterNet, or a checkpoint
     (a two-stage dish detector written by ``dishtrack train``, or an older CenterNet head)."""
@@ -167,10 +205,16 @@ def load_detector(cfg, device: torch.device | None = None):
             model = load_dish_checkpoint(cfg.checkpoint)
             if cfg.input_size:
                 model.spec = type(model.spec)(**{**model.spec.__dict__, "loc_size": cfg.input_size})
-            det = DishDetector(model, device or pick_device(cfg.device), nms_iou=cfg.nms_iou,
-                               max_detections=min(cfg.max_detections, 100), classes=cfg.classes)
-            log.info("dish detector %s on %s: %s, localiser input %d", cfg.checkpoint, det.device,
-                     ", ".join(det.labels), det.input_size)
+            from .backends import BackendSettings
+
+            settings = BackendSettings.from_config(cfg)
+            if device is not None:
+                settings = BackendSettings(**{**settings.__dict__, "device": device.type})
+            det = DishDetector(model, device or "cpu", nms_iou=cfg.nms_iou,
+                               max_detections=min(cfg.max_detections, 100), classes=cfg.classes, backend=settings,
+                               calibration_images=cfg.calibration_images)
+            log.info("dish detector %s on %s (%s): %s, localiser input %d", cfg.checkpoint, det.device,
+                     det.backend_name, ", ".join(det.labels), det.input_size)
             return det
     return Detector(cfg, device)
 

@@ -52,9 +52,10 @@ class DishModel(torch.nn.Module):
                                          freeze_blocks=spec.freeze_blocks)
 
 
-def localise(model: CenterNetModel, batch: torch.Tensor, scales: list[float], sizes: list[tuple[int, int]],
+def localise(model, batch, scales: list[float], sizes: list[tuple[int, int]],
              threshold: float, k: int = 50, nms_iou: float = 0.5) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Letterboxed batch -> per image (boxes in its own pixels, scores), class-agnostic NMS."""
+    """Letterboxed batch -> per image (boxes in its own pixels, scores), class-agnostic NMS.
+    ``model``: a CenterNetModel on a float NCHW batch, or a backend's ``run`` on uint8 NHWC."""
     heat, ltrb = model(batch)
     boxes, scores, _ = decode(heat, ltrb, k)
     out = []
@@ -71,29 +72,34 @@ def localise(model: CenterNetModel, batch: torch.Tensor, scales: list[float], si
 
 
 def classify(clf: DishClassifier, images: list[torch.Tensor], boxes: list[torch.Tensor], sizes: list[tuple[int, int]],
-             crop_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Crops of ``boxes`` (in ``images`` pixels; frames are (w,h) ``sizes``) -> class probs (N, C+1), embeddings."""
+             crop_size: int, run=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crops of ``boxes`` (in ``images`` pixels; frames are (w,h) ``sizes``) -> class probs (N, C+1), embeddings.
+    ``run(crops, geometry) -> (logits, embeddings)`` replaces ``clf``'s forward (an inference backend)."""
     n = sum(len(b) for b in boxes)
     if n == 0:
         return torch.zeros(0, clf.fc.out_features), torch.zeros(0, clf.fc.in_features - 32)
     crops = torch.cat([crop(im[None], [b], crop_size) for im, b in zip(images, boxes)])
     geo_boxes = torch.cat(boxes)
     fs = torch.cat([torch.tensor([sz], dtype=torch.float32).expand(len(b), 2) for sz, b in zip(sizes, boxes)])
-    logits, emb = clf(crops, box_geometry(geo_boxes, fs.to(geo_boxes.device)))
-    return F.softmax(logits, dim=1), F.normalize(emb, dim=1)
+    logits, emb = (run or clf)(crops, box_geometry(geo_boxes, fs.to(geo_boxes.device)))
+    return F.softmax(logits.float(), dim=1), F.normalize(emb.float(), dim=1)
 
 
 class DishDetector:
     """Stage object: frames in, dish detections (with appearance embeddings) out."""
 
     def __init__(self, model: DishModel, device: torch.device | str = "cpu", nms_iou: float = 0.5,
-                 max_detections: int = 50, classes: list[str] | None = None, low_confidence: float = 0.25) -> None:
-        self.model = model.eval().to(device)
+                 max_detections: int = 50, classes: list[str] | None = None, backend=None,
+                 calibration_images: str | None = None, low_confidence: float = 0.25) -> None:
+        """``backend``: BackendSettings (None: torch on ``device``). Localiser and classifier each get one."""
+        from .backends import BackendSettings, ModelSpec, make_backend
+        from .detector import ImageInput
+
+        self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.spec = model.spec
         self.labels = self.spec.classes
-        self.device = torch.device(device)
         self.input_size = self.spec.loc_size
         self.nms_iou = nms_iou
         self.max_detections = max_detections
@@ -105,6 +111,28 @@ class DishDetector:
         # per-dish thresholds from validation; a dish left out of detector.classes is never reported
         self._thr = torch.tensor([self.spec.thresholds.get(c, 0.3) for c in self.labels])
         self._allowed = np.array([not classes or c in classes for c in self.labels])
+        settings = backend or BackendSettings(backend="torch", device=torch.device(device).type, precision="fp32")
+        s, c = self.spec.loc_size, self.spec.crop_size
+        self._calibration_images = calibration_images
+        self.loc_backend = make_backend(
+            ModelSpec(ImageInput(model.localiser), (np.zeros((2, s, s, 3), np.uint8),), ("images",), ("heat", "ltrb"),
+                      f"dish-localiser-{s}"), settings, self._calibration)
+        # the classifier runs on crops of the localised boxes: kept fp32 (int8 is for the per-frame localiser)
+        cls_settings = BackendSettings(**{**settings.__dict__,
+                                          "precision": "auto" if settings.precision == "int8" else settings.precision})
+        self.cls_backend = make_backend(
+            ModelSpec(model.classifier, (np.zeros((2, 3, c, c), np.float32), np.zeros((2, 3), np.float32)),
+                      ("crops", "geometry"), ("logits", "embeddings"), f"dish-classifier-{c}"), cls_settings)
+        self.device = self.loc_backend.device
+        self.backend_name = self.loc_backend.name
+
+    def _calibration(self) -> list[tuple[np.ndarray, ...]]:
+        from .detector import read_calibration_images
+
+        return [(self._letterbox([im]),) for im in read_calibration_images(self._calibration_images)]
+
+    def _letterbox(self, images_bgr: list[np.ndarray]) -> np.ndarray:
+        return np.stack([letterbox(cv2.cvtColor(im, cv2.COLOR_BGR2RGB), self.spec.loc_size)[0] for im in images_bgr])
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto") -> "DishDetector":
@@ -128,13 +156,14 @@ class DishDetector:
             return []
         rgb = [cv2.cvtColor(im, cv2.COLOR_BGR2RGB) for im in images_bgr]
         lb = [letterbox(im, self.spec.loc_size) for im in rgb]
-        batch = torch.from_numpy(np.stack([x for x, _ in lb])).to(self.device).permute(0, 3, 1, 2).float()
+        batch = np.stack([x for x, _ in lb])
         sizes = [(im.shape[1], im.shape[0]) for im in images_bgr]
-        found = localise(self.model.localiser, batch, [s for _, s in lb], sizes, self.spec.loc_threshold,
+        found = localise(self.loc_backend.run, batch, [s for _, s in lb], sizes, self.spec.loc_threshold,
                          self.max_detections, self.nms_iou)
         srcs, fs = self._crop_sources(rgb)
         probs, emb = classify(self.model.classifier, srcs, [b * f for (b, _), f in zip(found, fs)],
-                              [(round(w * f), round(h * f)) for (w, h), f in zip(sizes, fs)], self.spec.crop_size)
+                              [(round(w * f), round(h * f)) for (w, h), f in zip(sizes, fs)], self.spec.crop_size,
+                              run=self.cls_backend.run)
         out, k = [], 0
         c = len(self.labels)
         for b, sc in found:

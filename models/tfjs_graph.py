@@ -246,7 +246,8 @@ class TFJSGraph(nn.Module):
         if self._declared_hw and x.shape[2] * self._declared_hw[1] != x.shape[3] * self._declared_hw[0]:
             raise ValueError(f"input {tuple(x.shape[2:])} must keep the graph's aspect {self._declared_hw}")
         env: dict[str, torch.Tensor] = {self._input: x}
-        self._scale = x.shape[2] / self._declared_hw[0] if self._declared_hw else 1.0
+        # int(): a traced (ONNX export) shape becomes a constant: exports have a fixed spatial size
+        self._scale = int(x.shape[2]) / self._declared_hw[0] if self._declared_hw else 1.0
         for (name, op, inputs, cfg), free in zip(self._plan, self._free):
             env[name] = _OPS[op](self, env, inputs, cfg)
             for n in free:

@@ -78,10 +78,11 @@ def redact(url: str) -> str:
 class LatestFrameSlot:
     """Single-frame mailbox: ``put`` replaces, ``take`` empties."""
 
-    def __init__(self) -> None:
+    def __init__(self, notify: threading.Event | None = None) -> None:
         self._cond = threading.Condition()
         self._frame: Frame | None = None
         self.dropped = 0
+        self._notify = notify  # shared by all cameras' slots: the detector stage wakes on any new frame
 
     def put(self, frame: Frame, wait: threading.Event | None = None) -> None:
         """Replace the held frame (counted as dropped). With ``wait`` (an event
@@ -94,6 +95,8 @@ class LatestFrameSlot:
                 self.dropped += 1
             self._frame = frame
             self._cond.notify_all()
+        if self._notify is not None:
+            self._notify.set()
 
     def take(self) -> Frame | None:
         with self._cond:

@@ -23,7 +23,7 @@ class Metrics:
         self.detections = Counter("dishtrack_detections", "detections kept after NMS", ["camera"], registry=r)
         self.tracks = Gauge("dishtrack_active_tracks", "live tracks", ["camera"], registry=r)
         self.events = Counter("dishtrack_checkout_events", "checkout events persisted", ["camera", "zone"], registry=r)
-        self.frame_age = Histogram("dishtrack_frame_age_seconds", "camera read to annotated output",
+        self.frame_age = Histogram("dishtrack_frame_age_seconds", "camera read to detected and tracked",
                                    ["camera"], buckets=_LAT_BUCKETS, registry=r)
         self.batch_seconds = Histogram("dishtrack_detector_batch_seconds", "detector forward per batch",
                                        buckets=_LAT_BUCKETS, registry=r)
@@ -31,6 +31,15 @@ class Metrics:
                                     buckets=(1, 2, 3, 4, 6, 8, 16, 32), registry=r)
         self.tracker_seconds = Histogram("dishtrack_tracker_update_seconds", "one tracker update",
                                          buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05), registry=r)
+        self.frame_detect_seconds = Histogram("dishtrack_detector_frame_seconds", "detector forward per frame "
+                                              "(batch time / batch size)", buckets=_LAT_BUCKETS, registry=r)
+        self.stage_dropped = Counter("dishtrack_stage_dropped", "items dropped between pipeline stages (track: "
+                                     "detector batches the tracking stage had no room for; annotate: stream "
+                                     "frames replaced before they were encoded)", ["stage"], registry=r)
+        self.jpeg_age = Histogram("dishtrack_stream_frame_age_seconds", "camera read to annotated JPEG ready",
+                                  ["camera"], buckets=_LAT_BUCKETS, registry=r)
+        for stage in ("track", "annotate"):
+            self.stage_dropped.labels(stage)
         self.pipeline_errors = Counter("dishtrack_pipeline_errors", "exceptions in the pipeline loop", registry=r)
         self.ws_subscribers = Gauge("dishtrack_ws_subscribers", "connected websocket subscribers", registry=r)
         self.ws_dropped = Gauge("dishtrack_ws_dropped_subscribers", "subscribers cut off for being slow", registry=r)

@@ -1,6 +1,8 @@
-"""The processing loop: latest frames of all cameras -> one detector batch ->
-per-camera tracker -> line crossings -> trays -> persisted, then published
-events; annotated JPEGs for the MJPEG streams."""
+"""The processing stages: per-camera reader threads (ingest) -> one detector stage
+batching the latest frames of all cameras -> tracking, line crossings, trays,
+persisted then published events -> annotation + JPEG encoding for watched
+cameras. Stages hand over through bounded queues that drop and count; a slow
+viewer or encoder never stalls detection."""
 from __future__ import annotations
 
 import collections
@@ -16,29 +18,15 @@ from dishtrack.tracking.types import CheckoutEvent
 
 from .annotate import Annotator
 from .hub import EventHub
-from .ingest import CameraReader, SourceState
+from .ingest import CameraReader, LatestFrameSlot, SourceState
 from .metrics import Metrics
+from .stages import IDLE_JPEG_FPS, AnnotateJob, AnnotateStage, DropQueue, JpegSlot
 from .store import EventStore
 
 log = logging.getLogger(__name__)
 
-
-class JpegSlot:
-    """Latest annotated JPEG of a camera with a sequence number for waiters."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.seq = 0
-        self.jpeg: bytes | None = None
-        self.at = 0.0
-
-    def put(self, jpeg: bytes) -> None:
-        with self._lock:
-            self.jpeg, self.seq, self.at = jpeg, self.seq + 1, time.time()
-
-    def get(self) -> tuple[int, bytes | None]:
-        with self._lock:
-            return self.seq, self.jpeg
+__all__ = ["JpegSlot", "Pipeline"]
+TRACK_QUEUE_BATCHES = 4  # detector batches waiting for the tracking stage before the oldest is dropped
 
 
 class _Zone:
@@ -58,7 +46,8 @@ class Pipeline:
         self.metrics = metrics
         # a bad menu file fails here, at startup (MenuError names file and field)
         self.menu = Menu.load(cfg.menu.path, cfg.menu.timezone) if cfg.menu else None
-        self.readers = {c.id: CameraReader(c) for c in cfg.cameras}
+        self._arrived = threading.Event()  # set by any camera's slot on a new frame
+        self.readers = {c.id: CameraReader(c, LatestFrameSlot(self._arrived)) for c in cfg.cameras}
         params = TrackerParams.from_config(cfg.tracker)
         self.trackers = {c.id: Tracker(c.id, params) for c in cfg.cameras}
         self.zones = {c.id: [_Zone(z, c.id) for z in cfg.zones if z.camera == c.id] for c in cfg.cameras}
@@ -69,7 +58,14 @@ class Pipeline:
         self.annotator = Annotator(cfg.api.mjpeg_quality)
         self._next_jpeg = {c.id: 0.0 for c in cfg.cameras}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)  # tracking stage
+        self._detect_thread = threading.Thread(target=self._detect_loop, name="detect", daemon=True)
+        # offline files (realtime: false) must not lose a frame: there the queue pushes back instead
+        self._offline = all(not c.realtime and "://" not in c.source for c in cfg.cameras)
+        self._tracks = DropQueue(TRACK_QUEUE_BATCHES, on_drop=lambda: metrics.stage_dropped.labels("track").inc())
+        self._annotate = AnnotateStage(self._draw, self._deliver_jpeg,
+                                       on_drop=lambda cam: metrics.stage_dropped.labels("annotate").inc())
+        self._detect_at: float | None = None
         self.finished = threading.Event()  # every source ended and the last trays were flushed
         self.events_emitted = 0
         self.loop_at: float | None = None  # wall clock of the last loop iteration (health: stuck loop)
@@ -82,11 +78,28 @@ class Pipeline:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        """Every stage thread runs (the detector stage may have ended with its input)."""
+        detect_ok = self._detect_thread.is_alive() or all(r.ended for r in self.readers.values())
+        return self._thread.is_alive() and detect_ok
+
+    @property
+    def loop_at(self) -> float | None:
+        """Wall clock of the least recent stage iteration (health: a stuck stage)."""
+        stamps = [self._track_at]
+        if self._detect_thread.is_alive():
+            stamps.append(self._detect_at)
+        stamps = [t for t in stamps if t is not None]
+        return min(stamps) if stamps else None
+
+    @loop_at.setter
+    def loop_at(self, value: float | None) -> None:
+        self._track_at = value
 
     def start(self) -> "Pipeline":
         for r in self.readers.values():
             r.start()
+        self._annotate.start()
+        self._detect_thread.start()
         self._thread.start()
         return self
 
@@ -94,7 +107,9 @@ class Pipeline:
         self._stop.set()
         for r in self.readers.values():
             r.stop()
+        self._detect_thread.join(timeout=30)
         self._thread.join(timeout=30)
+        self._annotate.stop()
         if not self.finished.is_set():
             self._flush_all()
         self._retry_at = 0.0
@@ -103,16 +118,70 @@ class Pipeline:
             log.error("%d checkout events could not be persisted at shutdown: %s", len(self.unsaved),
                       self.persist_error)
 
-    # -- loop
+    # -- detector stage
+    def _collect(self, batch_max: int, wait_s: float) -> list:
+        """Latest frame of each camera, one per camera, at most ``batch_max``. When some streaming
+        cameras have no new frame yet, wait up to ``wait_s`` for them: one fuller batch costs
+        less than two forward passes (and on a GPU much less)."""
+        self._arrived.clear()
+        frames, seen = [], set()
+        deadline = None
+        while True:
+            for cam, r in self.readers.items():
+                if cam not in seen and len(frames) < batch_max:
+                    f = r.slot.take()
+                    if f is not None:
+                        frames.append(f)
+                        seen.add(cam)
+            if not frames or len(frames) >= batch_max or wait_s <= 0:
+                return frames
+            waiting = sum(1 for cam, r in self.readers.items() if cam not in seen and not r.ended
+                          and r.status().state is SourceState.STREAMING)
+            if not waiting:
+                return frames
+            now = time.monotonic()
+            deadline = deadline or now + wait_s
+            if now >= deadline:
+                return frames
+            self._arrived.clear()
+            self._arrived.wait(deadline - now)
+
+    def _detect_loop(self) -> None:
+        dcfg = self.cfg.detector
+        batch_max, wait_s = dcfg.batch_max, dcfg.batch_wait_ms / 1000.0
+        while not self._stop.is_set():
+            self._detect_at = time.time()
+            frames = self._collect(batch_max, wait_s)
+            if not frames:
+                if all(r.ended for r in self.readers.values()):
+                    log.info("all sources ended; detector stage done")
+                    return
+                self._arrived.wait(0.05)  # woken by any camera's next frame
+                continue
+            try:
+                t0 = time.perf_counter()
+                dets = self.detector.detect(frames)
+                dt = time.perf_counter() - t0
+                self.metrics.batch_seconds.observe(dt)
+                self.metrics.batch_size.observe(len(frames))
+                self.metrics.frame_detect_seconds.observe(dt / len(frames))
+            except Exception:  # noqa: BLE001 - one bad batch must not stop the service
+                self.metrics.pipeline_errors.inc()
+                log.exception("detector batch failed")
+                time.sleep(0.1)
+                continue
+            self._tracks.put((frames, dets), block=self._offline, abort=self._stop)
+
+    # -- tracking stage
     def _run(self) -> None:
-        batch_max = self.cfg.detector.batch_max
         while not self._stop.is_set():
             self.loop_at = time.time()
-            frames = [f for f in (r.slot.take() for r in self.readers.values()) if f is not None]
-            if not frames:
+            item = self._tracks.get(0.05)
+            if item is None:
                 self._close_idle_trays()
                 self._housekeep()
-                if all(r.ended for r in self.readers.values()):
+                if not self._detect_thread.is_alive() and not len(self._tracks) \
+                        and all(r.ended for r in self.readers.values()):
                     self._flush_all()
                     if self.unsaved:  # not finished while events wait for their write
                         self._stop.wait(0.1)
@@ -120,23 +189,15 @@ class Pipeline:
                     self.finished.set()
                     log.info("all sources ended; pipeline idle")
                     return
-                # short nap on one slot; any camera's frame is picked up within 20 ms
-                next(iter(self.readers.values())).slot.wait(0.02)
                 continue
             try:
-                for i in range(0, len(frames), batch_max):
-                    self._process(frames[i:i + batch_max])
+                self._process(*item)
             except Exception:  # noqa: BLE001 - one bad batch must not stop the service
                 self.metrics.pipeline_errors.inc()
                 log.exception("pipeline batch failed")
-                time.sleep(0.1)
             self._housekeep()  # other cameras may be down while one streams
 
-    def _process(self, frames) -> None:
-        t0 = time.perf_counter()
-        dets = self.detector.detect(frames)
-        self.metrics.batch_seconds.observe(time.perf_counter() - t0)
-        self.metrics.batch_size.observe(len(frames))
+    def _process(self, frames, dets) -> None:
         for frame, det in zip(frames, dets):
             cam = frame.camera_id
             t1 = time.perf_counter()
@@ -151,13 +212,23 @@ class Pipeline:
                     self._emit(ev)
             now = time.time()
             self._last_image[cam] = frame.image
-            if now >= self._next_jpeg[cam]:
-                self._next_jpeg[cam] = now + 1.0 / self.cfg.api.mjpeg_fps
-                lines = [(z.cfg.line.p1, z.cfg.line.p2) for z in self.zones[cam]]
+            slot = self.streams[cam]
+            # full stream rate for watched cameras; a JPEG a second otherwise (snapshots)
+            fps = self.cfg.api.mjpeg_fps if slot.watched(now) else min(IDLE_JPEG_FPS, self.cfg.api.mjpeg_fps)
+            if now >= self._next_jpeg[cam] or slot.jpeg is None:
+                self._next_jpeg[cam] = now + 1.0 / fps
+                lines = tuple((z.cfg.line.p1, z.cfg.line.p2) for z in self.zones[cam])
                 caption = f"{cam} frame {frame.index} tracks {len(upd.confirmed)}"
-                self.streams[cam].put(self.annotator.annotate(frame.image, upd, lines, caption))
+                self._annotate.offer(AnnotateJob(cam, frame.read_time, frame.image, upd, lines, caption))
             done = time.time()
             self.metrics.observe_frame(cam, done - frame.read_time, done)
+
+    def _draw(self, job: AnnotateJob) -> tuple[str, bytes, float]:
+        return job.camera_id, self.annotator.annotate(job.image, job.update, list(job.lines), job.caption), job.read_at
+
+    def _deliver_jpeg(self, cam: str, jpeg: bytes, read_at: float) -> None:
+        self.streams[cam].put(jpeg)
+        self.metrics.jpeg_age.labels(cam).observe(time.time() - read_at)
 
     def _emit(self, ev: CheckoutEvent) -> None:
         if self.menu is not None:

@@ -156,6 +156,18 @@ def service(tmp_path):
 
 
 @pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A dish checkpoint from `train` on tiny budgets (session-wide: test_train and test_backends share it)."""
+    from dishtrack.models.train import TrainSettings, train
+
+    out = tmp_path_factory.mktemp("ck") / "dishes.pt"
+    rep = train(TrainSettings(data=str(DATA / "mealtray_kiosk_dev"), out=str(out), max_images=30, val_fraction=0.25,
+                              loc_size=256, loc_epochs_head=1, loc_epochs_finetune=1, cls_epochs=2, cls_views=1,
+                              progress=False))
+    return out, rep
+
+
+@pytest.fixture(scope="session")
 def detector():
     from dishtrack.config import DetectorConfig
     from dishtrack.models.detector import Detector

@@ -2,7 +2,7 @@
 # Installs what the tests need on a fresh machine, then runs them:
 #   - Debian: GStreamer RTSP server (for ../shared/rtsp_test_server.py), gst-launch,
 #     Chromium + ChromeDriver (web page test)
-#   - the dishtrack package with its test extras (torch/torchvision pinned; pip takes them from local disk)
+#   - the dishtrack package with its test and fast (onnxruntime, openvino) extras (torch/torchvision pinned; pip takes them from local disk)
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +20,7 @@ if ((${#missing[@]})); then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
-python3 -m pip install -q --disable-pip-version-check '.[test]'
+python3 -m pip install -q --disable-pip-version-check '.[test,fast]'
 # run from tests/ so the checkout's folders (service/, models/ ...) are never
 # mistaken for packages: what is tested is the installed dishtrack
 cd tests

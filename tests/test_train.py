@@ -14,19 +14,11 @@ from dishtrack.config import DetectorConfig
 from dishtrack.models.dataset import DatasetError, export_mot_video, read_manifest
 from dishtrack.models.detector import load_detector
 from dishtrack.models.dish_detector import DishDetector
-from dishtrack.models.train import RunState, TrainSettings, run_phase, split_by_group, train
+from dishtrack.models.train import RunState, TrainSettings, run_phase, split_by_group
 from dishtrack.models.importers import load_dataset
 from dishtrack.tracking import Frame
 
 KIOSK = DATA / "mealtray_kiosk_dev"
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ck") / "dishes.pt"
-    rep = train(TrainSettings(data=str(KIOSK), out=str(out), max_images=30, val_fraction=0.25, loc_size=256,
-                              loc_epochs_head=1, loc_epochs_finetune=1, cls_epochs=2, cls_views=1, progress=False))
-    return out, rep
 
 
 def test_split_by_tray_never_cuts_a_tray():
