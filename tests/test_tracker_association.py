@@ -112,17 +112,44 @@ def test_hidden_track_coasts_longer_than_one_that_vanished_in_the_open():
 
 
 def test_track_whose_prediction_leaves_the_image_is_removed_at_once():
+    """Removed as soon as less than exit_visible (a quarter) of the predicted
+    box is inside the image; a box cut by the border but mostly inside
+    (its centre already outside) still coasts."""
     tracker = Tracker("cam", TrackerParams(max_coast_s=10.0, max_coast_occluded_s=10.0))
     size = (176, 100)
-    for f in range(10):  # a box walking right 8 px a frame, towards the right edge
+    for f in range(10):  # a 40 px box walking right 8 px a frame, towards the right edge
         x = 100 + 8 * f
         b = np.array([[x - 20, 40, x + 20, 60]], np.float32)
         upd = tracker.update(Detections("cam", f, f / 25, b, np.ones(1, np.float32), np.zeros(1, np.int64), ("plate",), size))
     assert len(upd.tracks) == 1 and upd.tracks[0].state is TrackState.CONFIRMED and upd.tracks[0].hits == 10
-    empty = Detections("cam", 10, 10 / 25, np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
-                       np.zeros(0, np.int64), ("plate",), size)
-    upd = tracker.update(empty)
+
+    def empty(f):
+        return Detections("cam", f, f / 25, np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
+                          np.zeros(0, np.int64), ("plate",), size)
+
+    upd = tracker.update(empty(10))  # predicted x 160..200: 40% inside, centre outside
+    assert len(upd.tracks) == 1 and upd.tracks[0].state is TrackState.OCCLUDED and upd.tracks[0].center[0] > size[0]
+    upd = tracker.update(empty(11))  # 168..208: 20% inside
     assert not upd.tracks and len(upd.removed) == 1 and len(tracker) == 0
+
+
+def test_person_cut_by_the_image_border_keeps_its_id_through_a_missed_detection():
+    """MOT17-04 person 5 stands at the bottom edge, half of the annotated box
+    below the image (centre outside). Their detection is dropped at frame 23;
+    the old rule (centre outside the image = left the view) deleted the track
+    and a new identity started at frame 24."""
+    info, gt, dets = _mot17(frames=40)
+    tracker = Tracker("cam", TrackerParams())
+    ids = {}
+    for f in range(1, 41):
+        upd = tracker.update(_frame(dets, f, size=info.image_size, fps=info.fps))
+        g = gt[(gt[:, 0] == f) & (gt[:, 1] == 5)][0]
+        if f in (22, 23):
+            assert g[3] + g[5] / 2 > info.height  # centre below the image
+        on = [t.track_id for t in upd.confirmed
+              if iou_matrix(np.array([t.box]), np.array([[g[2], g[3], g[2] + g[4], g[3] + g[5]]]))[0, 0] > 0.5]
+        ids[f] = on[0] if on else None
+    assert ids[20] is not None and ids[30] == ids[20], ids
 
 
 def _tray_frame(f, boxes, size=(640, 480)):
