@@ -8,7 +8,7 @@ import numpy as np
 
 from conftest import DATA, MOT_DETS, MOT_GT
 from dishtrack.tracking import Detections, TrackState, Tracker, iou_matrix
-from dishtrack.tracking.kalman import BatchKalman, KalmanBoxFilter
+from dishtrack.tracking.kalman import BatchKalman, KalmanBoxFilter, box_to_z as kalman_z
 from dishtrack.tracking.mot import NoiseProtocol, noisy_detections, read_mot, read_seqinfo, track_sequence
 from dishtrack.tracking.tracker import TrackerParams
 
@@ -138,7 +138,7 @@ def test_person_cut_by_the_image_border_keeps_its_id_through_a_missed_detection(
     below the image (centre outside). Their detection is dropped at frame 23;
     the old rule (centre outside the image = left the view) deleted the track
     and a new identity started at frame 24."""
-    info, gt, dets = _mot17(frames=40)
+    info, gt, dets = _mot17(frames=10 ** 6)  # the protocol's noise of the whole sequence
     tracker = Tracker("cam", TrackerParams())
     ids = {}
     for f in range(1, 41):
@@ -228,3 +228,60 @@ def test_class_margin_and_cli_track_writes_mot_results(tmp_path):
     expect = track_sequence(dets, image_size=info.image_size, fps=info.fps, n_frames=info.length)
     np.testing.assert_allclose(res[:, :6], expect, atol=0.01)
     assert res[:, 0].max() <= 120 and len(np.unique(res[:, 1])) >= 5
+
+
+def test_low_score_detections_extend_a_track_after_a_missed_frame():
+    """A dish partly covered by a hand: one frame without a detection, then only
+    low-score boxes. ByteTrack's rule (low-score boxes extend only tracks matched
+    in the previous frame, low_score_coast_s=0) loses it; within
+    low_score_coast_s the track keeps being extended under its id."""
+    def run(coast_s):
+        tracker = Tracker("cam", TrackerParams(low_score_coast_s=coast_s))
+        for f in range(1, 30):
+            x = 100 + 3 * f
+            box = [[x, 100, x + 60, 160]] if f != 10 else np.zeros((0, 4))
+            score = 0.9 if f < 10 else 0.3
+            b = np.asarray(box, np.float32).reshape(-1, 4)
+            upd = tracker.update(Detections("cam", f, f / 25, b, np.full(len(b), score, np.float32),
+                                            np.zeros(len(b), np.int64), ("plate",), (640, 480)))
+            if f == 9:
+                first = upd.confirmed[0].track_id
+        return first, [t.track_id for t in upd.confirmed]
+
+    first, last = run(1.0)
+    assert last == [first]
+    first, last = run(0.0)
+    assert last == []  # the track coasted out; low-score boxes never start a track
+
+
+def test_batched_observation_reupdate_equals_sequential_reference():
+    """BatchKalman.reupdate (all re-found tracks stepped together) equals
+    filterpy run track by track over the same virtual observations."""
+    dets = read_mot(MOT_DETS / "TUD-Stadtmitte/det/det.txt")
+    boxes = np.c_[dets[:, 2:4], dets[:, 2:4] + dets[:, 4:6]][:6]
+    rng = np.random.default_rng(3)
+    bk = BatchKalman()
+    bk.add(boxes)
+    for step in range(4):  # some history, so the states differ
+        bk.predict()
+        z = boxes + rng.normal(0, 2, boxes.shape) + step
+        bk.update(np.arange(6), z)
+    last = z
+    x0, P0 = bk.x.copy(), bk.P.copy()
+    gaps = np.array([2, 5, 3, 9, 2, 4])
+    new = last + rng.normal(0, 2, last.shape) + 20
+    rows = np.array([0, 1, 3, 5])
+    bk.reupdate(rows, x0[rows], P0[rows], last[rows], new[rows], gaps[rows])
+    # reference: filterpy from the saved states, one track at a time
+    for i in rows:
+        r = KalmanBoxFilter(boxes[i])
+        r._kf.x, r._kf.P = x0[i][:, None].copy(), P0[i].copy()
+        z0, z1 = kalman_z(last[i]), kalman_z(new[i])
+        for s in range(1, gaps[i]):
+            r._kf.predict()
+            r._kf.update(z0 + (z1 - z0) * s / gaps[i])
+        r._kf.predict()
+        np.testing.assert_allclose(bk.x[i], r._kf.x[:, 0], rtol=1e-9, atol=1e-6)
+        np.testing.assert_allclose(bk.P[i], r._kf.P, rtol=1e-9, atol=1e-6)
+    untouched = np.setdiff1d(np.arange(6), rows)
+    np.testing.assert_array_equal(bk.x[untouched], x0[untouched])

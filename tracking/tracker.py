@@ -38,22 +38,25 @@ class TrackerParams:
     max_coast_occluded_s: float = 3.0
     occlusion_ioa: float = 0.3  # covered share of a coasting box that counts as "hidden"
     max_age: int | None = None  # optional hard cap in frames (legacy)
-    tentative_max_age: int = 1
+    tentative_max_age: int = 2  # a tentative track survives one missed frame
     min_score: float = 0.0
     # ByteTrack: detections below high_score only extend existing tracks
-    high_score: float = 0.6
+    high_score: float = 0.55
     low_iou_threshold: float = 0.5
     # low-score detections extend tracks last matched within this many seconds
     # (ByteTrack uses the tracks of the previous frame only: 0)
-    low_score_coast_s: float = 0.0
+    low_score_coast_s: float = 1.0
     # OC-SORT: direction consistency weight, its look-back, re-update after a gap,
-    # and recovery matching on the last observed box
-    direction_weight: float = 0.2
+    # and recovery matching on the last observed box. Direction and re-update
+    # are off by default: on jittered detections (noisy MOT17) both added
+    # identity switches (direction from a few noisy boxes is noise; the
+    # re-update's straight line fits walkers worse than the coasted state)
+    direction_weight: float = 0.0
     delta_t: int = 3
     # direction consistency only for tracks re-found after a gap: on a track
     # matched every frame, a few frames of jittered boxes give a noise direction
     direction_after_gap: bool = True
-    observation_reupdate: bool = True
+    observation_reupdate: bool = False
     observation_recovery: bool = True
     # appearance (Detections.embeddings): score weight, min cosine for matching a
     # coasting track beyond IoU, its centre-distance gate (x box diagonal), EMA
@@ -132,6 +135,8 @@ class _Meta:
     def _count_vote(self) -> tuple[int, float, float]:
         if not self.votes:
             return -1, 0.0, 0.0
+        if len(self.votes) == 1:  # the common case, without the ranking
+            return next(iter(self.votes)), 1.0, 1.0
         total = max(sum(self.votes.values()), 1e-12)
         ranked = sorted(self.votes.values(), reverse=True)
         cid = max(self.votes, key=self.votes.__getitem__)
@@ -187,14 +192,14 @@ class Tracker:
         a["tsu"] += 1
         a["streak"][a["tsu"] > 1] = 0
 
-        matches = self._associate(pred, boxes, scores, high, emb, dets.timestamp)
-        mt = np.array([t for t, _ in matches], np.intp)
-        md = np.array([d for _, d in matches], np.intp)
+        mt, md = self._associate(pred, boxes, scores, high, emb, dets.timestamp)
         self._apply_matches(mt, md, boxes, scores, cls, emb, dets.timestamp)
         if p.group_motion:
             self._follow_group(mt, prev_box)
 
-        unmatched_d = np.setdiff1d(np.flatnonzero(high), md)
+        spawn = high.copy()
+        spawn[md] = False
+        unmatched_d = np.flatnonzero(spawn)
         self._spawn(unmatched_d, boxes, scores, cls, emb, dets.timestamp)
 
         removed = self._advance_states(mt, boxes, dets.timestamp, dets.image_size)
@@ -210,22 +215,25 @@ class Tracker:
 
     # ---- association -----------------------------------------------------
 
-    def _associate(self, pred, boxes, scores, high, emb, ts) -> list[tuple[int, int]]:
+    def _associate(self, pred, boxes, scores, high, emb, ts) -> tuple[np.ndarray, np.ndarray]:
+        """Matched (track rows, detection indices)."""
         p, a = self.params, self._a
         n_t = len(pred)
         if n_t == 0 or len(boxes) == 0:
-            return []
+            return np.zeros(0, np.intp), np.zeros(0, np.intp)
         hi = np.flatnonzero(high)
         lo = np.flatnonzero(~high)
-        matches: list[tuple[int, int]] = []
+        got_t: list[np.ndarray] = [np.zeros(0, np.intp)]
+        got_d: list[np.ndarray] = [np.zeros(0, np.intp)]
         free_t = np.ones(n_t, bool)
         free_d = np.ones(len(boxes), bool)
 
         def take(pairs, rows, cols):
-            for r, c in pairs:
-                matches.append((int(rows[r]), int(cols[c])))
-                free_t[rows[r]] = False
-                free_d[cols[c]] = False
+            t, d = rows[pairs[0]], cols[pairs[1]]
+            got_t.append(t)
+            got_d.append(d)
+            free_t[t] = False
+            free_d[d] = False
 
         # 1. every track vs high-score detections: IoU + direction (+ appearance)
         if len(hi):
@@ -269,7 +277,7 @@ class Tracker:
             if len(rows) and len(cols):
                 dist = centre_distance(pred[rows], boxes[cols])
                 take(assign(-dist, dist <= p.occluded_gate), rows, cols)
-        return matches
+        return np.concatenate(got_t), np.concatenate(got_d)
 
     def _last_obs(self) -> np.ndarray:
         a = self._a
@@ -313,9 +321,9 @@ class Tracker:
         a["hidden"][mt] = False
         if emb is not None:
             self._blend_embeddings(mt, emb[md])
-        c = centers(a["box"][mt])
-        for j, (i, d) in enumerate(zip(mt, md)):
-            self._meta[i].observe(float(scores[d]), int(cls[d]), ts, float(c[j, 0]), float(c[j, 1]))
+        meta = self._meta
+        for i, sc, cl, (cx, cy) in zip(mt.tolist(), scores[md].tolist(), cls[md].tolist(), centers(a["box"][mt]).tolist()):
+            meta[i].observe(sc, cl, ts, cx, cy)
 
     def _blend_embeddings(self, rows, e) -> None:
         m = self.params.appearance_momentum
