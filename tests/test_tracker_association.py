@@ -285,3 +285,36 @@ def test_batched_observation_reupdate_equals_sequential_reference():
         np.testing.assert_allclose(bk.P[i], r._kf.P, rtol=1e-9, atol=1e-6)
     untouched = np.setdiff1d(np.arange(6), rows)
     np.testing.assert_array_equal(bk.x[untouched], x0[untouched])
+
+
+def test_appearance_ranking_measures():
+    """bench/eval_appearance.rank: rank-1 and mAP of later embeddings of the same object."""
+    from eval_appearance import rank
+
+    frames, ids = np.array([0, 0, 10, 10]), np.array([1, 2, 1, 2])
+    good = np.array([[1, 0], [0, 1], [1, 0], [0, 1]], float)
+    r = rank(frames, ids, good, gap=10)
+    assert (r.queries, r.rank1_later, r.map_later, r.rank1_in_view, r.mean_candidates_in_view) == (2, 1.0, 1.0, 1.0, 2.0)
+    swapped = np.array([[1, 0], [0, 1], [0.6, 0.8], [0.8, 0.6]])
+    r = rank(frames, ids, swapped, gap=10)
+    assert (r.rank1_later, r.map_later, r.rank1_in_view) == (0.0, 0.5, 0.0)
+
+
+def test_switch_causes_on_real_ground_truth():
+    """bench/eval_tracking.switch_causes on MOT17-05 ground truth replayed as a
+    result: no switches; relabelling one person from frame 50 on (a re-born
+    track) and giving another person's id to a third one (taken over) are told apart."""
+    from eval_tracking import switch_causes
+
+    info, gt, _ = _mot17("MOT17-05", frames=100)
+    keep = (gt[:, 6] != 0) & (gt[:, 7] == 1)
+    res = gt[keep][:, :6].copy()
+    assert switch_causes(gt, res, 100) == {}
+    pid = int(res[res[:, 0] == 50][0, 1])
+    res[(res[:, 1] == pid) & (res[:, 0] >= 50), 1] = 10_000  # a new track from frame 50
+    alive = res[res[:, 0] == 60][:, 1].astype(int)
+    other, taker = (int(v) for v in alive[(alive != pid) & (alive != 10_000)][:2])
+    res[(res[:, 1] == other) & (res[:, 0] >= 60), 1] = taker  # taker's id continues on another person
+    out = switch_causes(gt, res, 100)
+    assert sum(v for k, v in out.items() if k.startswith("new continuous")) == 1, out
+    assert sum(v for k, v in out.items() if k.startswith("taken continuous")) == 1, out
