@@ -82,8 +82,8 @@ class TrackerParams:
     @classmethod
     def sort(cls) -> "TrackerParams":
         """Plain SORT (Bewley et al. 2016): one IoU pass, no coasting, no extra cues."""
-        return cls(max_age=1, high_score=0.0, direction_weight=0.0, observation_reupdate=False,
-                   observation_recovery=False, appearance_weight=0.0, group_motion=False)
+        return cls(max_age=1, tentative_max_age=1, high_score=0.0, low_score_coast_s=0.0, direction_weight=0.0,
+                   observation_reupdate=False, observation_recovery=False, appearance_weight=0.0, group_motion=False)
 
     @classmethod
     def from_config(cls, cfg) -> "TrackerParams":
