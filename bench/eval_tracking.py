@@ -148,6 +148,42 @@ def gap_bridging(gt: np.ndarray, dets: np.ndarray, res: np.ndarray, n: int, min_
     return tracked, bridged
 
 
+def switch_causes(gt: np.ndarray, res: np.ndarray, n: int, crowd_iou: float = 0.3) -> dict[str, int]:
+    """Identity switches by cause. Each considered ground-truth object keeps the
+    track it was matched to (IoU >= 0.5, continuing matches preferred, as
+    CLEAR); when the track changes, the switch is counted as ``new`` (the new
+    track was first reported within 2 frames: a track was lost and re-born) or
+    ``taken`` (an existing track took over), ``after gap`` or ``continuous``
+    (the object was unmatched in the previous frame or not), and ``crowd`` when
+    another object overlaps it by IoU > crowd_iou."""
+    cls = gt[:, 7] if gt.shape[1] == 9 else -np.ones(len(gt))
+    gt = gt[(gt[:, 6] != 0) & ((cls == 1) | (cls == -1))]
+    gf, rf = gt[:, 0].astype(int), res[:, 0].astype(int)
+    first = {int(t): int(res[res[:, 1] == t, 0].min()) for t in np.unique(res[:, 1])}
+    prev: dict[int, int] = {}
+    last: dict[int, int] = {}
+    out: dict[str, int] = {}
+    for f in range(1, n + 1):
+        g, r = gt[gf == f], res[rf == f]
+        if not len(g) or not len(r):
+            continue
+        iou = iou_matrix(_xyxy(g), _xyxy(r))
+        keep = np.array([[prev.get(int(a)) == int(b) for b in r[:, 1]] for a in g[:, 1]])
+        rr, cc = linear_sum_assignment(-np.where(iou >= 0.5, iou + 1000.0 * keep, 0.0))
+        gg = iou_matrix(_xyxy(g), _xyxy(g))
+        np.fill_diagonal(gg, 0.0)
+        for a, c in zip(rr, cc):
+            if iou[a, c] < 0.5:
+                continue
+            gi, ti = int(g[a, 1]), int(r[c, 1])
+            if gi in prev and prev[gi] != ti:
+                kind = ("new" if f - first[ti] <= 2 else "taken") + (" after gap" if f - last[gi] > 1 else " continuous") \
+                    + (" crowd" if gg[a].max() > crowd_iou else " open")
+                out[kind] = out.get(kind, 0) + 1
+            prev[gi], last[gi] = ti, f
+    return out
+
+
 # ---- driver ----------------------------------------------------------------
 
 def load_sequences(root: Path, seqs, gt_root: Path | None, noise: NoiseProtocol | None, fps, size):
@@ -167,7 +203,7 @@ def load_sequences(root: Path, seqs, gt_root: Path | None, noise: NoiseProtocol 
     return out
 
 
-def evaluate_all(sequences, trackers: dict, gap_s: float = 2.0, min_gap: int = 5) -> list[dict]:
+def evaluate_all(sequences, trackers: dict, gap_s: float = 2.0, min_gap: int = 5, causes: bool = False) -> list[dict]:
     rows = []
     for tname, run in trackers.items():
         tot = {"tracked": 0, "bridged": 0, "frames": 0, "secs": 0.0}
@@ -179,6 +215,8 @@ def evaluate_all(sequences, trackers: dict, gap_s: float = 2.0, min_gap: int = 5
             m = trackeval_metrics(gt, res, n)
             tr, br = gap_bridging(gt, dets, res, n, min_gap, int(round(gap_s * fps)))
             m.update(sequence=name, tracker=tname, fps=n / dt, gaps=tr, bridged=br)
+            if causes:
+                m["causes"] = switch_causes(gt, res, n)
             per_seq.append(m)
             tot["tracked"] += tr
             tot["bridged"] += br
@@ -191,6 +229,9 @@ def evaluate_all(sequences, trackers: dict, gap_s: float = 2.0, min_gap: int = 5
             comb.update(IDSW=sum(m["IDSW"] for m in per_seq), Frag=sum(m["Frag"] for m in per_seq),
                         sequence="ALL (mean)", tracker=tname, fps=tot["frames"] / tot["secs"],
                         gaps=tot["tracked"], bridged=tot["bridged"])
+            if causes:
+                comb["causes"] = {k: sum(m["causes"].get(k, 0) for m in per_seq)
+                                  for k in sorted({k for m in per_seq for k in m["causes"]})}
             rows.append(comb)
     return rows
 
@@ -217,6 +258,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, nargs=2, default=(1920, 1080))
     ap.add_argument("--config", help="dishtrack YAML config whose tracker section is used")
     ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--causes", action="store_true", help="also count identity switches by cause")
     ap.add_argument("--legacy", action="store_true", help="also run the previous release's settings (max_age 30 frames, SORT cues)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -233,7 +275,12 @@ def main() -> None:
     if not args.no_baselines:
         for k in ("SORT", "ByteTrack", "OC-SORT"):
             trackers[f"trackers {k}"] = run_roboflow(k)
-    print(format_table(evaluate_all(seqs, trackers), 2.0))
+    rows = evaluate_all(seqs, trackers, causes=args.causes)
+    print(format_table(rows, 2.0))
+    if args.causes:
+        print("\nidentity switches by cause (bench/eval_tracking.switch_causes):")
+        for m in sorted(rows, key=lambda r: (r["sequence"], r["tracker"])):
+            print(f"{m['sequence']} | {m['tracker']}: " + ", ".join(f"{k} {v}" for k, v in sorted(m["causes"].items())))
 
 
 if __name__ == "__main__":

@@ -86,14 +86,17 @@ class TrackerConfig(_Strict):
                                         description="seconds a track hidden behind another object (dish, hand) coasts")
     occlusion_ioa: float = Field(0.3, gt=0.0, le=1.01, description="covered share of a coasting box that counts as hidden")
     max_age: int | None = Field(None, ge=1, description="optional hard cap in frames on coasting (legacy; prefer max_coast_s)")
-    tentative_max_age: int = Field(1, ge=1, description="misses that remove a tentative track")
+    tentative_max_age: int = Field(2, ge=1, description="misses that remove a tentative track")
     min_score: float = Field(0.0, ge=0.0, le=1.0, description="detections below this are ignored")
-    high_score: float = Field(0.6, ge=0.0, le=1.0,
+    high_score: float = Field(0.55, ge=0.0, le=1.0,
                               description="ByteTrack split: detections below only extend existing tracks")
     low_iou_threshold: float = Field(0.5, gt=0.0, lt=1.0, description="min IoU for the low-score pass")
-    direction_weight: float = Field(0.2, ge=0.0, le=5.0, description="OC-SORT direction consistency weight")
+    low_score_coast_s: float = Field(1.0, ge=0.0, le=60.0,
+                                     description="low-score detections extend tracks last matched within this many seconds")
+    direction_weight: float = Field(0.0, ge=0.0, le=5.0, description="OC-SORT direction consistency weight")
     delta_t: int = Field(3, ge=1, le=30, description="observations back for a track's direction")
-    observation_reupdate: bool = Field(True, description="OC-SORT re-update over a gap on virtual observations")
+    direction_after_gap: bool = Field(True, description="direction consistency only for tracks re-found after a gap")
+    observation_reupdate: bool = Field(False, description="OC-SORT re-update over a gap on virtual observations")
     observation_recovery: bool = Field(True, description="OC-SORT match of the last observed box")
     appearance_weight: float = Field(0.5, ge=0.0, le=5.0, description="weight of embedding cosine similarity")
     appearance_min_cos: float = Field(0.7, ge=-1.0, le=1.0, description="min cosine to re-identify beyond IoU")
@@ -103,6 +106,8 @@ class TrackerConfig(_Strict):
     group_radius: float = Field(1.5, gt=0.0, le=10.0, description="neighbour distance / box diagonal")
     group_velocity_tol: float = Field(0.05, ge=0.0, le=1.0, description="min group speed / box diagonal per frame")
     trajectory_len: int = Field(64, ge=2, le=10000, description="bounded per-track trajectory history")
+    exit_visible: float = Field(0.25, ge=0.0, le=1.0,
+                                description="a coasting track is removed once less than this share of its box is in the image")
     occluded_gate: float = Field(0.0, ge=0.0, le=5.0,
                                  description="2nd-chance match of occluded tracks by centre distance / box diagonal; 0 = off")
 

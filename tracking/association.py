@@ -13,13 +13,13 @@ from .geometry import centers
 INVALID = -1e6
 
 
-def assign(score: np.ndarray, valid: np.ndarray) -> list[tuple[int, int]]:
-    """Max-score one-to-one assignment restricted to ``valid`` pairs."""
+def assign(score: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Max-score one-to-one assignment restricted to ``valid`` pairs: (rows, cols)."""
     if score.size == 0 or not valid.any():
-        return []
-    s = np.where(valid, score, INVALID)
-    rows, cols = linear_sum_assignment(-s)
-    return [(int(r), int(c)) for r, c in zip(rows, cols) if valid[r, c]]
+        return np.zeros(0, np.intp), np.zeros(0, np.intp)
+    rows, cols = linear_sum_assignment(-np.where(valid, score, INVALID))
+    ok = valid[rows, cols]
+    return rows[ok], cols[ok]
 
 
 def direction_score(track_dir: np.ndarray, last_obs: np.ndarray, boxes: np.ndarray,

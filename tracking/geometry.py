@@ -52,4 +52,4 @@ def ioa_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def centers(boxes: np.ndarray) -> np.ndarray:
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    return np.stack([(b[:, 0] + b[:, 2]) / 2.0, (b[:, 1] + b[:, 3]) / 2.0], axis=1)
+    return (b[:, :2] + b[:, 2:]) * 0.5

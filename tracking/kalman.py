@@ -67,19 +67,23 @@ class KalmanBoxFilter:
 def boxes_to_z(boxes: np.ndarray) -> np.ndarray:
     """(N,4) xyxy -> (N,4) [cx, cy, area, aspect], as ``box_to_z`` row-wise."""
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    w = np.maximum(b[:, 2] - b[:, 0], 1e-3)
-    h = np.maximum(b[:, 3] - b[:, 1], 1e-3)
-    return np.stack([b[:, 0] + w / 2.0, b[:, 1] + h / 2.0, w * h, w / h], axis=1)
+    wh = np.maximum(b[:, 2:] - b[:, :2], 1e-3)
+    z = np.empty((len(b), 4))
+    z[:, :2] = b[:, :2] + wh / 2.0
+    z[:, 2] = wh[:, 0] * wh[:, 1]
+    z[:, 3] = wh[:, 0] / wh[:, 1]
+    return z
 
 
 def xs_to_boxes(x: np.ndarray) -> np.ndarray:
     """(N,>=4) states -> (N,4) xyxy, as ``x_to_box`` row-wise."""
     x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
     s = np.maximum(x[:, 2], 1e-6)
-    r = np.maximum(x[:, 3], 1e-6)
-    w = np.sqrt(s * r)
-    h = s / w
-    return np.stack([x[:, 0] - w / 2.0, x[:, 1] - h / 2.0, x[:, 0] + w / 2.0, x[:, 1] + h / 2.0], axis=1)
+    w = np.sqrt(s * np.maximum(x[:, 3], 1e-6))
+    half = np.empty((len(x), 2))
+    half[:, 0] = w / 2.0
+    half[:, 1] = s / w / 2.0
+    return np.concatenate([x[:, :2] - half, x[:, :2] + half], axis=1)
 
 
 def _sort_matrices() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -130,16 +134,43 @@ class BatchKalman:
         idx = np.asarray(idx, dtype=np.intp)
         if len(idx) == 0:
             return np.zeros((0, 4))
-        z = boxes_to_z(boxes)
-        x, P = self.x[idx], self.P[idx]
-        S = P[:, :4, :4] + self.R
-        K = np.linalg.solve(S, P[:, :4, :]).transpose(0, 2, 1)  # P H^T S^-1 (P, S symmetric)
-        x = x + np.einsum("nij,nj->ni", K, z - x[:, :4])
-        I_KH = np.broadcast_to(np.eye(7), P.shape).copy()
-        I_KH[:, :, :4] -= K
-        P = I_KH @ P @ I_KH.transpose(0, 2, 1) + K @ self.R @ K.transpose(0, 2, 1)
+        x, P = correct(self.x[idx], self.P[idx], boxes_to_z(boxes), self.R)
         self.x[idx], self.P[idx] = x, P
         return xs_to_boxes(x)
 
+    def reupdate(self, idx: np.ndarray, x0: np.ndarray, P0: np.ndarray, box0: np.ndarray,
+                 box1: np.ndarray, gaps: np.ndarray) -> None:
+        """OC-SORT's observation-centric re-update for rows ``idx`` re-found after
+        ``gaps`` frames: restart from the state at the last real observation
+        ``box0`` (``x0``, ``P0``) and filter over virtual observations on the
+        straight line to ``box1``, all rows stepped together; the rows end
+        predicted to the current frame, ready for ``update`` with ``box1``."""
+        idx = np.asarray(idx, dtype=np.intp)
+        if len(idx) == 0:
+            return
+        x, P = x0.copy(), P0.copy()
+        z0, z1 = boxes_to_z(box0), boxes_to_z(box1)
+        F, FT, Q = self.F, self.F.T, self.Q
+        for step in range(1, int(gaps.max())):
+            on = np.flatnonzero(step < gaps)
+            xs, Ps = x[on] @ FT, F @ P[on] @ FT + Q
+            frac = (step / gaps[on])[:, None]
+            x[on], P[on] = correct(xs, Ps, z0[on] + (z1[on] - z0[on]) * frac, self.R)
+        self.x[idx], self.P[idx] = x @ FT, F @ P @ FT + Q
+
     def boxes(self) -> np.ndarray:
         return xs_to_boxes(self.x) if len(self.x) else np.zeros((0, 4))
+
+
+def correct(x: np.ndarray, P: np.ndarray, z: np.ndarray, R: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Batched Kalman correction with H = [I 0] (the box is observed directly),
+    Joseph form as filterpy's ``update``: (N,7), (N,7,7), (N,4) -> x, P."""
+    S = P[:, :4, :4] + R
+    K = np.linalg.solve(S, P[:, :4, :]).transpose(0, 2, 1)  # P H^T S^-1 (P, S symmetric)
+    x = x + np.einsum("nij,nj->ni", K, z - x[:, :4])
+    # Joseph form (I-KH) P (I-KH)^T + K R K^T with H = [I 0] expanded, so only
+    # (7x4)(4x7) products are formed
+    Kt = K.transpose(0, 2, 1)
+    A = P - K @ P[:, :4, :]
+    P = A - A[:, :, :4] @ Kt + K @ R @ Kt
+    return x, P

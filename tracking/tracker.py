@@ -19,7 +19,7 @@ import numpy as np
 
 from .association import assign, centre_distance, direction_score
 from .geometry import centers, ioa_matrix, iou_matrix
-from .kalman import BatchKalman, boxes_to_z, xs_to_boxes
+from .kalman import BatchKalman, xs_to_boxes
 from .types import Detections, Track, TrackState
 
 log = logging.getLogger(__name__)
@@ -38,16 +38,25 @@ class TrackerParams:
     max_coast_occluded_s: float = 3.0
     occlusion_ioa: float = 0.3  # covered share of a coasting box that counts as "hidden"
     max_age: int | None = None  # optional hard cap in frames (legacy)
-    tentative_max_age: int = 1
+    tentative_max_age: int = 2  # a tentative track survives one missed frame
     min_score: float = 0.0
     # ByteTrack: detections below high_score only extend existing tracks
-    high_score: float = 0.6
+    high_score: float = 0.55
     low_iou_threshold: float = 0.5
+    # low-score detections extend tracks last matched within this many seconds
+    # (ByteTrack uses the tracks of the previous frame only: 0)
+    low_score_coast_s: float = 1.0
     # OC-SORT: direction consistency weight, its look-back, re-update after a gap,
-    # and recovery matching on the last observed box
-    direction_weight: float = 0.2
+    # and recovery matching on the last observed box. Direction and re-update
+    # are off by default: on jittered detections (noisy MOT17) both added
+    # identity switches (direction from a few noisy boxes is noise; the
+    # re-update's straight line fits walkers worse than the coasted state)
+    direction_weight: float = 0.0
     delta_t: int = 3
-    observation_reupdate: bool = True
+    # direction consistency only for tracks re-found after a gap: on a track
+    # matched every frame, a few frames of jittered boxes give a noise direction
+    direction_after_gap: bool = True
+    observation_reupdate: bool = False
     observation_recovery: bool = True
     # appearance (Detections.embeddings): score weight, min cosine for matching a
     # coasting track beyond IoU, its centre-distance gate (x box diagonal), EMA
@@ -62,6 +71,10 @@ class TrackerParams:
     group_radius: float = 1.5
     group_velocity_tol: float = 0.05
     trajectory_len: int = 64
+    # a coasting track is removed at once when less than this share of its
+    # predicted box is inside the image (it left the view); objects cut by
+    # the image border keep their track while most of them is still inside
+    exit_visible: float = 0.25
     # second-chance association for occluded tracks: centre distance relative
     # to the predicted box diagonal (0 disables)
     occluded_gate: float = 0.0
@@ -69,8 +82,8 @@ class TrackerParams:
     @classmethod
     def sort(cls) -> "TrackerParams":
         """Plain SORT (Bewley et al. 2016): one IoU pass, no coasting, no extra cues."""
-        return cls(max_age=1, high_score=0.0, direction_weight=0.0, observation_reupdate=False,
-                   observation_recovery=False, appearance_weight=0.0, group_motion=False)
+        return cls(max_age=1, tentative_max_age=1, high_score=0.0, low_score_coast_s=0.0, direction_weight=0.0,
+                   observation_reupdate=False, observation_recovery=False, appearance_weight=0.0, group_motion=False)
 
     @classmethod
     def from_config(cls, cfg) -> "TrackerParams":
@@ -97,24 +110,33 @@ class TrackUpdate:
 class _Meta:
     """Per-track state that is not a number: class votes and trajectory."""
 
-    __slots__ = ("votes", "score_sum", "trajectory", "_traj")
+    __slots__ = ("votes", "score_sum", "trajectory", "_traj", "_vote")
 
     def __init__(self, traj_len: int) -> None:
         self.votes: dict[int, float] = {}  # class id -> summed score; bounded by #classes
         self.score_sum = 0.0
         self.trajectory: collections.deque = collections.deque(maxlen=traj_len)
         self._traj: tuple | None = ()
+        self._vote: tuple[int, float, float] | None = None
 
     def observe(self, score: float, class_id: int, ts: float, cx: float, cy: float) -> None:
         self.score_sum += score
         self.votes[class_id] = self.votes.get(class_id, 0.0) + score
         self.trajectory.append((ts, cx, cy))
         self._traj = None
+        self._vote = None
 
     def vote(self) -> tuple[int, float, float]:
-        """(class id, its share, its share minus the runner-up's)."""
+        """(class id, its share, its share minus the runner-up's); cached until the next observation."""
+        if self._vote is None:
+            self._vote = self._count_vote()
+        return self._vote
+
+    def _count_vote(self) -> tuple[int, float, float]:
         if not self.votes:
             return -1, 0.0, 0.0
+        if len(self.votes) == 1:  # the common case, without the ranking
+            return next(iter(self.votes)), 1.0, 1.0
         total = max(sum(self.votes.values()), 1e-12)
         ranked = sorted(self.votes.values(), reverse=True)
         cid = max(self.votes, key=self.votes.__getitem__)
@@ -170,45 +192,48 @@ class Tracker:
         a["tsu"] += 1
         a["streak"][a["tsu"] > 1] = 0
 
-        matches = self._associate(pred, boxes, scores, high, emb)
-        mt = np.array([t for t, _ in matches], np.intp)
-        md = np.array([d for _, d in matches], np.intp)
+        mt, md = self._associate(pred, boxes, scores, high, emb, dets.timestamp)
         self._apply_matches(mt, md, boxes, scores, cls, emb, dets.timestamp)
         if p.group_motion:
             self._follow_group(mt, prev_box)
 
-        unmatched_d = np.setdiff1d(np.flatnonzero(high), md)
+        spawn = high.copy()
+        spawn[md] = False
+        unmatched_d = np.flatnonzero(spawn)
         self._spawn(unmatched_d, boxes, scores, cls, emb, dets.timestamp)
 
         removed = self._advance_states(mt, boxes, dets.timestamp, dets.image_size)
         labels = dets.labels
-        removed_tracks = tuple(self._snapshot(i, labels) for i in np.flatnonzero(removed))
+        removed_tracks = self._snapshots(np.flatnonzero(removed), labels)
         if removed.any():
             self._keep(~removed)
         return TrackUpdate(
             camera_id=self.camera_id, frame_index=dets.frame_index, timestamp=dets.timestamp,
-            tracks=tuple(self._snapshot(i, labels) for i in range(len(self._meta))),
+            tracks=self._snapshots(np.arange(len(self._meta)), labels),
             removed=removed_tracks, image_size=dets.image_size,
         )
 
     # ---- association -----------------------------------------------------
 
-    def _associate(self, pred, boxes, scores, high, emb) -> list[tuple[int, int]]:
+    def _associate(self, pred, boxes, scores, high, emb, ts) -> tuple[np.ndarray, np.ndarray]:
+        """Matched (track rows, detection indices)."""
         p, a = self.params, self._a
         n_t = len(pred)
         if n_t == 0 or len(boxes) == 0:
-            return []
+            return np.zeros(0, np.intp), np.zeros(0, np.intp)
         hi = np.flatnonzero(high)
         lo = np.flatnonzero(~high)
-        matches: list[tuple[int, int]] = []
+        got_t: list[np.ndarray] = [np.zeros(0, np.intp)]
+        got_d: list[np.ndarray] = [np.zeros(0, np.intp)]
         free_t = np.ones(n_t, bool)
         free_d = np.ones(len(boxes), bool)
 
         def take(pairs, rows, cols):
-            for r, c in pairs:
-                matches.append((int(rows[r]), int(cols[c])))
-                free_t[rows[r]] = False
-                free_d[cols[c]] = False
+            t, d = rows[pairs[0]], cols[pairs[1]]
+            got_t.append(t)
+            got_d.append(d)
+            free_t[t] = False
+            free_d[d] = False
 
         # 1. every track vs high-score detections: IoU + direction (+ appearance)
         if len(hi):
@@ -217,8 +242,10 @@ class Tracker:
             score = iou.copy()
             valid = iou >= p.iou_threshold
             if p.direction_weight > 0:
-                score += p.direction_weight * direction_score(self._directions(), self._last_obs(),
-                                                              boxes[hi], scores[hi])
+                ds = direction_score(self._directions(), self._last_obs(), boxes[hi], scores[hi])
+                if p.direction_after_gap:
+                    ds *= (a["tsu"] > 1)[:, None]
+                score += p.direction_weight * ds
             if emb is not None and self._emb is not None and p.appearance_weight > 0:
                 cos = self._emb @ emb[hi].T
                 seen = np.any(self._emb != 0, axis=1)[:, None]
@@ -231,7 +258,8 @@ class Tracker:
             take(assign(score, valid), rows, hi)
         # 2. ByteTrack: tracks matched last frame vs low-score detections
         if len(lo):
-            rows = np.flatnonzero(free_t & (a["tsu"] == 1))
+            recent = (a["tsu"] == 1) | (ts - a["last_ts"] <= p.low_score_coast_s + 1e-9)
+            rows = np.flatnonzero(free_t & recent)
             if len(rows):
                 iou = iou_matrix(pred[rows], boxes[lo])
                 take(assign(iou, iou >= p.low_iou_threshold), rows, lo)
@@ -249,7 +277,7 @@ class Tracker:
             if len(rows) and len(cols):
                 dist = centre_distance(pred[rows], boxes[cols])
                 take(assign(-dist, dist <= p.occluded_gate), rows, cols)
-        return matches
+        return np.concatenate(got_t), np.concatenate(got_d)
 
     def _last_obs(self) -> np.ndarray:
         a = self._a
@@ -275,12 +303,12 @@ class Tracker:
         if len(mt) == 0:
             return
         gap = a["tsu"][mt]
-        if p.observation_reupdate:
+        if p.observation_reupdate and (gap > 1).any():
             # OC-SORT ORU: rerun the filter over the gap on a straight line of
             # virtual observations from the last real one, so the velocity
             # learned while coasting does not carry the error into the re-found track
-            for i, d in zip(mt[gap > 1], md[gap > 1]):
-                self._reupdate(int(i), boxes[d], int(a["tsu"][i]))
+            r, d = mt[gap > 1], md[gap > 1]
+            kf.reupdate(r, a["x_obs"][r], a["P_obs"][r], self._last_obs()[r], boxes[d], gap[gap > 1])
         a["box"][mt] = kf.update(mt, boxes[md])
         a["x_obs"][mt], a["P_obs"][mt] = kf.x[mt], kf.P[mt]
         k = a["obs"].shape[1]
@@ -293,19 +321,9 @@ class Tracker:
         a["hidden"][mt] = False
         if emb is not None:
             self._blend_embeddings(mt, emb[md])
-        c = centers(a["box"][mt])
-        for j, (i, d) in enumerate(zip(mt, md)):
-            self._meta[i].observe(float(scores[d]), int(cls[d]), ts, float(c[j, 0]), float(c[j, 1]))
-
-    def _reupdate(self, i: int, box: np.ndarray, gap: int) -> None:
-        kf = self._kf
-        x, P = self._a["x_obs"][i].copy(), self._a["P_obs"][i].copy()
-        z0, z1 = boxes_to_z(self._last_obs()[i:i + 1])[0], boxes_to_z(box[None])[0]
-        for step in range(1, gap):
-            x, P = kf.F @ x, kf.F @ P @ kf.F.T + kf.Q
-            z = z0 + (z1 - z0) * step / gap
-            x, P = _kalman_correct(x, P, z, kf.R)
-        kf.x[i], kf.P[i] = kf.F @ x, kf.F @ P @ kf.F.T + kf.Q
+        meta = self._meta
+        for i, sc, cl, (cx, cy) in zip(mt.tolist(), scores[md].tolist(), cls[md].tolist(), centers(a["box"][mt]).tolist()):
+            meta[i].observe(sc, cl, ts, cx, cy)
 
     def _blend_embeddings(self, rows, e) -> None:
         m = self.params.appearance_momentum
@@ -393,9 +411,7 @@ class Tracker:
         occluders = np.concatenate([boxes, a["box"][matched]])
         cover = ioa_matrix(a["box"][rows], occluders).max(axis=1) if len(occluders) else np.zeros(len(rows))
         a["hidden"][rows] |= cover >= p.occlusion_ioa
-        c = centers(a["box"][rows])
-        w, h = image_size
-        left_view = (c[:, 0] < 0) | (c[:, 0] > w) | (c[:, 1] < 0) | (c[:, 1] > h)
+        left_view = _inside_share(a["box"][rows], image_size) < p.exit_visible
         limit = np.where(a["hidden"][rows], p.max_coast_occluded_s, p.max_coast_s)
         too_old = (ts - a["last_ts"][rows]) > limit + 1e-9
         if p.max_age is not None:
@@ -414,25 +430,26 @@ class Tracker:
             self._emb = self._emb[mask]
         self._meta = [m for m, k in zip(self._meta, mask) if k]
 
-    def _snapshot(self, i: int, labels: tuple[str, ...]) -> Track:
-        a, m = self._a, self._meta[i]
-        cid, share, margin = m.vote()
-        label = labels[cid] if 0 <= cid < len(labels) else "unknown"
-        hits = int(a["hits"][i])
-        b = a["box"][i]
-        return Track(
-            track_id=int(a["id"][i]), camera_id=self.camera_id, state=_STATES[a["state"][i]],
-            box=(float(b[0]), float(b[1]), float(b[2]), float(b[3])), class_id=int(cid), label=label,
-            confidence=m.score_sum / max(hits, 1), class_share=float(share),
-            hits=hits, age=int(a["age"][i]), time_since_update=int(a["tsu"][i]),
-            trajectory=m.traj(), class_margin=float(margin),
-        )
+    def _snapshots(self, rows: np.ndarray, labels: tuple[str, ...]) -> tuple[Track, ...]:
+        """Track snapshots of ``rows``; the arrays are read out once, not per track."""
+        if len(rows) == 0:
+            return ()
+        a, meta, cam, n_lab = self._a, self._meta, self.camera_id, len(labels)
+        out = []
+        for i, tid, st, box, hits, age, tsu in zip(
+                rows.tolist(), a["id"][rows].tolist(), a["state"][rows].tolist(), a["box"][rows].tolist(),
+                a["hits"][rows].tolist(), a["age"][rows].tolist(), a["tsu"][rows].tolist()):
+            m = meta[i]
+            cid, share, margin = m.vote()
+            out.append(Track(tid, cam, _STATES[st], tuple(box), cid, labels[cid] if 0 <= cid < n_lab else "unknown",
+                             m.score_sum / max(hits, 1), share, hits, age, tsu, m.traj(), margin))
+        return tuple(out)
 
 
-def _kalman_correct(x, P, z, R):
-    S = P[:4, :4] + R
-    K = np.linalg.solve(S, P[:4, :]).T
-    x = x + K @ (z - x[:4])
-    I_KH = np.eye(7)
-    I_KH[:, :4] -= K
-    return x, I_KH @ P @ I_KH.T + K @ R @ K.T
+def _inside_share(boxes: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
+    """Share of each xyxy box's area that lies inside the image."""
+    w, h = image_size
+    iw = np.clip(np.minimum(boxes[:, 2], w) - np.maximum(boxes[:, 0], 0), 0, None)
+    ih = np.clip(np.minimum(boxes[:, 3], h) - np.maximum(boxes[:, 1], 0), 0, None)
+    area = np.maximum((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), 1e-12)
+    return iw * ih / area
