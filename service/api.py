@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 from fastapi import FastAPI, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
@@ -51,6 +52,7 @@ class Runtime:
     hub: EventHub
     metrics: Metrics
     pipeline: Pipeline
+    stopping: threading.Event = field(default_factory=threading.Event)  # set on SIGTERM: streams end
 
 
 def build_runtime(cfg: AppConfig, detector=None) -> Runtime:
@@ -74,6 +76,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         try:
             yield
         finally:
+            rt.stopping.set()
             await asyncio.to_thread(rt.pipeline.stop)
             rt.store.close()
 
@@ -168,7 +171,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 
         async def parts():
             last = -1
-            while not await request.is_disconnected():
+            while not rt.stopping.is_set() and not await request.is_disconnected():
                 seq, jpeg = slot.get()
                 if jpeg is not None and seq != last:
                     last = seq
@@ -224,11 +227,14 @@ def create_app(runtime: Runtime) -> FastAPI:
                         break
                     cursor = page.next_after
             while True:
+                if rt.stopping.is_set():
+                    await ws.close(code=1001, reason="server shutting down")
+                    return
                 if sub.overflowed:
                     await ws.close(code=1013, reason="subscriber too slow; reconnect with ?after=<last seq>")
                     return
                 try:
-                    rec = await asyncio.wait_for(sub.queue.get(), timeout=1.0)
+                    rec = await asyncio.wait_for(sub.queue.get(), timeout=0.25)
                 except asyncio.TimeoutError:
                     continue
                 if rec["seq"] > last:

@@ -159,6 +159,10 @@ class CameraReader:
         self._thread.start()
         return self
 
+    def request_stop(self) -> None:
+        """Ask the thread to end without waiting for it (see ``stop``)."""
+        self._stop.set()
+
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         self._thread.join(timeout)

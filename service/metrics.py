@@ -32,6 +32,8 @@ class Metrics:
         self.tracker_seconds = Histogram("dishtrack_tracker_update_seconds", "one tracker update",
                                          buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05), registry=r)
         self.pipeline_errors = Counter("dishtrack_pipeline_errors", "exceptions in the pipeline loop", registry=r)
+        self.open_trays = Gauge("dishtrack_open_tray_crossings", "crossings in trays not closed yet (flushed at "
+                                "shutdown)", ["camera", "zone"], registry=r)
         self.ws_subscribers = Gauge("dishtrack_ws_subscribers", "connected websocket subscribers", registry=r)
         self.ws_dropped = Gauge("dishtrack_ws_dropped_subscribers", "subscribers cut off for being slow", registry=r)
         self._lock = threading.Lock()

@@ -90,11 +90,18 @@ class Pipeline:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 2.5) -> None:
+        """Stop readers and loop within ``timeout`` (SIGTERM must exit in 5 s whatever the
+        cameras do), then flush open trays and make a last attempt at unsaved events."""
+        deadline = time.monotonic() + timeout
         self._stop.set()
         for r in self.readers.values():
-            r.stop()
-        self._thread.join(timeout=30)
+            r.request_stop()  # all at once: a reader blocked on a frozen camera must not delay the others
+        self._thread.join(timeout=max(0.1, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            log.warning("pipeline loop did not stop within %.1fs (detector busy); flushing trays anyway", timeout)
+        for r in self.readers.values():
+            r.stop(timeout=max(0.0, deadline - time.monotonic()))
         if not self.finished.is_set():
             self._flush_all()
         self._retry_at = 0.0
@@ -234,6 +241,9 @@ class Pipeline:
             m.reconnects.labels(cam).set(st.reconnects)
             m.stalls.labels(cam).set(st.stalls)
             m.camera_up.labels(cam).set(1 if st.state is SourceState.STREAMING else 0)
+        for cam, zones in self.zones.items():
+            for z in zones:
+                m.open_trays.labels(cam, z.cfg.id).set(z.assembler.pending)
         m.ws_subscribers.set(self.hub.subscribers)
         m.ws_dropped.set(self.hub.dropped_subscribers)
 
