@@ -146,6 +146,8 @@ class MenuConfig(_Strict):
 
 class StorageConfig(_Strict):
     sqlite_path: str = "dishtrack.sqlite3"
+    spool_max: int = Field(10000, ge=1, description="checkout events kept in memory while they cannot be "
+                           "written (disk full, read-only); retried every second, oldest dropped beyond this")
 
 
 class ApiConfig(_Strict):

@@ -56,11 +56,11 @@ class Runtime:
 
 
 def build_runtime(cfg: AppConfig, detector=None) -> Runtime:
+    store = EventStore(cfg.storage.sqlite_path)  # first: an unwritable path fails before the model loads
     if detector is None:
         from dishtrack.models.detector import load_detector  # torch import only when serving
 
         detector = load_detector(cfg.detector)
-    store = EventStore(cfg.storage.sqlite_path)
     hub = EventHub(cfg.api.ws_queue)
     metrics = Metrics()
     return Runtime(cfg, store, hub, metrics, Pipeline(cfg, detector, store, hub, metrics))

@@ -73,8 +73,11 @@ class Pipeline:
         self.finished = threading.Event()  # every source ended and the last trays were flushed
         self.events_emitted = 0
         self.loop_at: float | None = None  # wall clock of the last loop iteration (health: stuck loop)
-        # events whose write failed, oldest first, retried every _RETRY_S (bounded; health says failing while any)
-        self.unsaved: collections.deque = collections.deque(maxlen=10000)
+        # the spool: events whose write failed (disk full, read-only, locked), oldest first, retried every
+        # _RETRY_S; bounded by storage.spool_max (overflow drops the oldest, counted and logged); health
+        # says failing while any wait
+        self.unsaved: collections.deque = collections.deque()
+        self.spool_max = cfg.storage.spool_max
         self.persist_error: str | None = None
         self._retry_at = 0.0
 
@@ -170,7 +173,7 @@ class Pipeline:
         if self.menu is not None:
             ev = self.menu.apply(ev)
         if self.unsaved:  # keep the order: nothing overtakes an event waiting for its write
-            self.unsaved.append(ev)
+            self._spool(ev)
             return
         self._save_and_publish(ev)
 
@@ -178,8 +181,9 @@ class Pipeline:
         try:
             record = self.store.save(ev)  # persisted first: a crash after this loses nothing
         except Exception as e:  # noqa: BLE001 - disk full, locked, read-only: keep it and retry
+            self.metrics.write_failures.inc()
             if not self.unsaved or self.unsaved[0] is not ev:
-                self.unsaved.append(ev)
+                self._spool(ev)
             if self.persist_error is None:
                 log.error("cannot persist checkout event %s (kept, retrying): %s", ev.event_id, e)
             self.persist_error = f"{type(e).__name__}: {e}"
@@ -197,6 +201,14 @@ class Pipeline:
         self.hub.publish(record)
         return True
 
+    def _spool(self, ev: CheckoutEvent) -> None:
+        if len(self.unsaved) >= self.spool_max:
+            lost = self.unsaved.popleft()
+            self.metrics.spool_dropped.inc()
+            log.error("event spool full (%d): checkout event %s dropped unsaved", self.spool_max, lost.event_id)
+        self.unsaved.append(ev)
+        self.metrics.unsaved.set(len(self.unsaved))
+
     def _retry_unsaved(self) -> None:
         now = time.time()
         if not self.unsaved or now < self._retry_at:
@@ -204,6 +216,7 @@ class Pipeline:
         self._retry_at = now + self._RETRY_S
         while self.unsaved and self._save_and_publish(self.unsaved[0]):
             self.unsaved.popleft()
+        self.metrics.unsaved.set(len(self.unsaved))
 
     def _tray_now(self, cam: str, wall: float) -> float | None:
         """A camera's tray clock while no frame arrives: its last frame time

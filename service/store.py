@@ -8,6 +8,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from dishtrack.config import ConfigError
 from dishtrack.tracking.types import CheckoutEvent
 
 _SCHEMA = """
@@ -53,6 +54,11 @@ def _record(seq: int, payload: str) -> dict:
     return {"seq": seq, **d}
 
 
+class StoreError(ConfigError):
+    """``storage.sqlite_path`` cannot be opened for writing (read-only filesystem, not a
+    directory, no permission); raised at startup, before the model loads."""
+
+
 @dataclass(frozen=True, slots=True)
 class EventPage:
     items: list[dict]
@@ -64,16 +70,26 @@ class EventStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
-        self._migrate()
+        try:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        except (OSError, sqlite3.Error) as e:
+            parent = Path(self.path).parent
+            why = (f"{parent} is not a directory" if parent.exists() and not parent.is_dir()
+                   else getattr(e, "strerror", None) or str(e))
+            raise StoreError(f"storage.sqlite_path {self.path}: cannot create the event database: {why}") from e
+        try:
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+            self._migrate()  # always writes (user_version): a read-only file or folder fails here, at startup
+        except sqlite3.Error as e:
+            self._db.close()
+            raise StoreError(f"storage.sqlite_path {self.path}: cannot write the event database: {e}") from e
 
     def _migrate(self) -> None:
         """Bring a database file written by an older version up to this schema."""
@@ -102,6 +118,9 @@ class EventStore:
         """Persist and return the stored record (with its ``seq``)."""
         d = event.to_dict()
         with self._lock:
+            row = self._db.execute("SELECT seq FROM events WHERE event_id=?", (event.event_id,)).fetchone()
+            if row is not None:  # a retried write whose first attempt did land: never store it twice
+                return {"seq": row["seq"], **d}
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 cur = self._db.execute(
@@ -114,7 +133,8 @@ class EventStore:
                                      [(seq, i.label, i.count) for i in event.items])
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite may already have rolled back (disk full)
+                    self._db.execute("ROLLBACK")
                 raise
         return {"seq": seq, **d}
 

@@ -112,3 +112,103 @@ def test_sigterm_with_mjpeg_and_websocket_clients_exits_fast_and_stores_the_open
     log = svc.log_path.read_text()
     assert "Traceback" not in log, log
     assert stored_events(db) >= 1, log  # the open tray was flushed and persisted
+
+
+# -- (3) disk full, read-only or uncreatable store ------------------------------------------------------------
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A real small filesystem: ``make(size_kb)`` mounts a tmpfs (root with CAP_SYS_ADMIN, as in CI)."""
+    mounts: list[Path] = []
+
+    def make(size_kb: int) -> Path:
+        d = tmp_path / f"fs{len(mounts)}"
+        d.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(d)],
+                           capture_output=True, text=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        mounts.append(d)
+        return d
+
+    yield make
+    for d in reversed(mounts):
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def remount_ro(d: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(d)], check=True)
+
+
+def fill(d: Path) -> Path:
+    """Write a filler file until the filesystem is full (ENOSPC)."""
+    filler = d / "filler"
+    with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 4096)
+    return filler
+
+
+def run_cli(tmp_path, sqlite_path: str) -> subprocess.CompletedProcess:
+    cfg = {"cameras": [{"id": "cam0", "source": str(VIDEO)}], "storage": {"sqlite_path": sqlite_path},
+           "api": {"port": free_port()}, "detector": {"device": "cpu"}}
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return subprocess.run(["dishtrack", "run", "--config", str(path)], capture_output=True, text=True, timeout=60)
+
+
+def test_unwritable_sqlite_path_is_a_clear_error_before_the_model_loads(tmp_path, tmpfs):
+    """Issue 7.3: a read-only or uncreatable sqlite_path gave a traceback after the model had loaded."""
+    not_a_dir = tmp_path / "a_file"
+    not_a_dir.write_text("x")
+    ro_fresh = tmpfs(64)
+    ro_existing = tmpfs(512)
+    existing = ro_existing / "events.sqlite3"
+    sqlite3.connect(existing).execute("CREATE TABLE t(x)").connection.close()
+    remount_ro(ro_fresh)
+    remount_ro(ro_existing)
+    for path in (str(not_a_dir / "events.sqlite3"), str(ro_fresh / "sub" / "events.sqlite3"),
+                 str(ro_fresh / "events.sqlite3"), str(existing)):
+        r = run_cli(tmp_path, path)
+        out = r.stdout + r.stderr
+        assert r.returncode == 2, out
+        assert f"storage.sqlite_path {path}: cannot" in out, out
+        assert "Traceback" not in out and "detector" not in out, out  # failed before the model was loaded
+
+
+def test_disk_full_events_are_spooled_health_fails_and_all_are_written_once_space_returns(tmpfs, detector):
+    """Issue 7.3: with the disk full events were dropped while /health said ok. Real SQLite on a real
+    full tmpfs: events wait in the spool (metric), /health and /readyz are 503, and after space is
+    freed every event is stored exactly once, in order."""
+    from fastapi.testclient import TestClient
+
+    from dishtrack.config import AppConfig
+    from dishtrack.service.api import build_runtime, create_app
+
+    fs = tmpfs(1024)
+    cfg = AppConfig.model_validate({
+        "cameras": [{"id": "cam0", "source": str(VIDEO), "realtime": False, "loop": False}],
+        "zones": [{"id": "z0", "camera": "cam0", "line": {"p1": [0.5, 0.0], "p2": [0.5, 1.0]},
+                   "tray_gap_s": 0.3, "tray_max_s": 2.0}],
+        "storage": {"sqlite_path": str(fs / "events.sqlite3")}})
+    rt = build_runtime(cfg, detector=detector)
+    filler = fill(fs)
+    with TestClient(create_app(rt)) as c:
+        wait_until(lambda: c.get("/health").status_code == 503, 240, interval=0.5, what="failing health")
+        body = c.get("/health").json()
+        assert body["status"] == "failing" and body["events_unsaved"] >= 1, body
+        assert "full" in body["persist_error"], body
+        assert c.get("/readyz").status_code == 503
+        m = c.get("/metrics").text
+        assert "dishtrack_events_unsaved 0.0" not in m and "dishtrack_event_write_failures_total" in m
+        wait_until(lambda: rt.pipeline.finished.is_set() or len(rt.pipeline.unsaved) >= 2, 240, interval=0.5,
+                   what="more events while the disk is full")
+        assert rt.store.count() == 0
+        filler.unlink()  # space returns
+        wait_until(lambda: c.get("/health").status_code == 200, 30, what="recovered")
+        wait_until(rt.pipeline.finished.is_set, 240, what="pipeline finished")
+        stored = c.get("/events", params={"limit": 1000}).json()["items"]
+        assert len(stored) == rt.pipeline.events_emitted >= 2 and not rt.pipeline.unsaved
+        assert len({e["event_id"] for e in stored}) == len(stored)
+        assert [e["ended_at"] for e in stored] == sorted(e["ended_at"] for e in stored)
+        assert "dishtrack_events_spool_dropped_total 0.0" in c.get("/metrics").text
