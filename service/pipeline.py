@@ -167,7 +167,9 @@ class Pipeline:
                 caption = f"{cam} frame {frame.index} tracks {len(upd.confirmed)}"
                 self.streams[cam].put(self.annotator.annotate(frame.image, upd, lines, caption))
             done = time.time()
-            self.metrics.observe_frame(cam, done - frame.read_time, done)
+            # live streams: age since capture (stream time; frames that sat in a buffer count); files: since read
+            captured = frame.timestamp if "://" in self.readers[cam].cfg.source else frame.read_time
+            self.metrics.observe_frame(cam, done - captured, done)
 
     def _emit(self, ev: CheckoutEvent) -> None:
         if self.menu is not None:

@@ -212,3 +212,84 @@ def test_disk_full_events_are_spooled_health_fails_and_all_are_written_once_spac
         assert len({e["event_id"] for e in stored}) == len(stored)
         assert [e["ended_at"] for e in stored] == sorted(e["ended_at"] for e in stored)
         assert "dishtrack_events_spool_dropped_total 0.0" in c.get("/metrics").text
+
+
+# -- (5) frozen RTSP camera: stall reported in time, honest frame times ---------------------------------------
+
+class RecordingSlot:
+    """A latest-frame slot that also records (stream time, read time) of every frame put."""
+
+    def __new__(cls):
+        from dishtrack.service.ingest import LatestFrameSlot
+
+        class _Slot(LatestFrameSlot):
+            def __init__(self) -> None:
+                super().__init__()
+                self.times: list[tuple[float, float]] = []
+
+            def put(self, frame, wait=None) -> None:
+                self.times.append((frame.timestamp, frame.read_at))
+                super().put(frame, wait)
+
+        return _Slot()
+
+
+@pytest.mark.rtsp
+def test_frozen_rtsp_camera_is_reported_stalled_within_timeout_plus_1s(rtsp_server):
+    """Issue 7.5: SIGSTOP freezes the real RTSP server with its connection open. The reader's
+    state (what /cameras and /health show) must say ``stalled`` within stall_timeout_s + 1 s."""
+    from dishtrack.config import CameraConfig
+    from dishtrack.service.ingest import CameraReader
+
+    cam = rtsp_server("loop")
+    stall = 2.0
+    r = CameraReader(CameraConfig(id="r", source=cam.url, stall_timeout_s=stall, reconnect_initial_s=0.2,
+                                  reconnect_max_s=1.0, open_timeout_s=3.0)).start()
+    try:
+        wait_until(lambda: r.status().frames_read > 25 and r.status().state.value == "streaming", 20,
+                   what="streaming")
+        os.kill(cam.proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        try:
+            wait_until(lambda: r.status().state.value == "stalled", stall + 5, interval=0.05, what="stalled")
+            took = time.monotonic() - t0
+            print(f"frozen camera reported stalled after {took:.2f} s (stall_timeout_s {stall})")
+            assert took <= stall + 1.0
+            # it stays reported as down (stalled, then reconnecting) while frozen, never 'streaming'
+            for _ in range(20):
+                assert r.status().state.value in ("stalled", "reconnecting")
+                time.sleep(0.1)
+        finally:
+            os.kill(cam.proc.pid, signal.SIGCONT)
+    finally:
+        r.stop()
+
+
+@pytest.mark.rtsp
+def test_frames_delivered_late_by_a_frozen_camera_carry_their_stream_time(rtsp_server):
+    """Issue 7.5: frames buffered while the camera hung arrive in a burst; they were stamped with the
+    wall clock at read, so frame age understated. With stream (PTS) time they carry their age."""
+    from dishtrack.config import CameraConfig
+    from dishtrack.service.ingest import CameraReader
+
+    cam = rtsp_server("loop")
+    slot = RecordingSlot()
+    r = CameraReader(CameraConfig(id="r", source=cam.url, stall_timeout_s=5.0, open_timeout_s=3.0), slot).start()
+    try:
+        wait_until(lambda: r.status().frames_read > 50, 20, what="frames")
+        steady = [read - ts for ts, read in slot.times[10:]]
+        os.kill(cam.proc.pid, signal.SIGSTOP)
+        time.sleep(1.5)  # shorter than stall_timeout_s: no reconnect, the same connection resumes
+        n = len(slot.times)
+        resumed = time.time()
+        os.kill(cam.proc.pid, signal.SIGCONT)
+        wait_until(lambda: len(slot.times) > n + 10, 10, what="frames after resume")
+        late = [read - ts for ts, read in slot.times[n:] if read - resumed < 0.5]
+        print(f"age at read: steady p50 {sorted(steady)[len(steady) // 2]:.3f} s, after the freeze max "
+              f"{max(late):.3f} s over {len(late)} frames")
+        assert sorted(steady)[len(steady) // 2] < 0.3  # live frames: stream time ~ read time
+        assert max(late) >= 1.0  # the burst is stamped when it was captured, not when read
+        assert all(ts <= read + 1e-6 for ts, read in slot.times)  # never from the future
+        assert r.status().stalls == 0
+    finally:
+        r.stop()
