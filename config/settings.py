@@ -144,8 +144,19 @@ class MenuConfig(_Strict):
         return v
 
 
+class RetentionConfig(_Strict):
+    """Pruning of stored checkout events (the oldest go first); null disables a rule."""
+
+    max_age_days: float | None = Field(365.0, gt=0, description="delete events that ended longer ago than this")
+    max_events: int | None = Field(None, ge=1, description="keep at most this many events")
+    max_db_mb: float | None = Field(1024.0, gt=0, description="keep the database's used pages under this "
+                                    "(freed pages are reused, so the file stops growing near it)")
+    interval_s: float = Field(60.0, gt=0, description="how often the rules are applied")
+
+
 class StorageConfig(_Strict):
     sqlite_path: str = "dishtrack.sqlite3"
+    retention: RetentionConfig = RetentionConfig()
     spool_max: int = Field(10000, ge=1, description="checkout events kept in memory while they cannot be "
                            "written (disk full, read-only); retried every second, oldest dropped beyond this")
 

@@ -39,6 +39,9 @@ class Metrics:
         self.write_failures = Counter("dishtrack_event_write_failures", "failed event writes (retried)", registry=r)
         self.spool_dropped = Counter("dishtrack_events_spool_dropped", "events lost: spool full (storage.spool_max)",
                                      registry=r)
+        self.db_bytes = Gauge("dishtrack_db_size_bytes", "event database on disk (file + write-ahead log)",
+                              registry=r)
+        self.events_pruned = Counter("dishtrack_events_pruned", "events deleted by storage.retention", registry=r)
         self.ws_subscribers = Gauge("dishtrack_ws_subscribers", "connected websocket subscribers", registry=r)
         self.ws_dropped = Gauge("dishtrack_ws_dropped_subscribers", "subscribers cut off for being slow", registry=r)
         self._lock = threading.Lock()

@@ -18,6 +18,7 @@ from .annotate import Annotator
 from .hub import EventHub
 from .ingest import CameraReader, SourceState
 from .metrics import Metrics
+from .retention import Retention
 from .store import EventStore
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class Pipeline:
         self.spool_max = cfg.storage.spool_max
         self.persist_error: str | None = None
         self._retry_at = 0.0
+        self.retention = Retention(store, cfg.storage.retention, metrics)
 
     _RETRY_S = 1.0
 
@@ -91,6 +93,7 @@ class Pipeline:
         for r in self.readers.values():
             r.start()
         self._thread.start()
+        self.retention.start()
         return self
 
     def stop(self, timeout: float = 2.5) -> None:
@@ -98,6 +101,7 @@ class Pipeline:
         cameras do), then flush open trays and make a last attempt at unsaved events."""
         deadline = time.monotonic() + timeout
         self._stop.set()
+        self.retention.stop(timeout=0.5)
         for r in self.readers.values():
             r.request_stop()  # all at once: a reader blocked on a frozen camera must not delay the others
         self._thread.join(timeout=max(0.1, deadline - time.monotonic()))
@@ -260,6 +264,7 @@ class Pipeline:
             for z in zones:
                 m.open_trays.labels(cam, z.cfg.id).set(z.assembler.pending)
         m.ws_subscribers.set(self.hub.subscribers)
+        m.db_bytes.set(self.store.size_bytes())
         m.ws_dropped.set(self.hub.dropped_subscribers)
 
     def _housekeep(self) -> None:

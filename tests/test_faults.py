@@ -293,3 +293,86 @@ def test_frames_delivered_late_by_a_frozen_camera_carry_their_stream_time(rtsp_s
         assert r.status().stalls == 0
     finally:
         r.stop()
+
+
+# -- (6) retention -------------------------------------------------------------------------------------------
+
+def make_event(i: int, ended_at: float):
+    from dishtrack.tracking.types import CheckoutEvent, CheckoutItem
+
+    items = (CheckoutItem("bowl", 2, 0.8, name="Soup of the day, with a long description " * 3),
+             CheckoutItem("cup", 1, 0.7))
+    return CheckoutEvent(f"ev{i:07d}", "till1", "z0", ended_at - 2, ended_at, items, (i, i + 1, i + 2), 0.75)
+
+
+def test_retention_prunes_by_age_and_count_oldest_first(tmp_path):
+    from dishtrack.config.settings import RetentionConfig
+    from dishtrack.service.metrics import Metrics
+    from dishtrack.service.retention import Retention
+    from dishtrack.service.store import EventStore
+
+    store = EventStore(tmp_path / "e.sqlite3")
+    now = time.time()
+    for i in range(300):  # one event per hour, the oldest 300 h ago
+        store.save(make_event(i, now - (300 - i) * 3600))
+    m = Metrics()
+    ret = Retention(store, RetentionConfig(max_age_days=5, max_events=None, max_db_mb=None), m)
+    assert ret.run_once(now) == 300 - 5 * 24  # ended more than 120 h ago
+    left = store.list(limit=1000).items
+    assert len(left) == 5 * 24 and min(e["ended_at"] for e in left) >= now - 5 * 86400
+    ret = Retention(store, RetentionConfig(max_age_days=None, max_events=50, max_db_mb=None), m)
+    assert ret.run_once(now) == 5 * 24 - 50
+    assert [e["event_id"] for e in store.list(limit=1000).items] == [f"ev{i:07d}" for i in range(250, 300)]
+    with contextlib.closing(sqlite3.connect(store.path)) as db:  # label rows go with their events
+        assert db.execute("SELECT COUNT(*) FROM event_labels").fetchone()[0] == 100
+    assert m.events_pruned._value.get() == 300 - 50
+
+
+def test_retention_keeps_the_database_file_bounded_by_size(tmp_path):
+    """Writing many more events than fit: with max_db_mb the file stops growing near the bound."""
+    from dishtrack.config.settings import RetentionConfig
+    from dishtrack.service.metrics import Metrics
+    from dishtrack.service.retention import Retention
+    from dishtrack.service.store import EventStore
+
+    store = EventStore(tmp_path / "e.sqlite3")
+    limit_mb = 0.25
+    ret = Retention(store, RetentionConfig(max_age_days=None, max_db_mb=limit_mb), Metrics())
+    now = time.time()
+    sizes = []
+    for round_ in range(8):
+        for i in range(400):
+            store.save(make_event(round_ * 400 + i, now + i))
+        ret.run_once(now)
+        sizes.append(store.size_bytes())
+        assert store.used_bytes() <= limit_mb * 2**20
+    print("database bytes after each round:", sizes)
+    assert store.count() > 0 and store.list(limit=1).items[0]["event_id"] > "ev0002800"  # newest kept
+    assert max(sizes[3:]) <= 1.1 * sizes[2]  # stops growing: freed pages are reused
+    assert sizes[-1] <= limit_mb * 2**20 + sizes[0]  # the bound plus what one interval wrote
+
+
+def test_database_size_is_reported_in_metrics_and_retention_runs_in_the_service(tmp_path, detector):
+    from fastapi.testclient import TestClient
+
+    from dishtrack.config import AppConfig
+    from dishtrack.service.api import build_runtime, create_app
+    from dishtrack.service.store import EventStore
+
+    db = tmp_path / "events.sqlite3"
+    old = EventStore(db)
+    for i in range(200):  # a year-old backlog
+        old.save(make_event(i, time.time() - 400 * 86400 + i))
+    old.close()
+    cfg = AppConfig.model_validate({
+        "cameras": [{"id": "cam0", "source": str(VIDEO), "realtime": True, "loop": True}],
+        "storage": {"sqlite_path": str(db), "retention": {"max_age_days": 30, "interval_s": 0.2}}})
+    rt = build_runtime(cfg, detector=detector)
+    with TestClient(create_app(rt)) as c:
+        wait_until(lambda: rt.store.count() == 0, 20, what="the year-old events pruned")
+
+        def reported() -> float:
+            return float(next(line.split()[-1] for line in c.get("/metrics").text.splitlines()
+                              if line.startswith("dishtrack_db_size_bytes ")))
+        assert abs(reported() - rt.store.size_bytes()) < 64 * 1024 and reported() > 0
+        assert "dishtrack_events_pruned_total 200.0" in c.get("/metrics").text
