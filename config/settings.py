@@ -169,6 +169,8 @@ class ApiConfig(_Strict):
     ws_queue: int = Field(256, ge=1, description="per-client bounded queue; a slow client is dropped")
     health_stuck_s: float = Field(30.0, gt=0, description="no pipeline loop iteration for this long = stuck "
                                   "(/health failing, /livez 503)")
+    cache_s: float = Field(0.2, ge=0, le=5, description="/health, /livez, /readyz, /metrics, /cameras and tracks "
+                           "are reused for this long, so polling them fast cannot starve the pipeline; 0 = off")
     shutdown_grace_s: float = Field(2.0, ge=0, le=60, description="on SIGTERM, seconds open requests get before "
                                      "they are cancelled (streams end at once); exit stays within ~5 s")
 

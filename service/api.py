@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from dishtrack.config import AppConfig
 
 from . import health as health_rules
+from .cache import TtlCache
 from .hub import EventHub
 from .metrics import Metrics
 from .pipeline import Pipeline
@@ -82,6 +83,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     app = FastAPI(title="dishtrack", version="0.1.0", lifespan=lifespan)
     app.state.runtime = rt
+    cache = TtlCache(rt.cfg.api.cache_s)  # polled endpoints: cost independent of the request rate
 
     def camera_or_404(camera_id: str):
         if camera_id not in rt.pipeline.readers:
@@ -95,6 +97,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     stuck_s = rt.cfg.api.health_stuck_s
 
     @app.get("/health", responses=_JSON_503)
+    @cache.cached
     def health() -> JSONResponse:
         """``ok`` / ``degraded`` (a camera reconnecting; HTTP 200) / ``failing`` (HTTP 503: events not
         persisted, a camera that never delivered a frame, pipeline dead or stuck; see ``failing``)."""
@@ -114,6 +117,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         return JSONResponse(body, status_code=503 if status == "failing" else 200)
 
     @app.get("/livez", responses=_JSON_503)
+    @cache.cached
     def livez() -> JSONResponse:
         """Liveness: the process answers and the pipeline thread runs (or finished its input) and is not stuck."""
         v = health_rules.liveness(rt.pipeline, stuck_s)
@@ -121,6 +125,7 @@ def create_app(runtime: Runtime) -> FastAPI:
                             status_code=200 if v.ok else 503)
 
     @app.get("/readyz", responses=_JSON_503)
+    @cache.cached
     def readyz() -> JSONResponse:
         """Readiness: model loaded, store writable (no event waiting for its write), a camera streaming."""
         v = health_rules.readiness(rt.pipeline, rt.cfg.storage.sqlite_path)
@@ -130,15 +135,18 @@ def create_app(runtime: Runtime) -> FastAPI:
     @app.get("/metrics", response_class=Response,
              responses={200: {"description": "Prometheus text exposition format",
                               "content": {"text/plain": {"schema": {"type": "string"}}}}})
+    @cache.cached
     def metrics() -> Response:
         rt.pipeline.refresh_gauges()
         return Response(generate_latest(rt.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/cameras")
+    @cache.cached
     def cameras() -> list[dict]:
         return [r.status().to_dict() for r in rt.pipeline.readers.values()]
 
     @app.get("/cameras/{camera_id}/tracks", responses=_responses(404))
+    @cache.cached
     def tracks(camera_id: str) -> dict:
         camera_or_404(camera_id)
         upd = rt.pipeline.last_update.get(camera_id)

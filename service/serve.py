@@ -10,6 +10,7 @@ flushes open trays into the store."""
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 
 import uvicorn
@@ -31,6 +32,10 @@ def serve(app, host: str, port: int, log_level: str, grace_s: float) -> None:
     """Run ``app`` (from ``create_app``) until SIGINT/SIGTERM; streams end at once, other
     requests get ``grace_s`` seconds."""
     stopping: threading.Event = app.state.runtime.stopping
+    # The pipeline thread gives up the GIL around every torch op, native decode and JPEG encode, and
+    # must win it back from request threads each time; with the default 5 ms switch interval a busy
+    # API makes each of those hand-backs wait up to 5 ms (hundreds per frame). 1 ms bounds that wait.
+    sys.setswitchinterval(0.001)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace_s)
     _Server(config, stopping).run()
     stopping.set()
