@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import sqlite3
 import threading
 import time
 
@@ -185,7 +186,7 @@ class Pipeline:
 
     def _save_and_publish(self, ev: CheckoutEvent) -> bool:
         try:
-            record = self.store.save(ev)  # persisted first: a crash after this loses nothing
+            record = self._write(ev)  # persisted first: a crash after this loses nothing
         except Exception as e:  # noqa: BLE001 - disk full, locked, read-only: keep it and retry
             self.metrics.write_failures.inc()
             if not self.unsaved or self.unsaved[0] is not ev:
@@ -206,6 +207,15 @@ class Pipeline:
                  " (needs review)" if ev.needs_review else "")
         self.hub.publish(record)
         return True
+
+    def _write(self, ev: CheckoutEvent) -> dict:
+        try:
+            return self.store.save(ev)
+        except sqlite3.IntegrityError:  # a retried write whose first attempt did land: stored once
+            record = self.store.get(ev.event_id)
+            if record is None:
+                raise
+            return record
 
     def _spool(self, ev: CheckoutEvent) -> None:
         if len(self.unsaved) >= self.spool_max:

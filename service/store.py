@@ -119,9 +119,6 @@ class EventStore:
         """Persist and return the stored record (with its ``seq``)."""
         d = event.to_dict()
         with self._lock:
-            row = self._db.execute("SELECT seq FROM events WHERE event_id=?", (event.event_id,)).fetchone()
-            if row is not None:  # a retried write whose first attempt did land: never store it twice
-                return {"seq": row["seq"], **d}
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 cur = self._db.execute(
