@@ -59,6 +59,7 @@ class WsClient(threading.Thread):
         self.url, self.connected, self.ended, self.close_code = url, threading.Event(), threading.Event(), None
 
     def run(self) -> None:
+        from websockets.exceptions import ConnectionClosed
         from websockets.sync.client import connect
 
         try:
@@ -67,8 +68,8 @@ class WsClient(threading.Thread):
                 try:
                     while True:
                         ws.recv(timeout=30)
-                except Exception:  # noqa: BLE001 - ConnectionClosed carries the code
-                    self.close_code = ws.close_code
+                except ConnectionClosed as e:  # the close frame the server sent (None: TCP just dropped)
+                    self.close_code = e.rcvd.code if e.rcvd else None
         except Exception:  # noqa: BLE001
             pass
         self.ended.set()
@@ -93,7 +94,7 @@ def test_sigterm_with_mjpeg_and_websocket_clients_exits_fast_and_stores_the_open
     ws.start()
     assert ws.connected.wait(20)
     wait_until(lambda: viewer.parts >= 3, 60, what="MJPEG parts")
-    wait_until(lambda: metric(svc, "dishtrack_open_tray_crossings") >= 1, 90, what="an open tray")
+    wait_until(lambda: metric(svc, "dishtrack_open_tray_crossings") >= 1, 240, what="an open tray")  # slow only on a starved CPU
     assert stored_events(db) == 0  # nothing closed yet: the tray is open
 
     t0 = time.monotonic()
