@@ -9,6 +9,7 @@ uvicorn cancels it. The lifespan shutdown then stops the pipeline, which
 flushes open trays into the store."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import threading
@@ -26,6 +27,14 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame) -> None:  # signal handler, main thread
         self._stopping.set()
         super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets=None) -> None:
+        # websocket handlers poll ``stopping`` every 0.25 s and close with 1001 (going away) themselves;
+        # uvicorn's own connection shutdown would otherwise cut some of them without a close frame
+        await asyncio.sleep(self.SETTLE_S)
+        await super().shutdown(sockets)
+
+    SETTLE_S = 0.5
 
 
 def serve(app, host: str, port: int, log_level: str, grace_s: float) -> None:
