@@ -168,8 +168,21 @@ class MenuConfig(_Strict):
         return v
 
 
+class RetentionConfig(_Strict):
+    """Pruning of stored checkout events (the oldest go first); null disables a rule."""
+
+    max_age_days: float | None = Field(365.0, gt=0, description="delete events that ended longer ago than this")
+    max_events: int | None = Field(None, ge=1, description="keep at most this many events")
+    max_db_mb: float | None = Field(1024.0, gt=0, description="keep the database's used pages under this "
+                                    "(freed pages are reused, so the file stops growing near it)")
+    interval_s: float = Field(60.0, gt=0, description="how often the rules are applied")
+
+
 class StorageConfig(_Strict):
     sqlite_path: str = "dishtrack.sqlite3"
+    retention: RetentionConfig = RetentionConfig()
+    spool_max: int = Field(10000, ge=1, description="checkout events kept in memory while they cannot be "
+                           "written (disk full, read-only); retried every second, oldest dropped beyond this")
 
 
 class ApiConfig(_Strict):
@@ -180,6 +193,10 @@ class ApiConfig(_Strict):
     ws_queue: int = Field(256, ge=1, description="per-client bounded queue; a slow client is dropped")
     health_stuck_s: float = Field(30.0, gt=0, description="no pipeline loop iteration for this long = stuck "
                                   "(/health failing, /livez 503)")
+    cache_s: float = Field(0.2, ge=0, le=5, description="/health, /livez, /readyz, /metrics, /cameras and tracks "
+                           "are reused for this long, so polling them fast cannot starve the pipeline; 0 = off")
+    shutdown_grace_s: float = Field(2.0, ge=0, le=60, description="on SIGTERM, seconds open requests get before "
+                                     "they are cancelled (streams end at once); exit stays within ~5 s")
 
 
 class TokenConfig(_Strict):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 from fastapi import FastAPI, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
@@ -20,6 +21,7 @@ from dishtrack.config import AppConfig
 from . import health as health_rules
 from .admin import admin_router
 from .auth import install_security
+from .cache import TtlCache
 from .hub import EventHub
 from .metrics import Metrics
 from .pipeline import Pipeline
@@ -53,14 +55,15 @@ class Runtime:
     hub: EventHub
     metrics: Metrics
     pipeline: Pipeline
+    stopping: threading.Event = field(default_factory=threading.Event)  # set on SIGTERM: streams end
 
 
 def build_runtime(cfg: AppConfig, detector=None) -> Runtime:
+    store = EventStore(cfg.storage.sqlite_path)  # first: an unwritable path fails before the model loads
     if detector is None:
         from dishtrack.models.detector import load_detector  # torch import only when serving
 
         detector = load_detector(cfg.detector)
-    store = EventStore(cfg.storage.sqlite_path)
     hub = EventHub(cfg.api.ws_queue)
     metrics = Metrics()
     return Runtime(cfg, store, hub, metrics, Pipeline(cfg, detector, store, hub, metrics))
@@ -76,6 +79,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         try:
             yield
         finally:
+            rt.stopping.set()
             await asyncio.to_thread(rt.pipeline.stop)
             rt.store.close()
 
@@ -83,6 +87,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.state.runtime = rt
     install_security(app, rt.cfg)  # Host/Origin allow-lists, rate limits, tokens (+ /login)
     app.include_router(admin_router(rt.cfg))  # /config (admin role)
+    cache = TtlCache(rt.cfg.api.cache_s)  # polled endpoints: cost independent of the request rate
 
     def camera_or_404(camera_id: str):
         if camera_id not in rt.pipeline.readers:
@@ -96,6 +101,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     stuck_s = rt.cfg.api.health_stuck_s
 
     @app.get("/health", responses=_JSON_503)
+    @cache.cached
     def health() -> JSONResponse:
         """``ok`` / ``degraded`` (a camera reconnecting; HTTP 200) / ``failing`` (HTTP 503: events not
         persisted, a camera that never delivered a frame, pipeline dead or stuck; see ``failing``)."""
@@ -115,6 +121,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         return JSONResponse(body, status_code=503 if status == "failing" else 200)
 
     @app.get("/livez", responses=_JSON_503)
+    @cache.cached
     def livez() -> JSONResponse:
         """Liveness: the process answers and the pipeline thread runs (or finished its input) and is not stuck."""
         v = health_rules.liveness(rt.pipeline, stuck_s)
@@ -122,6 +129,7 @@ def create_app(runtime: Runtime) -> FastAPI:
                             status_code=200 if v.ok else 503)
 
     @app.get("/readyz", responses=_JSON_503)
+    @cache.cached
     def readyz() -> JSONResponse:
         """Readiness: model loaded, store writable (no event waiting for its write), a camera streaming."""
         v = health_rules.readiness(rt.pipeline, rt.cfg.storage.sqlite_path)
@@ -131,15 +139,18 @@ def create_app(runtime: Runtime) -> FastAPI:
     @app.get("/metrics", response_class=Response,
              responses={200: {"description": "Prometheus text exposition format",
                               "content": {"text/plain": {"schema": {"type": "string"}}}}})
+    @cache.cached
     def metrics() -> Response:
         rt.pipeline.refresh_gauges()
         return Response(generate_latest(rt.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/cameras")
+    @cache.cached
     def cameras() -> list[dict]:
         return [r.status().to_dict() for r in rt.pipeline.readers.values()]
 
     @app.get("/cameras/{camera_id}/tracks", responses=_responses(404))
+    @cache.cached
     def tracks(camera_id: str) -> dict:
         camera_or_404(camera_id)
         upd = rt.pipeline.last_update.get(camera_id)
@@ -172,7 +183,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 
         async def parts():
             last = -1
-            while not await request.is_disconnected():
+            while not rt.stopping.is_set() and not await request.is_disconnected():
                 seq, jpeg = slot.get()
                 if jpeg is not None and seq != last:
                     last = seq
@@ -228,11 +239,14 @@ def create_app(runtime: Runtime) -> FastAPI:
                         break
                     cursor = page.next_after
             while True:
+                if rt.stopping.is_set():
+                    await ws.close(code=1001, reason="server shutting down")
+                    return
                 if sub.overflowed:
                     await ws.close(code=1013, reason="subscriber too slow; reconnect with ?after=<last seq>")
                     return
                 try:
-                    rec = await asyncio.wait_for(sub.queue.get(), timeout=1.0)
+                    rec = await asyncio.wait_for(sub.queue.get(), timeout=0.25)
                 except asyncio.TimeoutError:
                     continue
                 if rec["seq"] > last:

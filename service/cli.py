@@ -34,14 +34,13 @@ def cmd_run(args) -> int:
     from .auth import build_policy
 
     build_policy(cfg)  # refuses to serve a public address open: fail before the model loads
-    import uvicorn
-
     from .api import build_runtime, create_app
+    from .serve import serve
 
     app = create_app(build_runtime(cfg))
     log.info("serving on http://%s:%d (cameras: %s)", cfg.api.host, cfg.api.port,
              ", ".join(c.id for c in cfg.cameras))
-    uvicorn.run(app, host=cfg.api.host, port=cfg.api.port, log_level=args.log_level.lower())
+    serve(app, cfg.api.host, cfg.api.port, args.log_level.lower(), cfg.api.shutdown_grace_s)
     return 0
 
 

@@ -111,6 +111,43 @@ class LatestFrameSlot:
             return self._frame is not None
 
 
+class StreamClock:
+    """Capture time of live-stream frames from their presentation timestamps.
+
+    Stamping a frame with the wall clock when it is read makes frames that sat in a
+    buffer (a camera that hung and then bursts, a reader that fell behind) look fresh,
+    so frame age understates. Here ``origin + pts`` is used, with ``origin`` the lowest
+    ``read time - pts`` seen (the least-delayed frame is the best estimate of the
+    camera's clock against ours): a frame that arrives late is stamped when it was
+    captured. The origin may rise ``drift`` s per s (a camera clock running slower than
+    ours must not make every frame look older and older); a PTS that goes backwards for
+    a few frames in a row (a looped source, a camera restart) resets it; single bad
+    PTS values are stamped with the read time and otherwise ignored."""
+
+    def __init__(self, drift: float = 1e-3, resets_after: int = 3) -> None:
+        self.drift, self.resets_after = drift, resets_after
+        self._origin: float | None = None
+        self._pts = 0.0
+        self._at = 0.0
+        self._backwards = 0
+
+    def stamp(self, pts: float, now: float) -> float:
+        if pts != pts:  # NaN: the backend has no timestamp for this frame
+            return now
+        if self._origin is not None and pts < self._pts - 1e-3:
+            self._backwards += 1
+            if self._backwards < self.resets_after:
+                return now
+            self._origin = None
+        self._backwards = 0
+        if self._origin is None:
+            self._origin = now - pts
+        else:
+            self._origin = min(self._origin + self.drift * max(0.0, now - self._at), now - pts)
+        self._pts, self._at = pts, now
+        return self._origin + pts
+
+
 def _is_stream(source: str) -> bool:
     return "://" in source
 
@@ -161,6 +198,10 @@ class CameraReader:
         self.started_at = time.time()
         self._thread.start()
         return self
+
+    def request_stop(self) -> None:
+        """Ask the thread to end without waiting for it (see ``stop``)."""
+        self._stop.set()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
@@ -265,24 +306,30 @@ class CameraReader:
         media = -1.0
         if is_file and self._media_origin is None:
             self._media_origin = time.time()
+        clock = StreamClock()  # per connection: a reconnect may restart the camera's timestamps
         while not self._stop.is_set():
             t_req = time.monotonic()
             ok, img = cap.read()
             now = time.time()
-            if not ok or img is None:
+            # a read that ran into FFmpeg's read timeout is a stall even when it returns a frame:
+            # on the timeout OpenCV drains frames still inside the decoder, one per timed-out read,
+            # which used to count as signs of life (a frozen camera reported stalled 3x too late)
+            timed_out = not is_file and time.monotonic() - t_req >= self.cfg.stall_timeout_s * 0.9
+            if not ok or img is None or timed_out:
                 if is_file and media >= 0:  # a loop continues after this file's last frame
                     self._media_offset += media + 1.0 / (self._fps or 25.0)
-                if not is_file and time.monotonic() - t_req >= self.cfg.stall_timeout_s * 0.9:
+                if timed_out:
                     return got_any, "stall", index
                 return got_any, "eof", index
             got_any = True
             with self._lock:
                 self._frames += 1
                 self._last_at = now
-            ts = now
             if is_file:
                 media = self._media_time(cap, n, media, time.monotonic() - t0)
                 ts = self._media_origin + self._media_offset + media
+            else:
+                ts = clock.stamp(cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0, now)
             self.slot.put(Frame(self.cfg.id, index, ts, img, read_at=now), wait=backpressure)
             index += 1
             n += 1

@@ -41,6 +41,16 @@ class Metrics:
         for stage in ("track", "annotate"):
             self.stage_dropped.labels(stage)
         self.pipeline_errors = Counter("dishtrack_pipeline_errors", "exceptions in the pipeline loop", registry=r)
+        self.open_trays = Gauge("dishtrack_open_tray_crossings", "crossings in trays not closed yet (flushed at "
+                                "shutdown)", ["camera", "zone"], registry=r)
+        self.unsaved = Gauge("dishtrack_events_unsaved", "checkout events in the spool waiting for their write",
+                             registry=r)
+        self.write_failures = Counter("dishtrack_event_write_failures", "failed event writes (retried)", registry=r)
+        self.spool_dropped = Counter("dishtrack_events_spool_dropped", "events lost: spool full (storage.spool_max)",
+                                     registry=r)
+        self.db_bytes = Gauge("dishtrack_db_size_bytes", "event database on disk (file + write-ahead log)",
+                              registry=r)
+        self.events_pruned = Counter("dishtrack_events_pruned", "events deleted by storage.retention", registry=r)
         self.ws_subscribers = Gauge("dishtrack_ws_subscribers", "connected websocket subscribers", registry=r)
         self.ws_dropped = Gauge("dishtrack_ws_dropped_subscribers", "subscribers cut off for being slow", registry=r)
         self._lock = threading.Lock()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import sqlite3
 import threading
 import time
 
@@ -21,6 +22,7 @@ from .hub import EventHub
 from .ingest import CameraReader, LatestFrameSlot, SourceState
 from .metrics import Metrics
 from .stages import IDLE_JPEG_FPS, AnnotateJob, AnnotateStage, DropQueue, JpegSlot
+from .retention import Retention
 from .store import EventStore
 
 log = logging.getLogger(__name__)
@@ -69,10 +71,14 @@ class Pipeline:
         self.finished = threading.Event()  # every source ended and the last trays were flushed
         self.events_emitted = 0
         self.loop_at: float | None = None  # wall clock of the last loop iteration (health: stuck loop)
-        # events whose write failed, oldest first, retried every _RETRY_S (bounded; health says failing while any)
-        self.unsaved: collections.deque = collections.deque(maxlen=10000)
+        # the spool: events whose write failed (disk full, read-only, locked), oldest first, retried every
+        # _RETRY_S; bounded by storage.spool_max (overflow drops the oldest, counted and logged); health
+        # says failing while any wait
+        self.unsaved: collections.deque = collections.deque()
+        self.spool_max = cfg.storage.spool_max
         self.persist_error: str | None = None
         self._retry_at = 0.0
+        self.retention = Retention(store, cfg.storage.retention, metrics)
 
     _RETRY_S = 1.0
 
@@ -101,15 +107,24 @@ class Pipeline:
         self._annotate.start()
         self._detect_thread.start()
         self._thread.start()
+        self.retention.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 2.5) -> None:
+        """Stop readers and loop within ``timeout`` (SIGTERM must exit in 5 s whatever the
+        cameras do), then flush open trays and make a last attempt at unsaved events."""
+        deadline = time.monotonic() + timeout
         self._stop.set()
+        self.retention.stop(timeout=0.5)
         for r in self.readers.values():
-            r.stop()
-        self._detect_thread.join(timeout=30)
-        self._thread.join(timeout=30)
+            r.request_stop()  # all at once: a reader blocked on a frozen camera must not delay the others
+        self._detect_thread.join(timeout=max(0.1, deadline - time.monotonic()))
+        self._thread.join(timeout=max(0.1, deadline - time.monotonic()))
+        if self._thread.is_alive() or self._detect_thread.is_alive():
+            log.warning("pipeline loop did not stop within %.1fs (detector busy); flushing trays anyway", timeout)
         self._annotate.stop()
+        for r in self.readers.values():
+            r.stop(timeout=max(0.0, deadline - time.monotonic()))
         if not self.finished.is_set():
             self._flush_all()
         self._retry_at = 0.0
@@ -221,7 +236,9 @@ class Pipeline:
                 caption = f"{cam} frame {frame.index} tracks {len(upd.confirmed)}"
                 self._annotate.offer(AnnotateJob(cam, frame.read_time, frame.image, upd, lines, caption))
             done = time.time()
-            self.metrics.observe_frame(cam, done - frame.read_time, done)
+            # live streams: age since capture (stream time; frames that sat in a buffer count); files: since read
+            captured = frame.timestamp if "://" in self.readers[cam].cfg.source else frame.read_time
+            self.metrics.observe_frame(cam, done - captured, done)
 
     def _draw(self, job: AnnotateJob) -> tuple[str, bytes, float]:
         return job.camera_id, self.annotator.annotate(job.image, job.update, list(job.lines), job.caption), job.read_at
@@ -234,16 +251,17 @@ class Pipeline:
         if self.menu is not None:
             ev = self.menu.apply(ev)
         if self.unsaved:  # keep the order: nothing overtakes an event waiting for its write
-            self.unsaved.append(ev)
+            self._spool(ev)
             return
         self._save_and_publish(ev)
 
     def _save_and_publish(self, ev: CheckoutEvent) -> bool:
         try:
-            record = self.store.save(ev)  # persisted first: a crash after this loses nothing
+            record = self._write(ev)  # persisted first: a crash after this loses nothing
         except Exception as e:  # noqa: BLE001 - disk full, locked, read-only: keep it and retry
+            self.metrics.write_failures.inc()
             if not self.unsaved or self.unsaved[0] is not ev:
-                self.unsaved.append(ev)
+                self._spool(ev)
             if self.persist_error is None:
                 log.error("cannot persist checkout event %s (kept, retrying): %s", ev.event_id, e)
             self.persist_error = f"{type(e).__name__}: {e}"
@@ -261,6 +279,23 @@ class Pipeline:
         self.hub.publish(record)
         return True
 
+    def _write(self, ev: CheckoutEvent) -> dict:
+        try:
+            return self.store.save(ev)
+        except sqlite3.IntegrityError:  # a retried write whose first attempt did land: stored once
+            record = self.store.get(ev.event_id)
+            if record is None:
+                raise
+            return record
+
+    def _spool(self, ev: CheckoutEvent) -> None:
+        if len(self.unsaved) >= self.spool_max:
+            lost = self.unsaved.popleft()
+            self.metrics.spool_dropped.inc()
+            log.error("event spool full (%d): checkout event %s dropped unsaved", self.spool_max, lost.event_id)
+        self.unsaved.append(ev)
+        self.metrics.unsaved.set(len(self.unsaved))
+
     def _retry_unsaved(self) -> None:
         now = time.time()
         if not self.unsaved or now < self._retry_at:
@@ -268,6 +303,7 @@ class Pipeline:
         self._retry_at = now + self._RETRY_S
         while self.unsaved and self._save_and_publish(self.unsaved[0]):
             self.unsaved.popleft()
+        self.metrics.unsaved.set(len(self.unsaved))
 
     def _tray_now(self, cam: str, wall: float) -> float | None:
         """A camera's tray clock while no frame arrives: its last frame time
@@ -305,7 +341,11 @@ class Pipeline:
             m.reconnects.labels(cam).set(st.reconnects)
             m.stalls.labels(cam).set(st.stalls)
             m.camera_up.labels(cam).set(1 if st.state is SourceState.STREAMING else 0)
+        for cam, zones in self.zones.items():
+            for z in zones:
+                m.open_trays.labels(cam, z.cfg.id).set(z.assembler.pending)
         m.ws_subscribers.set(self.hub.subscribers)
+        m.db_bytes.set(self.store.size_bytes())
         m.ws_dropped.set(self.hub.dropped_subscribers)
 
     def _housekeep(self) -> None:

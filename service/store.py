@@ -3,11 +3,13 @@ they are published, so a subscriber that missed some can page them back by seq."
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from dishtrack.config import ConfigError
 from dishtrack.tracking.types import CheckoutEvent
 
 _SCHEMA = """
@@ -53,6 +55,11 @@ def _record(seq: int, payload: str) -> dict:
     return {"seq": seq, **d}
 
 
+class StoreError(ConfigError):
+    """``storage.sqlite_path`` cannot be opened for writing (read-only filesystem, not a
+    directory, no permission); raised at startup, before the model loads."""
+
+
 @dataclass(frozen=True, slots=True)
 class EventPage:
     items: list[dict]
@@ -64,16 +71,26 @@ class EventStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
-        self._migrate()
+        try:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        except (OSError, sqlite3.Error) as e:
+            parent = Path(self.path).parent
+            why = (f"{parent} is not a directory" if parent.exists() and not parent.is_dir()
+                   else getattr(e, "strerror", None) or str(e))
+            raise StoreError(f"storage.sqlite_path {self.path}: cannot create the event database: {why}") from e
+        try:
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+            self._migrate()  # always writes (user_version): a read-only file or folder fails here, at startup
+        except sqlite3.Error as e:
+            self._db.close()
+            raise StoreError(f"storage.sqlite_path {self.path}: cannot write the event database: {e}") from e
 
     def _migrate(self) -> None:
         """Bring a database file written by an older version up to this schema."""
@@ -114,7 +131,8 @@ class EventStore:
                                      [(seq, i.label, i.count) for i in event.items])
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite may already have rolled back (disk full)
+                    self._db.execute("ROLLBACK")
                 raise
         return {"seq": seq, **d}
 
@@ -122,6 +140,61 @@ class EventStore:
         with self._lock:
             row = self._db.execute("SELECT seq, payload FROM events WHERE event_id=?", (event_id,)).fetchone()
         return _record(row["seq"], row["payload"]) if row else None
+
+    def size_bytes(self) -> int:
+        """Bytes on disk: the database file plus its write-ahead log (0 in memory)."""
+        if self.path == ":memory:":
+            return 0
+        return sum(os.path.getsize(p) for p in (self.path, self.path + "-wal") if os.path.exists(p))
+
+    def used_bytes(self) -> int:
+        """Bytes in pages holding data (file size minus the free list, which SQLite reuses)."""
+        with self._lock:
+            page = self._db.execute("PRAGMA page_size").fetchone()[0]
+            pages = self._db.execute("PRAGMA page_count").fetchone()[0]
+            free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+        return (pages - free) * page
+
+    def _delete_oldest(self, where: str, args: tuple, limit: int) -> int:
+        """One short transaction: delete up to ``limit`` of the oldest events matching ``where``."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                seqs = [r[0] for r in self._db.execute(
+                    f"SELECT seq FROM events WHERE {where} ORDER BY seq LIMIT ?", (*args, limit))]
+                if seqs:
+                    marks = ",".join("?" * len(seqs))
+                    self._db.execute(f"DELETE FROM event_labels WHERE seq IN ({marks})", seqs)
+                    self._db.execute(f"DELETE FROM events WHERE seq IN ({marks})", seqs)
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        return len(seqs)
+
+    def prune(self, *, ended_before: float | None = None, max_events: int | None = None,
+              max_bytes: int | None = None, batch: int = 500) -> int:
+        """Delete the oldest events by age, count and used size; returns how many. Works in
+        batches so event writes and API reads are never blocked for long."""
+        n = 0
+        if ended_before is not None:
+            while (k := self._delete_oldest("ended_at < ?", (ended_before,), batch)):
+                n += k
+        if max_events is not None:
+            while (extra := self.count() - max_events) > 0:
+                n += self._delete_oldest("1", (), min(batch, extra))
+        if max_bytes is not None:
+            while (used := self.used_bytes()) > max_bytes and (count := self.count()):
+                # about as many rows as the excess holds (deleting a whole batch would overshoot)
+                want = min(batch, int((used - max_bytes) / (used / count)) + 1)
+                if not (k := self._delete_oldest("1", (), want)):
+                    break
+                n += k
+        if n:
+            with self._lock:  # give the log's pages back to the file so the size bound holds on disk too
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return n
 
     def count(self) -> int:
         with self._lock:

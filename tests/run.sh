@@ -3,7 +3,8 @@
 #   - Debian: GStreamer RTSP server (for ../shared/rtsp_test_server.py), gst-launch,
 #     Chromium + ChromeDriver (web page test)
 #   - the dishtrack package with its test and fast (onnxruntime, openvino) extras (torch/torchvision pinned; pip takes them from local disk)
-# Extra arguments go to pytest.
+# Extra arguments go to pytest. Everything runs, the fault scenarios (-m faults) included; they
+# mount small tmpfs filesystems (full / read-only disk), so CI runs this as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

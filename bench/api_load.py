@@ -1,0 +1,162 @@
+"""What API load does to pipeline throughput (issue 7.4).
+
+Starts ``dishtrack run`` on the sample video (looping, paced at 25 fps; the
+detector is the bottleneck, so processed fps is the pipeline's throughput),
+measures processed frames/s from ``/metrics`` unloaded, then while a load
+generator in another process sends a fixed rate of API requests (a mix of
+/health, /events, /cameras, /cameras/cam0/tracks, /metrics, /readyz over
+keep-alive connections), and prints the table:
+
+    python bench/api_load.py [--rate 500] [--seconds 20] [--service-cpus 0] [--load-cpus 1]
+
+``--service-cpus`` / ``--load-cpus`` pin the two processes (taskset lists) so the
+generator does not simply take the service's CPU: what is measured is the
+contention inside the service process. Numbers go to README.md ("API load").
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VIDEO = "builtin:sample_tud_campus.mp4"  # the shipped sample (MOT15 TUD-Campus, 640x480, 25 fps)
+PATHS = ["/health", "/events?limit=50", "/cameras", "/cameras/cam0/tracks", "/metrics", "/readyz"]
+
+
+def processed(base: str) -> float:
+    text = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
+    return next(float(line.split()[-1]) for line in text.splitlines()
+                if line.startswith('dishtrack_frames_processed_total{camera="cam0"}'))
+
+
+def measure_fps(base: str, seconds: float) -> float:
+    n0, t0 = processed(base), time.monotonic()
+    time.sleep(seconds)
+    return (processed(base) - n0) / (time.monotonic() - t0)
+
+
+async def _load(port: int, rate: float, seconds: float, conns: int) -> dict:
+    """Open-loop: request k starts at t0 + k/rate (late ones at once), over ``conns`` keep-alive sockets."""
+    t0 = time.monotonic() + 0.2
+    total = int(rate * seconds)
+    next_k = 0
+    lat: list[float] = []
+    status: dict[int, int] = {}
+    errors = 0
+
+    async def worker() -> None:
+        nonlocal next_k, errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        while next_k < total:
+            k = next_k
+            next_k += 1
+            delay = t0 + k / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            path = PATHS[k % len(PATHS)]
+            start = time.monotonic()
+            try:
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+                head = await reader.readuntil(b"\r\n\r\n")
+                code = int(head.split(b" ", 2)[1])
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                await reader.readexactly(length)
+            except (OSError, asyncio.IncompleteReadError, StopIteration, ValueError):
+                errors += 1
+                writer.close()
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                continue
+            lat.append(time.monotonic() - start)
+            status[code] = status.get(code, 0) + 1
+        writer.close()
+
+    await asyncio.gather(*(worker() for _ in range(conns)))
+    took = time.monotonic() - t0
+    lat.sort()
+    return {"sent": total, "done": len(lat), "errors": errors, "rate": len(lat) / took, "status": status,
+            "p50_ms": 1000 * lat[len(lat) // 2] if lat else None,
+            "p99_ms": 1000 * lat[int(len(lat) * 0.99)] if lat else None}
+
+
+def _load_proc(port: int, rate: float, seconds: float, conns: int, cpus: str | None, out) -> None:
+    if cpus:
+        os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+    out.put(asyncio.run(_load(port, rate, seconds, conns)))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rate", type=float, default=500.0, help="API requests per second")
+    ap.add_argument("--seconds", type=float, default=20.0, help="measurement window per phase")
+    ap.add_argument("--conns", type=int, default=32, help="keep-alive connections of the load generator")
+    ap.add_argument("--service-cpus", help="taskset CPU list for the service, e.g. 0")
+    ap.add_argument("--load-cpus", help="CPU list for the load generator, e.g. 1")
+    ap.add_argument("--python", default=sys.executable, help="python whose dishtrack is run (compare builds)")
+    ap.add_argument("--config", help="extra YAML merged over the bench config (e.g. detector settings)")
+    args = ap.parse_args()
+
+    import yaml
+
+    tmp = Path(tempfile.mkdtemp(prefix="api_load_"))
+    port = int(os.environ.get("API_LOAD_PORT", "18931"))
+    cfg = {"cameras": [{"id": "cam0", "source": VIDEO, "loop": True, "realtime": True}],
+           "detector": {"device": "cpu"},
+           "zones": [{"id": "z0", "camera": "cam0", "line": {"p1": [0.5, 0.0], "p2": [0.5, 1.0]}}],
+           "storage": {"sqlite_path": str(tmp / "events.sqlite3")}, "api": {"port": port}}
+    if args.config:
+        for k, v in yaml.safe_load(Path(args.config).read_text()).items():
+            cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    (tmp / "config.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [args.python, "-m", "dishtrack.service.cli", "--log-level", "WARNING", "run", "--config", str(tmp / "config.yaml")]
+    if args.service_cpus:
+        cmd = ["taskset", "-c", args.service_cpus] + cmd
+    log = open(tmp / "service.log", "w")
+    svc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if processed(base) >= 20:
+                    break
+            except Exception:  # noqa: BLE001 - not up yet
+                if svc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"service did not start; see {tmp / 'service.log'}")
+            time.sleep(0.5)
+        unloaded = measure_fps(base, args.seconds)
+        q: mp.Queue = mp.Queue()
+        gen = mp.Process(target=_load_proc, args=(port, args.rate, args.seconds + 4, args.conns, args.load_cpus, q))
+        gen.start()
+        time.sleep(2.0)  # let the load reach its rate
+        loaded = measure_fps(base, args.seconds)
+        load = q.get(timeout=args.seconds + 120)
+        gen.join()
+        after = measure_fps(base, min(args.seconds, 10))
+    finally:
+        svc.terminate()
+        svc.wait(30)
+    ratio = loaded / unloaded if unloaded else float("nan")
+    print(f"API load bench: {os.cpu_count()} CPUs, service on CPUs {args.service_cpus or 'all'}, "
+          f"load generator on CPUs {args.load_cpus or 'all'}, {args.seconds:g} s per phase")
+    print("| phase | pipeline fps | API req/s done | API p50 / p99 ms | API errors |")
+    print("|---|---|---|---|---|")
+    print(f"| unloaded | {unloaded:.2f} | 0 | - | - |")
+    print(f"| {args.rate:g} req/s offered | {loaded:.2f} ({ratio:.0%}) | {load['rate']:.0f} | "
+          f"{load['p50_ms']:.1f} / {load['p99_ms']:.1f} | {load['errors']} |")
+    print(f"| after the load | {after:.2f} | 0 | - | - |")
+    print("status codes:", json.dumps(load["status"]))
+    return 0 if ratio >= 0.8 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Serving with a bounded shutdown.
+
+uvicorn's graceful shutdown waits for every open response, and an MJPEG stream
+never ends on its own, so one viewer kept the process alive after SIGTERM (a
+container runtime then SIGKILLs it and the open trays are lost). Here the
+signal also sets the runtime's ``stopping`` event, which streaming responses
+watch and end on; ``shutdown_grace_s`` caps the wait for anything else before
+uvicorn cancels it. The lifespan shutdown then stops the pipeline, which
+flushes open trays into the store."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import threading
+
+import uvicorn
+
+log = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, stopping: threading.Event) -> None:
+        super().__init__(config)
+        self._stopping = stopping
+
+    def handle_exit(self, sig: int, frame) -> None:  # signal handler, main thread
+        self._stopping.set()
+        super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets=None) -> None:
+        # websocket handlers poll ``stopping`` every 0.25 s and close with 1001 (going away) themselves;
+        # uvicorn's own connection shutdown would otherwise cut some of them without a close frame
+        await asyncio.sleep(self.SETTLE_S)
+        await super().shutdown(sockets)
+
+    SETTLE_S = 0.5
+
+
+def serve(app, host: str, port: int, log_level: str, grace_s: float) -> None:
+    """Run ``app`` (from ``create_app``) until SIGINT/SIGTERM; streams end at once, other
+    requests get ``grace_s`` seconds."""
+    stopping: threading.Event = app.state.runtime.stopping
+    # The pipeline thread gives up the GIL around every torch op, native decode and JPEG encode, and
+    # must win it back from request threads each time; with the default 5 ms switch interval a busy
+    # API makes each of those hand-backs wait up to 5 ms (hundreds per frame). 1 ms bounds that wait.
+    sys.setswitchinterval(0.001)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace_s)
+    _Server(config, stopping).run()
+    stopping.set()

@@ -1,0 +1,379 @@
+"""Fault scenarios of issue 7 (run with ``-m faults``): SIGTERM with viewers connected,
+a full or read-only filesystem under the SQLite store, a frozen RTSP camera, retention.
+Real ``dishtrack run`` subprocesses, the real GStreamer RTSP server, real SQLite on
+real (tmpfs) filesystems, real HTTP and websocket clients."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from conftest import VIDEO, free_port, wait_until
+
+pytestmark = pytest.mark.faults
+
+
+def metric(svc, name: str, labels: str = "") -> float:
+    for line in svc.get("/metrics").text.splitlines():
+        if line.startswith(name + (labels and "{" + labels + "}")) and not line.startswith("#"):
+            head, value = line.rsplit(" ", 1)
+            if head.split("{")[0] == name:
+                return float(value)
+    return 0.0
+
+
+def stored_events(path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+
+
+class MjpegViewer(threading.Thread):
+    """Reads an MJPEG stream until the server ends it; records parts and how it ended."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.parts, self.ended, self.error = url, 0, threading.Event(), None
+
+    def run(self) -> None:
+        try:
+            with httpx.stream("GET", self.url, timeout=httpx.Timeout(10, read=30)) as r:
+                for chunk in r.iter_bytes():
+                    self.parts += chunk.count(b"\xff\xd8")
+        except Exception as e:  # noqa: BLE001 - how it ended is the observation
+            self.error = repr(e)
+        self.ended.set()
+
+
+class WsClient(threading.Thread):
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.connected, self.ended, self.close_code = url, threading.Event(), threading.Event(), None
+
+    def run(self) -> None:
+        from websockets.exceptions import ConnectionClosed
+        from websockets.sync.client import connect
+
+        try:
+            with connect(self.url, open_timeout=10) as ws:
+                self.connected.set()
+                try:
+                    while True:
+                        ws.recv(timeout=30)
+                except ConnectionClosed as e:  # the close frame the server sent (None: TCP just dropped)
+                    self.close_code = e.rcvd.code if e.rcvd else None
+        except Exception:  # noqa: BLE001
+            pass
+        self.ended.set()
+
+
+# -- (1) SIGTERM with viewers connected -----------------------------------------------------------------------
+
+def test_sigterm_with_mjpeg_and_websocket_clients_exits_fast_and_stores_the_open_tray(service, tmp_path):
+    """Issue 7.1: one MJPEG viewer kept `dishtrack run` alive after SIGTERM and the open tray was lost.
+    Trays here never close by time (gap 600 s), so any event in the store was flushed at shutdown."""
+    db = tmp_path / "events.sqlite3"
+    svc = service({
+        "cameras": [{"id": "cam0", "source": str(VIDEO), "loop": True, "realtime": True}],
+        "detector": {"device": "cpu", "input_size": 384},
+        "zones": [{"id": "z0", "camera": "cam0", "line": {"p1": [0.5, 0.0], "p2": [0.5, 1.0]},
+                   "tray_gap_s": 600, "tray_max_s": 600, "min_track_hits": 2}],
+        "storage": {"sqlite_path": str(db)},
+    })
+    viewer = MjpegViewer(svc.base + "/cameras/cam0/stream.mjpg")
+    ws = WsClient(f"ws://127.0.0.1:{svc.port}/ws/events")
+    viewer.start()
+    ws.start()
+    assert ws.connected.wait(20)
+    wait_until(lambda: viewer.parts >= 3, 60, what="MJPEG parts")
+    wait_until(lambda: metric(svc, "dishtrack_open_tray_crossings") >= 1, 240, what="an open tray")  # slow only on a starved CPU
+    assert stored_events(db) == 0  # nothing closed yet: the tray is open
+
+    t0 = time.monotonic()
+    svc.proc.send_signal(signal.SIGTERM)
+    try:
+        rc = svc.proc.wait(5.0)
+    except subprocess.TimeoutExpired:
+        svc.proc.kill()
+        pytest.fail(f"still running 5 s after SIGTERM:\n{svc.log_path.read_text()[-3000:]}")
+    took = time.monotonic() - t0
+    print(f"SIGTERM -> exit in {took:.2f} s")
+    assert rc in (0, -signal.SIGTERM), svc.log_path.read_text()
+    assert took <= 5.0
+    assert viewer.ended.wait(5) and ws.ended.wait(5)
+    assert ws.close_code in (1001, 1012)  # going away / service restart: a close, not a dropped connection
+    log = svc.log_path.read_text()
+    assert "Traceback" not in log, log
+    assert stored_events(db) >= 1, log  # the open tray was flushed and persisted
+
+
+# -- (3) disk full, read-only or uncreatable store ------------------------------------------------------------
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A real small filesystem: ``make(size_kb)`` mounts a tmpfs (root with CAP_SYS_ADMIN, as in CI)."""
+    mounts: list[Path] = []
+
+    def make(size_kb: int) -> Path:
+        d = tmp_path / f"fs{len(mounts)}"
+        d.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(d)],
+                           capture_output=True, text=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        mounts.append(d)
+        return d
+
+    yield make
+    for d in reversed(mounts):
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def remount_ro(d: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(d)], check=True)
+
+
+def fill(d: Path) -> Path:
+    """Write a filler file until the filesystem is full (ENOSPC)."""
+    filler = d / "filler"
+    with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 4096)
+    return filler
+
+
+def run_cli(tmp_path, sqlite_path: str) -> subprocess.CompletedProcess:
+    cfg = {"cameras": [{"id": "cam0", "source": str(VIDEO)}], "storage": {"sqlite_path": sqlite_path},
+           "api": {"port": free_port()}, "detector": {"device": "cpu"}}
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return subprocess.run(["dishtrack", "run", "--config", str(path)], capture_output=True, text=True, timeout=60)
+
+
+def test_unwritable_sqlite_path_is_a_clear_error_before_the_model_loads(tmp_path, tmpfs):
+    """Issue 7.3: a read-only or uncreatable sqlite_path gave a traceback after the model had loaded."""
+    not_a_dir = tmp_path / "a_file"
+    not_a_dir.write_text("x")
+    ro_fresh = tmpfs(64)
+    ro_existing = tmpfs(512)
+    existing = ro_existing / "events.sqlite3"
+    sqlite3.connect(existing).execute("CREATE TABLE t(x)").connection.close()
+    remount_ro(ro_fresh)
+    remount_ro(ro_existing)
+    for path in (str(not_a_dir / "events.sqlite3"), str(ro_fresh / "sub" / "events.sqlite3"),
+                 str(ro_fresh / "events.sqlite3"), str(existing)):
+        r = run_cli(tmp_path, path)
+        out = r.stdout + r.stderr
+        assert r.returncode == 2, out
+        assert f"storage.sqlite_path {path}: cannot" in out, out
+        assert "Traceback" not in out and "detector" not in out, out  # failed before the model was loaded
+
+
+def test_disk_full_events_are_spooled_health_fails_and_all_are_written_once_space_returns(tmpfs, detector):
+    """Issue 7.3: with the disk full events were dropped while /health said ok. Real SQLite on a real
+    full tmpfs: events wait in the spool (metric), /health and /readyz are 503, and after space is
+    freed every event is stored exactly once, in order."""
+    from fastapi.testclient import TestClient
+
+    from dishtrack.config import AppConfig
+    from dishtrack.service.api import build_runtime, create_app
+
+    fs = tmpfs(1024)
+    cfg = AppConfig.model_validate({
+        "cameras": [{"id": "cam0", "source": str(VIDEO), "realtime": False, "loop": False}],
+        "zones": [{"id": "z0", "camera": "cam0", "line": {"p1": [0.5, 0.0], "p2": [0.5, 1.0]},
+                   "tray_gap_s": 0.3, "tray_max_s": 2.0}],
+        "storage": {"sqlite_path": str(fs / "events.sqlite3")}})
+    rt = build_runtime(cfg, detector=detector)
+    filler = fill(fs)
+    with TestClient(create_app(rt)) as c:
+        wait_until(lambda: c.get("/health").status_code == 503, 240, interval=0.5, what="failing health")
+        body = c.get("/health").json()
+        assert body["status"] == "failing" and body["events_unsaved"] >= 1, body
+        assert "full" in body["persist_error"], body
+        assert c.get("/readyz").status_code == 503
+        m = c.get("/metrics").text
+        assert "dishtrack_events_unsaved 0.0" not in m and "dishtrack_event_write_failures_total" in m
+        wait_until(lambda: rt.pipeline.finished.is_set() or len(rt.pipeline.unsaved) >= 2, 240, interval=0.5,
+                   what="more events while the disk is full")
+        assert rt.store.count() == 0
+        filler.unlink()  # space returns
+        wait_until(lambda: c.get("/health").status_code == 200, 30, what="recovered")
+        wait_until(rt.pipeline.finished.is_set, 240, what="pipeline finished")
+        stored = c.get("/events", params={"limit": 1000}).json()["items"]
+        assert len(stored) == rt.pipeline.events_emitted >= 2 and not rt.pipeline.unsaved
+        assert len({e["event_id"] for e in stored}) == len(stored)
+        assert [e["ended_at"] for e in stored] == sorted(e["ended_at"] for e in stored)
+        assert "dishtrack_events_spool_dropped_total 0.0" in c.get("/metrics").text
+
+
+# -- (5) frozen RTSP camera: stall reported in time, honest frame times ---------------------------------------
+
+class RecordingSlot:
+    """A latest-frame slot that also records (stream time, read time) of every frame put."""
+
+    def __new__(cls):
+        from dishtrack.service.ingest import LatestFrameSlot
+
+        class _Slot(LatestFrameSlot):
+            def __init__(self) -> None:
+                super().__init__()
+                self.times: list[tuple[float, float]] = []
+
+            def put(self, frame, wait=None) -> None:
+                self.times.append((frame.timestamp, frame.read_at))
+                super().put(frame, wait)
+
+        return _Slot()
+
+
+@pytest.mark.rtsp
+def test_frozen_rtsp_camera_is_reported_stalled_within_timeout_plus_1s(rtsp_server):
+    """Issue 7.5: SIGSTOP freezes the real RTSP server with its connection open. The reader's
+    state (what /cameras and /health show) must say ``stalled`` within stall_timeout_s + 1 s."""
+    from dishtrack.config import CameraConfig
+    from dishtrack.service.ingest import CameraReader
+
+    cam = rtsp_server("loop")
+    stall = 2.0
+    r = CameraReader(CameraConfig(id="r", source=cam.url, stall_timeout_s=stall, reconnect_initial_s=0.2,
+                                  reconnect_max_s=1.0, open_timeout_s=3.0)).start()
+    try:
+        wait_until(lambda: r.status().frames_read > 25 and r.status().state.value == "streaming", 20,
+                   what="streaming")
+        os.kill(cam.proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        try:
+            wait_until(lambda: r.status().state.value == "stalled", stall + 5, interval=0.05, what="stalled")
+            took = time.monotonic() - t0
+            print(f"frozen camera reported stalled after {took:.2f} s (stall_timeout_s {stall})")
+            assert took <= stall + 1.0
+            # it stays reported as down (stalled, then reconnecting) while frozen, never 'streaming'
+            for _ in range(20):
+                assert r.status().state.value in ("stalled", "reconnecting")
+                time.sleep(0.1)
+        finally:
+            os.kill(cam.proc.pid, signal.SIGCONT)
+    finally:
+        r.stop()
+
+
+@pytest.mark.rtsp
+def test_frames_delivered_late_by_a_frozen_camera_carry_their_stream_time(rtsp_server):
+    """Issue 7.5: frames buffered while the camera hung arrive in a burst; they were stamped with the
+    wall clock at read, so frame age understated. With stream (PTS) time they carry their age."""
+    from dishtrack.config import CameraConfig
+    from dishtrack.service.ingest import CameraReader
+
+    cam = rtsp_server("loop")
+    slot = RecordingSlot()
+    r = CameraReader(CameraConfig(id="r", source=cam.url, stall_timeout_s=5.0, open_timeout_s=3.0), slot).start()
+    try:
+        wait_until(lambda: r.status().frames_read > 50, 20, what="frames")
+        steady = [read - ts for ts, read in slot.times[10:]]
+        os.kill(cam.proc.pid, signal.SIGSTOP)
+        time.sleep(1.5)  # shorter than stall_timeout_s: no reconnect, the same connection resumes
+        n = len(slot.times)
+        resumed = time.time()
+        os.kill(cam.proc.pid, signal.SIGCONT)
+        wait_until(lambda: len(slot.times) > n + 10, 10, what="frames after resume")
+        late = [read - ts for ts, read in slot.times[n:] if read - resumed < 0.5]
+        print(f"age at read: steady p50 {sorted(steady)[len(steady) // 2]:.3f} s, after the freeze max "
+              f"{max(late):.3f} s over {len(late)} frames")
+        assert sorted(steady)[len(steady) // 2] < 0.3  # live frames: stream time ~ read time
+        assert max(late) >= 1.0  # the burst is stamped when it was captured, not when read
+        assert all(ts <= read + 1e-6 for ts, read in slot.times)  # never from the future
+        assert r.status().stalls == 0
+    finally:
+        r.stop()
+
+
+# -- (6) retention -------------------------------------------------------------------------------------------
+
+def make_event(i: int, ended_at: float):
+    from dishtrack.tracking.types import CheckoutEvent, CheckoutItem
+
+    items = (CheckoutItem("bowl", 2, 0.8, name="Soup of the day, with a long description " * 3),
+             CheckoutItem("cup", 1, 0.7))
+    return CheckoutEvent(f"ev{i:07d}", "till1", "z0", ended_at - 2, ended_at, items, (i, i + 1, i + 2), 0.75)
+
+
+def test_retention_prunes_by_age_and_count_oldest_first(tmp_path):
+    from dishtrack.config.settings import RetentionConfig
+    from dishtrack.service.metrics import Metrics
+    from dishtrack.service.retention import Retention
+    from dishtrack.service.store import EventStore
+
+    store = EventStore(tmp_path / "e.sqlite3")
+    now = time.time()
+    for i in range(300):  # one event per hour, the oldest 300 h ago
+        store.save(make_event(i, now - (300 - i) * 3600))
+    m = Metrics()
+    ret = Retention(store, RetentionConfig(max_age_days=5, max_events=None, max_db_mb=None), m)
+    assert ret.run_once(now) == 300 - 5 * 24  # ended more than 120 h ago
+    left = store.list(limit=1000).items
+    assert len(left) == 5 * 24 and min(e["ended_at"] for e in left) >= now - 5 * 86400
+    ret = Retention(store, RetentionConfig(max_age_days=None, max_events=50, max_db_mb=None), m)
+    assert ret.run_once(now) == 5 * 24 - 50
+    assert [e["event_id"] for e in store.list(limit=1000).items] == [f"ev{i:07d}" for i in range(250, 300)]
+    with contextlib.closing(sqlite3.connect(store.path)) as db:  # label rows go with their events
+        assert db.execute("SELECT COUNT(*) FROM event_labels").fetchone()[0] == 100
+    assert m.events_pruned._value.get() == 300 - 50
+
+
+def test_retention_keeps_the_database_file_bounded_by_size(tmp_path):
+    """Writing many more events than fit: with max_db_mb the file stops growing near the bound."""
+    from dishtrack.config.settings import RetentionConfig
+    from dishtrack.service.metrics import Metrics
+    from dishtrack.service.retention import Retention
+    from dishtrack.service.store import EventStore
+
+    store = EventStore(tmp_path / "e.sqlite3")
+    limit_mb = 0.25
+    ret = Retention(store, RetentionConfig(max_age_days=None, max_db_mb=limit_mb), Metrics())
+    now = time.time()
+    sizes = []
+    for round_ in range(8):
+        for i in range(400):
+            store.save(make_event(round_ * 400 + i, now + i))
+        ret.run_once(now)
+        sizes.append(store.size_bytes())
+        assert store.used_bytes() <= limit_mb * 2**20
+    print("database bytes after each round:", sizes)
+    assert store.count() > 0 and store.list(limit=1).items[0]["event_id"] > "ev0002800"  # newest kept
+    assert max(sizes[3:]) <= 1.1 * sizes[2]  # stops growing: freed pages are reused
+    assert sizes[-1] <= limit_mb * 2**20 + sizes[0]  # the bound plus what one interval wrote
+
+
+def test_database_size_is_reported_in_metrics_and_retention_runs_in_the_service(tmp_path, detector):
+    from fastapi.testclient import TestClient
+
+    from dishtrack.config import AppConfig
+    from dishtrack.service.api import build_runtime, create_app
+    from dishtrack.service.store import EventStore
+
+    db = tmp_path / "events.sqlite3"
+    old = EventStore(db)
+    for i in range(200):  # a year-old backlog
+        old.save(make_event(i, time.time() - 400 * 86400 + i))
+    old.close()
+    cfg = AppConfig.model_validate({
+        "cameras": [{"id": "cam0", "source": str(VIDEO), "realtime": True, "loop": True}],
+        "storage": {"sqlite_path": str(db), "retention": {"max_age_days": 30, "interval_s": 0.2}}})
+    rt = build_runtime(cfg, detector=detector)
+    with TestClient(create_app(rt)) as c:
+        wait_until(lambda: rt.store.count() == 0, 20, what="the year-old events pruned")
+
+        def reported() -> float:
+            return float(next(line.split()[-1] for line in c.get("/metrics").text.splitlines()
+                              if line.startswith("dishtrack_db_size_bytes ")))
+        assert abs(reported() - rt.store.size_bytes()) < 64 * 1024 and reported() > 0
+        assert "dishtrack_events_pruned_total 200.0" in c.get("/metrics").text
