@@ -27,7 +27,11 @@ from .dish_classifier import DishClassifier, box_geometry, crop
 
 log = logging.getLogger(__name__)
 FORMAT = "dishtrack-dish-v1"
-CALIBRATED_THRESHOLD = 0.5  # a reported confidence of 0.5 is the dish's own validation threshold
+# A reported confidence of 0.6 is the dish's own validation threshold: just above the tracker's
+# ByteTrack split (tracker.high_score 0.55), so every dish validation would count can start a
+# track, and boxes down to half the threshold (LOW_CONFIDENCE) only extend tracks.
+CALIBRATED_THRESHOLD = 0.6
+LOW_CONFIDENCE = CALIBRATED_THRESHOLD / 2
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,7 @@ class DishDetector:
 
     def __init__(self, model: DishModel, device: torch.device | str = "cpu", nms_iou: float = 0.5,
                  max_detections: int = 50, classes: list[str] | None = None, backend=None,
-                 calibration_images: str | None = None, low_confidence: float = 0.25) -> None:
+                 calibration_images: str | None = None, low_confidence: float = LOW_CONFIDENCE) -> None:
         """``backend``: BackendSettings (None: torch on ``device``). Localiser and classifier each get one."""
         from .backends import BackendSettings, ModelSpec, make_backend
         from .detector import ImageInput
@@ -181,7 +185,7 @@ class DishDetector:
 
     def calibrate(self, scores: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
         """Raw scores -> confidence on one scale for every dish: each dish's validation threshold
-        maps to ``CALIBRATED_THRESHOLD`` (0.5), linear on either side. Dishes differ a lot in raw
+        maps to ``CALIBRATED_THRESHOLD`` (0.6), linear on either side. Dishes differ a lot in raw
         score (a glass bottle localises at 0.2, a plate at 0.8), and the tracker's ByteTrack split
         and the receipts' confidence need one meaning of "sure"."""
         thr = self._thr.numpy()[class_ids].clip(1e-6, 1 - 1e-6)

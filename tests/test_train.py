@@ -67,22 +67,26 @@ def test_checkpoint_serves_through_the_config_with_embeddings(tiny_checkpoint):
 
 
 def test_scores_are_calibrated_per_dish_and_weak_boxes_reach_the_tracker(tiny_checkpoint):
-    """Each dish's validation threshold is confidence 0.5; boxes between half and the full threshold
-    are still reported (low confidence, for ByteTrack's second pass); a dish left out of
-    detector.classes never is."""
+    """Each dish's validation threshold is confidence 0.6, above the tracker's ByteTrack split;
+    boxes between half and the full threshold are still reported (low confidence, for
+    ByteTrack's second pass); a dish left out of detector.classes never is."""
+    from dishtrack.config import TrackerConfig
+    from dishtrack.models.dish_detector import CALIBRATED_THRESHOLD, LOW_CONFIDENCE
+
+    assert LOW_CONFIDENCE < TrackerConfig().high_score <= CALIBRATED_THRESHOLD
     out, _ = tiny_checkpoint
     det = load_detector(DetectorConfig(kind="checkpoint", checkpoint=str(out), device="cpu"))
     thr = {c: det.spec.thresholds[c] for c in det.labels}
     cid = np.arange(len(det.labels))
     raw = np.array([thr[c] for c in det.labels], np.float32)
-    assert np.allclose(det.calibrate(raw, cid), 0.5, atol=1e-5)
+    assert np.allclose(det.calibrate(raw, cid), CALIBRATED_THRESHOLD, atol=1e-5)
     assert np.allclose(det.calibrate(np.ones_like(raw), cid), 1.0, atol=1e-5)
-    assert np.allclose(det.calibrate(raw / 2, cid), 0.25, atol=1e-5)
+    assert np.allclose(det.calibrate(raw / 2, cid), LOW_CONFIDENCE, atol=1e-5)
     img = cv2.imread(str(sorted((KIOSK / "labelled").glob("*.jpg"))[-1]))
     p = det.predict([img])[0]
     d = det.to_detections(Frame("c", 0, 0.0, img), p)
     cal = det.calibrate(p["scores"], p["class_ids"])
-    assert len(d) == int((cal >= 0.25).sum()) and (d.scores >= 0.25).all()
+    assert len(d) == int((cal >= LOW_CONFIDENCE).sum()) and (d.scores >= LOW_CONFIDENCE).all()
     only = load_detector(DetectorConfig(kind="checkpoint", checkpoint=str(out), device="cpu", classes=["Cheese"]))
     assert set(only.to_detections(Frame("c", 0, 0.0, img), p).class_ids.tolist()) <= {7}
 
