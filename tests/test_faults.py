@@ -194,7 +194,7 @@ def test_disk_full_events_are_spooled_health_fails_and_all_are_written_once_spac
         "storage": {"sqlite_path": str(fs / "events.sqlite3")}})
     rt = build_runtime(cfg, detector=detector)
     filler = fill(fs)
-    with TestClient(create_app(rt)) as c:
+    with TestClient(create_app(rt), base_url="http://localhost") as c:  # a Host the allow-list knows
         wait_until(lambda: c.get("/health").status_code == 503, 240, interval=0.5, what="failing health")
         body = c.get("/health").json()
         assert body["status"] == "failing" and body["events_unsaved"] >= 1, body
@@ -369,7 +369,7 @@ def test_database_size_is_reported_in_metrics_and_retention_runs_in_the_service(
         "cameras": [{"id": "cam0", "source": str(VIDEO), "realtime": True, "loop": True}],
         "storage": {"sqlite_path": str(db), "retention": {"max_age_days": 30, "interval_s": 0.2}}})
     rt = build_runtime(cfg, detector=detector)
-    with TestClient(create_app(rt)) as c:
+    with TestClient(create_app(rt), base_url="http://localhost") as c:  # a Host the allow-list knows
         wait_until(lambda: rt.store.count() == 0, 20, what="the year-old events pruned")
 
         def reported() -> float:
