@@ -190,3 +190,27 @@ def read_frames(n: int, start: int = 0):
         idx += 1
     cap.release()
     return frames
+
+
+@pytest.fixture
+def chromium(tmp_path):
+    """Headless Debian Chromium through chromedriver, with the flags this closed network needs
+    (no background networking); quit at the end of the test."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (binary and driver_bin):
+        pytest.fail("chromium / chromedriver missing: run tests/run.sh (installs Debian chromium)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = binary
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+              "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              f"--user-data-dir={tmp_path / 'chrome'}", "--window-size=1280,1000"):
+        opts.add_argument(a)
+    drv = webdriver.Chrome(service=Service(driver_bin), options=opts)
+    drv.set_page_load_timeout(30)
+    try:
+        yield drv
+    finally:
+        drv.quit()

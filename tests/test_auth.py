@@ -418,41 +418,24 @@ def test_schemathesis_with_auth_on_no_server_errors_and_responses_match(tmp_path
 # -- the web page with auth on (headless Chromium) -----------------------------------------------------------
 
 @pytest.mark.browser
-def test_page_after_login_shows_stream_and_live_events(service, tmp_path):
-    import shutil
-
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+def test_page_after_login_shows_stream_and_live_events(service, chromium, tmp_path):
     from selenium.webdriver.common.by import By
 
-    chromium, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver_bin):
-        pytest.fail("chromium / chromedriver missing: run tests/run.sh (installs Debian chromium)")
     svc = service({
         "cameras": [{"id": "cam0", "source": str(VIDEO), "loop": True, "realtime": True}],
         "zones": [{**ZONE, "tray_gap_s": 0.5}], "auth": {"enabled": True, "tokens": TOKENS},
     })
     assert svc.get("/events").status_code == 401
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-              "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              f"--user-data-dir={tmp_path / 'chrome'}", "--window-size=1280,1000"):
-        opts.add_argument(a)
-    drv = webdriver.Chrome(service=Service(driver_bin), options=opts)
-    try:
-        drv.set_page_load_timeout(30)
-        drv.get(svc.base + "/")
-        wait_until(lambda: drv.current_url.endswith("/login"), 10, what="redirect to /login")
-        drv.find_element(By.ID, "token").send_keys(VIEWER)
-        drv.find_element(By.ID, "login").click()
-        wait_until(lambda: drv.find_element(By.ID, "status").text == "live", 20, what="websocket live")
-        assert drv.execute_script("return document.cookie") == ""  # HttpOnly: invisible to scripts
-        img = wait_until(lambda: drv.find_element(By.CSS_SELECTOR, ".cam img"), 20, what="stream <img>")
-        wait_until(lambda: drv.execute_script("return arguments[0].naturalWidth", img) == 640, 30,
-                   what="MJPEG frames decoded in the page")
-        events = wait_until(lambda: drv.find_elements(By.CSS_SELECTOR, "#events li.event"), 60,
-                            what="a checkout event in the page")
-        assert "person" in events[0].text and "cam0/z0" in events[0].text
-    finally:
-        drv.quit()
+    drv = chromium
+    drv.get(svc.base + "/")
+    wait_until(lambda: drv.current_url.endswith("/login"), 10, what="redirect to /login")
+    drv.find_element(By.ID, "token").send_keys(VIEWER)
+    drv.find_element(By.ID, "login").click()
+    wait_until(lambda: drv.find_element(By.ID, "status").text == "live", 20, what="websocket live")
+    assert drv.execute_script("return document.cookie") == ""  # HttpOnly: invisible to scripts
+    img = wait_until(lambda: drv.find_element(By.CSS_SELECTOR, ".cam img"), 20, what="stream <img>")
+    wait_until(lambda: drv.execute_script("return arguments[0].naturalWidth", img) == 640, 30,
+               what="MJPEG frames decoded in the page")
+    events = wait_until(lambda: drv.find_elements(By.CSS_SELECTOR, "#events li.event"), 60,
+                        what="a checkout event in the page")
+    assert "person" in events[0].text and "cam0/z0" in events[0].text

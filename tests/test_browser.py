@@ -1,6 +1,5 @@
 """The web page in headless Chromium (Debian chromium + chromium-driver):
 it shows the live annotated stream and checkout events as they arrive."""
-import shutil
 
 import pytest
 
@@ -8,39 +7,24 @@ from conftest import VIDEO, wait_until
 
 
 @pytest.mark.browser
-def test_page_shows_stream_and_live_events(service, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+def test_page_shows_stream_and_live_events(service, chromium, tmp_path):
     from selenium.webdriver.common.by import By
 
-    chromium, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver_bin):
-        pytest.fail("chromium / chromedriver missing: run tests/run.sh (installs Debian chromium)")
     svc = service({
         "cameras": [{"id": "cam0", "source": str(VIDEO), "loop": True, "realtime": True}],
         "zones": [{"id": "z0", "camera": "cam0", "line": {"p1": [0.5, 0], "p2": [0.5, 1]},
                    "tray_gap_s": 0.5, "tray_max_s": 2.0}],
     })
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-              "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              f"--user-data-dir={tmp_path / 'chrome'}", "--window-size=1280,1000"):
-        opts.add_argument(a)
-    drv = webdriver.Chrome(service=Service(driver_bin), options=opts)
-    try:
-        drv.set_page_load_timeout(30)
-        drv.get(svc.base + "/")
-        wait_until(lambda: drv.find_element(By.ID, "status").text == "live", 20, what="websocket live")
-        img = wait_until(lambda: drv.find_element(By.CSS_SELECTOR, ".cam img"), 20, what="stream <img>")
-        wait_until(lambda: drv.execute_script("return arguments[0].naturalWidth", img) == 640, 30,
-                   what="MJPEG frames decoded in the page")
-        events = wait_until(lambda: drv.find_elements(By.CSS_SELECTOR, "#events li.event"), 60,
-                            what="a checkout event in the page")
-        assert "person" in events[0].text and "cam0/z0" in events[0].text
-        stored = svc.get("/events").json()["items"]
-        shown = {int(e.get_attribute("data-seq")) for e in drv.find_elements(By.CSS_SELECTOR, "#events li.event")}
-        assert shown <= {e["seq"] for e in stored}
-        drv.save_screenshot(str(tmp_path / "page.png"))
-    finally:
-        drv.quit()
+    drv = chromium
+    drv.get(svc.base + "/")
+    wait_until(lambda: drv.find_element(By.ID, "status").text == "live", 20, what="websocket live")
+    img = wait_until(lambda: drv.find_element(By.CSS_SELECTOR, ".cam img"), 20, what="stream <img>")
+    wait_until(lambda: drv.execute_script("return arguments[0].naturalWidth", img) == 640, 30,
+               what="MJPEG frames decoded in the page")
+    events = wait_until(lambda: drv.find_elements(By.CSS_SELECTOR, "#events li.event"), 60,
+                        what="a checkout event in the page")
+    assert "person" in events[0].text and "cam0/z0" in events[0].text
+    stored = svc.get("/events").json()["items"]
+    shown = {int(e.get_attribute("data-seq")) for e in drv.find_elements(By.CSS_SELECTOR, "#events li.event")}
+    assert shown <= {e["seq"] for e in stored}
+    drv.save_screenshot(str(tmp_path / "page.png"))
