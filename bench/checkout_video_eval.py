@@ -278,6 +278,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not (args.checkpoint or args.oracle or args.config):
         p.error("give --checkpoint, --oracle or --config")
+    if args.predictions and not args.checkpoint:
+        p.error("--predictions stores a dish checkpoint's raw predictions: give --checkpoint")
     return args
 
 

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import checkout_video_eval  # noqa: E402
 
+from dishtrack.models.dish_detector import read_checkpoint  # noqa: E402
 from dishtrack.models.importers import load_dataset  # noqa: E402
 from dishtrack.models.synth_video import SynthSettings, make_checkout_video  # noqa: E402
 from dishtrack.models.train import TrainSettings, train  # noqa: E402
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
     rows: list[tuple[str, str]] = []
     if args.checkpoint:
         ck = Path(args.checkpoint)
-        meta = torch.load(ck, map_location="cpu", weights_only=True)["meta"]
+        meta = read_checkpoint(ck)["meta"]
     else:
         ck = out / "dishes.pt"
         t0 = time.time()

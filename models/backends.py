@@ -48,9 +48,10 @@ class BackendSettings:
     max_batch: int = 64  # torch: larger batches run in chunks (bounded GPU memory)
 
     @classmethod
-    def from_config(cls, cfg) -> "BackendSettings":
-        return cls(backend=cfg.backend, device=cfg.device, precision=cfg.precision, cache_dir=cfg.cache_dir,
-                   threads=cfg.threads, max_batch=cfg.batch_max)
+    def from_config(cls, cfg, device: torch.device | None = None) -> "BackendSettings":
+        """``device`` (a caller's explicit choice) overrides ``cfg.device``."""
+        return cls(backend=cfg.backend, device=device.type if device is not None else cfg.device,
+                   precision=cfg.precision, cache_dir=cfg.cache_dir, threads=cfg.threads, max_batch=cfg.batch_max)
 
 
 class InferenceBackend(ABC):

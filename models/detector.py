@@ -133,9 +133,7 @@ class Detector:
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        settings = BackendSettings.from_config(cfg)
-        if device is not None:
-            settings = BackendSettings(**{**settings.__dict__, "device": device.type})
+        settings = BackendSettings.from_config(cfg, device)
         s = self.input_size
         spec = ModelSpec(ImageInput(self.model), (np.zeros((2, s, s, 3), np.uint8),), ("images",), ("heat", "ltrb"),
                          f"centernet-{cfg.kind}-{s}")
@@ -198,20 +196,17 @@ def load_detector(cfg, device: torch.device | None = None):
     """The detector backend a config asks for: the bundled COCO CenterNet, or a checkpoint
     (a two-stage dish detector written by ``dishtrack train``, or an older CenterNet head)."""
     if cfg.kind == "checkpoint":
-        from .dish_detector import FORMAT, DishDetector, load_dish_checkpoint, read_checkpoint
+        from .backends import BackendSettings
+        from .dish_detector import FORMAT, DishDetector, dish_model_from_checkpoint, read_checkpoint
 
-        fmt = read_checkpoint(cfg.checkpoint)["format"]
-        if fmt == FORMAT:
-            model = load_dish_checkpoint(cfg.checkpoint)
+        ck = read_checkpoint(cfg.checkpoint)  # read once: the format decides, then the weights are used
+        if ck["format"] == FORMAT:
+            model = dish_model_from_checkpoint(ck, cfg.checkpoint)
             if cfg.input_size:
                 model.spec = type(model.spec)(**{**model.spec.__dict__, "loc_size": cfg.input_size})
-            from .backends import BackendSettings
-
-            settings = BackendSettings.from_config(cfg)
-            if device is not None:
-                settings = BackendSettings(**{**settings.__dict__, "device": device.type})
             det = DishDetector(model, device or "cpu", nms_iou=cfg.nms_iou,
-                               max_detections=min(cfg.max_detections, 100), classes=cfg.classes, backend=settings,
+                               max_detections=min(cfg.max_detections, 100), classes=cfg.classes,
+                               backend=BackendSettings.from_config(cfg, device),
                                calibration_images=cfg.calibration_images)
             log.info("dish detector %s on %s (%s): %s, localiser input %d", cfg.checkpoint, det.device,
                      det.backend_name, ", ".join(det.labels), det.input_size)

@@ -113,7 +113,7 @@ class DishDetector:
             raise ValueError(f"detector.classes names dishes the checkpoint does not have: {unknown} "
                              f"(it has {list(self.labels)})")
         # per-dish thresholds from validation; a dish left out of detector.classes is never reported
-        self._thr = torch.tensor([self.spec.thresholds.get(c, 0.3) for c in self.labels])
+        self._thr = np.array([self.spec.thresholds.get(c, 0.3) for c in self.labels], np.float32)
         self._allowed = np.array([not classes or c in classes for c in self.labels])
         settings = backend or BackendSettings(backend="torch", device=torch.device(device).type, precision="fp32")
         s, c = self.spec.loc_size, self.spec.crop_size
@@ -188,7 +188,7 @@ class DishDetector:
         maps to ``CALIBRATED_THRESHOLD`` (0.6), linear on either side. Dishes differ a lot in raw
         score (a glass bottle localises at 0.2, a plate at 0.8), and the tracker's ByteTrack split
         and the receipts' confidence need one meaning of "sure"."""
-        thr = self._thr.numpy()[class_ids].clip(1e-6, 1 - 1e-6)
+        thr = self._thr[class_ids].clip(1e-6, 1 - 1e-6)
         t = CALIBRATED_THRESHOLD
         return np.where(scores >= thr, t + (1 - t) * (scores - thr) / (1 - thr), t * scores / thr).astype(np.float32)
 
@@ -227,7 +227,11 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def load_dish_checkpoint(path: str | Path) -> DishModel:
-    ck = read_checkpoint(path)
+    return dish_model_from_checkpoint(read_checkpoint(path), path)
+
+
+def dish_model_from_checkpoint(ck: dict, path: str | Path) -> DishModel:
+    """A checkpoint already read (``read_checkpoint``) -> the model; ``path`` names it in errors."""
     if ck["format"] != FORMAT:
         raise ValueError(f"{path}: checkpoint format {ck['format']!r}, expected {FORMAT!r}")
     spec = DishModelSpec(classes=tuple(ck["classes"]), loc_size=int(ck["loc_size"]), crop_size=int(ck["crop_size"]),

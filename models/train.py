@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dishtrack.tracking.geometry import iou_matrix
+from dishtrack.tracking.geometry import ioa_matrix, iou_matrix
 
 from .augment import AugmentSettings, letterbox, photometric
 from .detector import CenterNetModel, bundled_weights, pick_device
@@ -296,6 +296,9 @@ class CropViews:
         with torch.no_grad(), tqdm(total=len(cache) * views, desc=desc, unit="photo", disable=not progress,
                                    leave=False, dynamic_ncols=True) as bar:
             for i, (img, boxes) in enumerate(zip(cache.images, cache.boxes)):
+                # the same for every view: the localiser's boxes on this photo, labelled by overlap
+                pb, py = (proposal_crops(proposals[i], boxes, labels[i], n_classes) if proposals is not None
+                          else (None, None))
                 for _ in range(views):
                     b = torch.from_numpy(boxes).float()
                     y = torch.tensor(labels[i], dtype=torch.long)
@@ -310,8 +313,7 @@ class CropViews:
                         if bg is not None:
                             b = torch.cat([b, bg])
                             y = torch.cat([y, torch.tensor([n_classes])])
-                        if proposals is not None:
-                            pb, py = proposal_crops(proposals[i], boxes, labels[i], n_classes)
+                        if pb is not None:
                             b = torch.cat([b, torch.from_numpy(pb)])
                             y = torch.cat([y, torch.from_numpy(py)])
                     if len(b) == 0:
@@ -340,12 +342,7 @@ def _is_background(cand: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     part of one either (a small box inside a plate has low IoU but shows food)."""
     if len(boxes) == 0:
         return np.ones(len(cand), bool)
-    iou = iou_matrix(cand, boxes)
-    iw = np.clip(np.minimum(cand[:, None, 2], boxes[None, :, 2]) - np.maximum(cand[:, None, 0], boxes[None, :, 0]), 0, None)
-    ih = np.clip(np.minimum(cand[:, None, 3], boxes[None, :, 3]) - np.maximum(cand[:, None, 1], boxes[None, :, 1]), 0, None)
-    area = np.clip((cand[:, 2] - cand[:, 0]) * (cand[:, 3] - cand[:, 1]), 1e-6, None)
-    ioa = (iw * ih) / area[:, None]
-    return (iou.max(1) < 0.2) & (ioa.max(1) < 0.3)
+    return (iou_matrix(cand, boxes).max(1) < 0.2) & (ioa_matrix(cand, boxes).max(1) < 0.3)
 
 
 def _background_box(boxes: np.ndarray, w: int, h: int, rng: np.random.Generator) -> torch.Tensor | None:
