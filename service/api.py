@@ -142,6 +142,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     @cache.cached
     def metrics() -> Response:
         rt.pipeline.refresh_gauges()
+        rt.metrics.db_bytes.set(rt.store.size_bytes())  # file stats: per scrape, not per frame
         return Response(generate_latest(rt.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/cameras")

@@ -47,13 +47,10 @@ def cmd_run(args) -> int:
 def cmd_check_config(args) -> int:
     import json
 
-    from .ingest import redact
+    from .admin import redacted_config
 
-    cfg = load_config(args.config)
-    data = cfg.model_dump(mode="json")
-    for cam in data["cameras"]:  # camera URLs carry passwords: never print them
-        cam["source"] = redact(cam["source"])
-    print(json.dumps(data, indent=2))  # the command's output is the resolved config
+    # the command's output is the resolved config, with the secrets masked as GET /config masks them
+    print(json.dumps(redacted_config(load_config(args.config)), indent=2))
     return 0
 
 

@@ -148,17 +148,18 @@ class StreamClock:
         return self._origin + pts
 
 
-def _is_stream(source: str) -> bool:
+def is_stream(source: str) -> bool:
+    """A network source (rtsp://, http:// ...) rather than a file."""
     return "://" in source
 
 
 def open_capture(cfg: CameraConfig) -> cv2.VideoCapture:
     """Open a file or network source through OpenCV's FFmpeg backend."""
-    if _is_stream(cfg.source) and cfg.source.startswith("rtsp"):
+    if is_stream(cfg.source) and cfg.source.startswith("rtsp"):
         # TCP interleaved: no UDP ports to open, survives NAT/firewalls; a stall
         # then shows up as a read timeout instead of silent packet loss.
         os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", "rtsp_transport;tcp")
-    elif not _is_stream(cfg.source) and not os.path.isfile(cfg.source):
+    elif not is_stream(cfg.source) and not os.path.isfile(cfg.source):
         what = "is not a regular file" if os.path.exists(cfg.source) else "does not exist"
         raise FileNotFoundError(f"camera {cfg.id}: video file {cfg.source} {what}")
     params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(cfg.open_timeout_s * 1000),
@@ -240,7 +241,7 @@ class CameraReader:
                 self._set(SourceState.ERROR, str(e))
                 return
             except ConnectionError as e:
-                if not _is_stream(self.cfg.source):  # a file that will not decode does not heal by retrying
+                if not is_stream(self.cfg.source):  # a file that will not decode does not heal by retrying
                     log.error("%s", e)
                     self._set(SourceState.ERROR, f"{e} (not a readable video file)")
                     return
@@ -250,7 +251,7 @@ class CameraReader:
                     break
                 backoff = self._next_backoff(backoff)
                 continue
-            if not first and _is_stream(self.cfg.source):
+            if not first and is_stream(self.cfg.source):
                 with self._lock:
                     self._reconnects += 1
             first = False
@@ -262,7 +263,7 @@ class CameraReader:
             cap.release()
             if got_any:
                 backoff = self.cfg.reconnect_initial_s
-            if why == "eof" and not _is_stream(self.cfg.source):
+            if why == "eof" and not is_stream(self.cfg.source):
                 if not self.cfg.loop:
                     log.info("camera %s: end of file after %d frames", self.cfg.id, self._frames)
                     self._set(SourceState.ENDED)
@@ -297,7 +298,7 @@ class CameraReader:
 
     def _pump(self, cap: cv2.VideoCapture, index: int) -> tuple[bool, str, int]:
         """Read until EOF / error / stop. Returns (got any frame, why it ended, next index)."""
-        is_file = not _is_stream(self.cfg.source)
+        is_file = not is_stream(self.cfg.source)
         pace = self.cfg.realtime and is_file and self._fps
         backpressure = self._stop if is_file and not self.cfg.realtime else None
         t0 = time.monotonic()

@@ -19,10 +19,10 @@ from dishtrack.tracking.types import CheckoutEvent
 
 from .annotate import Annotator
 from .hub import EventHub
-from .ingest import CameraReader, LatestFrameSlot, SourceState
+from .ingest import CameraReader, LatestFrameSlot, SourceState, is_stream
 from .metrics import Metrics
-from .stages import IDLE_JPEG_FPS, AnnotateJob, AnnotateStage, DropQueue, JpegSlot
 from .retention import Retention
+from .stages import IDLE_JPEG_FPS, AnnotateJob, AnnotateStage, DropQueue, JpegSlot
 from .store import EventStore
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class Pipeline:
         self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)  # tracking stage
         self._detect_thread = threading.Thread(target=self._detect_loop, name="detect", daemon=True)
         # offline files (realtime: false) must not lose a frame: there the queue pushes back instead
-        self._offline = all(not c.realtime and "://" not in c.source for c in cfg.cameras)
+        self._offline = all(not c.realtime and not is_stream(c.source) for c in cfg.cameras)
         self._tracks = DropQueue(TRACK_QUEUE_BATCHES, on_drop=lambda: metrics.stage_dropped.labels("track").inc())
         self._annotate = AnnotateStage(self._draw, self._deliver_jpeg,
                                        on_drop=lambda cam: metrics.stage_dropped.labels("annotate").inc())
@@ -237,7 +237,7 @@ class Pipeline:
                 self._annotate.offer(AnnotateJob(cam, frame.read_time, frame.image, upd, lines, caption))
             done = time.time()
             # live streams: age since capture (stream time; frames that sat in a buffer count); files: since read
-            captured = frame.timestamp if "://" in self.readers[cam].cfg.source else frame.read_time
+            captured = frame.timestamp if is_stream(self.readers[cam].cfg.source) else frame.read_time
             self.metrics.observe_frame(cam, done - captured, done)
 
     def _draw(self, job: AnnotateJob) -> tuple[str, bytes, float]:
@@ -310,7 +310,7 @@ class Pipeline:
         plus the wall time since. None for a file read as fast as possible
         (realtime: false): its media time only advances with frames."""
         reader = self.readers[cam]
-        if cam not in self._clock or not (reader.cfg.realtime or "://" in reader.cfg.source):
+        if cam not in self._clock or not (reader.cfg.realtime or is_stream(reader.cfg.source)):
             return None
         ts, read_at = self._clock[cam]
         return ts + (wall - read_at)
@@ -345,7 +345,6 @@ class Pipeline:
             for z in zones:
                 m.open_trays.labels(cam, z.cfg.id).set(z.assembler.pending)
         m.ws_subscribers.set(self.hub.subscribers)
-        m.db_bytes.set(self.store.size_bytes())
         m.ws_dropped.set(self.hub.dropped_subscribers)
 
     def _housekeep(self) -> None:

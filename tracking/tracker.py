@@ -449,7 +449,4 @@ class Tracker:
 def _inside_share(boxes: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
     """Share of each xyxy box's area that lies inside the image."""
     w, h = image_size
-    iw = np.clip(np.minimum(boxes[:, 2], w) - np.maximum(boxes[:, 0], 0), 0, None)
-    ih = np.clip(np.minimum(boxes[:, 3], h) - np.maximum(boxes[:, 1], 0), 0, None)
-    area = np.maximum((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), 1e-12)
-    return iw * ih / area
+    return ioa_matrix(boxes, np.array([[0.0, 0.0, w, h]]))[:, 0]
