@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -214,3 +215,44 @@ def chromium(tmp_path):
         yield drv
     finally:
         drv.quit()
+
+
+def page_shows_stream_and_events(drv) -> list:
+    """The web page in ``drv`` goes live, decodes MJPEG frames and lists a checkout event;
+    returns the event elements."""
+    from selenium.webdriver.common.by import By
+
+    wait_until(lambda: drv.find_element(By.ID, "status").text == "live", 20, what="websocket live")
+    img = wait_until(lambda: drv.find_element(By.CSS_SELECTOR, ".cam img"), 20, what="stream <img>")
+    wait_until(lambda: drv.execute_script("return arguments[0].naturalWidth", img) == 640, 30,
+               what="MJPEG frames decoded in the page")
+    events = wait_until(lambda: drv.find_elements(By.CSS_SELECTOR, "#events li.event"), 60,
+                        what="a checkout event in the page")
+    return events
+
+
+class AppServer:
+    """The app under real uvicorn on 127.0.0.1 in a thread (lifespan: pipeline started and stopped)."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        self.app, self.port = app, free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.base, self.ws = f"http://127.0.0.1:{self.port}", f"ws://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "AppServer":
+        self.thread.start()
+        wait_until(lambda: self.server.started, 30, what="uvicorn started")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def get(self, path: str, token: str | None = None, **kw) -> httpx.Response:
+        headers = kw.pop("headers", {})
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        return httpx.get(self.base + path, headers=headers, timeout=10, **kw)

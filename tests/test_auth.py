@@ -7,7 +7,6 @@ import contextlib
 import os
 import socket
 import subprocess
-import threading
 import time
 
 import httpx
@@ -16,7 +15,7 @@ import yaml
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
-from conftest import VIDEO, free_port, wait_until
+from conftest import VIDEO, AppServer, free_port, page_shows_stream_and_events, wait_until
 from dishtrack.config import AppConfig
 from dishtrack.service.api import build_runtime, create_app
 from dishtrack.service.auth import SESSION_COOKIE, hash_token, new_token
@@ -36,37 +35,10 @@ def make_cfg(tmp_path, auth: dict | None = None, rate_limit: dict | None = None,
         "auth": auth or {}, "rate_limit": rate_limit or {}})
 
 
-class Server:
-    """The app under real uvicorn on 127.0.0.1 in a thread (lifespan: pipeline started and stopped)."""
-
-    def __init__(self, app) -> None:
-        import uvicorn
-
-        self.app, self.port = app, free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.base, self.ws = f"http://127.0.0.1:{self.port}", f"ws://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> "Server":
-        self.thread.start()
-        wait_until(lambda: self.server.started, 30, what="uvicorn started")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-
-    def get(self, path: str, token: str | None = None, **kw) -> httpx.Response:
-        headers = kw.pop("headers", {})
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        return httpx.get(self.base + path, headers=headers, timeout=10, **kw)
-
-
 @pytest.fixture
 def serve(detector):
-    def start(cfg: AppConfig) -> Server:
-        return Server(create_app(build_runtime(cfg, detector=detector)))
+    def start(cfg: AppConfig) -> AppServer:
+        return AppServer(create_app(build_runtime(cfg, detector=detector)))
     return start
 
 
@@ -431,11 +403,6 @@ def test_page_after_login_shows_stream_and_live_events(service, chromium, tmp_pa
     wait_until(lambda: drv.current_url.endswith("/login"), 10, what="redirect to /login")
     drv.find_element(By.ID, "token").send_keys(VIEWER)
     drv.find_element(By.ID, "login").click()
-    wait_until(lambda: drv.find_element(By.ID, "status").text == "live", 20, what="websocket live")
+    events = page_shows_stream_and_events(drv)
     assert drv.execute_script("return document.cookie") == ""  # HttpOnly: invisible to scripts
-    img = wait_until(lambda: drv.find_element(By.CSS_SELECTOR, ".cam img"), 20, what="stream <img>")
-    wait_until(lambda: drv.execute_script("return arguments[0].naturalWidth", img) == 640, 30,
-               what="MJPEG frames decoded in the page")
-    events = wait_until(lambda: drv.find_elements(By.CSS_SELECTOR, "#events li.event"), 60,
-                        what="a checkout event in the page")
     assert "person" in events[0].text and "cam0/z0" in events[0].text

@@ -169,7 +169,7 @@ def test_dish_checkpoint_backend_matches_torch(backend, tiny_checkpoint, cache):
     gen = torch.Generator().manual_seed(0)
     crops = (torch.rand(6, 3, ref.spec.crop_size, ref.spec.crop_size, generator=gen) * 255).numpy()
     geo = torch.rand(6, 3, generator=gen).numpy()
-    (lr, er), (lg, eg) = ref.cls_backend.run(crops, geo), det.cls_backend.run(crops, geo)
+    (lr, _), (lg, _) = ref.cls_backend.run(crops, geo), det.cls_backend.run(crops, geo)
     np.testing.assert_allclose(torch.softmax(lg, 1).numpy(), torch.softmax(lr, 1).numpy(), atol=SCORE_TOL)
     frames = [Frame("c", i, 0.0, im) for i, im in enumerate(imgs)]
     for r, g in zip(ref.detect(frames), det.detect(frames)):

@@ -3,7 +3,7 @@ it shows the live annotated stream and checkout events as they arrive."""
 
 import pytest
 
-from conftest import VIDEO, wait_until
+from conftest import VIDEO, page_shows_stream_and_events
 
 
 @pytest.mark.browser
@@ -17,12 +17,7 @@ def test_page_shows_stream_and_live_events(service, chromium, tmp_path):
     })
     drv = chromium
     drv.get(svc.base + "/")
-    wait_until(lambda: drv.find_element(By.ID, "status").text == "live", 20, what="websocket live")
-    img = wait_until(lambda: drv.find_element(By.CSS_SELECTOR, ".cam img"), 20, what="stream <img>")
-    wait_until(lambda: drv.execute_script("return arguments[0].naturalWidth", img) == 640, 30,
-               what="MJPEG frames decoded in the page")
-    events = wait_until(lambda: drv.find_elements(By.CSS_SELECTOR, "#events li.event"), 60,
-                        what="a checkout event in the page")
+    events = page_shows_stream_and_events(drv)
     assert "person" in events[0].text and "cam0/z0" in events[0].text
     stored = svc.get("/events").json()["items"]
     shown = {int(e.get_attribute("data-seq")) for e in drv.find_elements(By.CSS_SELECTOR, "#events li.event")}

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from conftest import VIDEO, free_port, wait_until
+from conftest import VIDEO, AppServer, free_port, wait_until
 from dishtrack.config import AppConfig
 from dishtrack.service.api import build_runtime, create_app
 from dishtrack.service.ingest import redact
@@ -244,27 +244,6 @@ def test_openapi_document_declares_what_the_routes_return(finished_client):
     assert after["schema"]["maximum"] == 2**63 - 1
 
 
-class _Server:
-    """uvicorn serving the app on 127.0.0.1 in a thread (lifespan runs: pipeline started and stopped)."""
-
-    def __init__(self, app) -> None:
-        import uvicorn
-
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.base = f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self):
-        self.thread.start()
-        wait_until(lambda: self.server.started, 30, what="uvicorn started")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-
-
 def test_schemathesis_no_server_errors_and_responses_match_the_openapi_document(tmp_path, detector):
     """Property-based requests (valid and invalid) to every operation but the MJPEG stream: zero 5xx,
     every status code, content type and body as the OpenAPI document declares. Bounded: 30 examples
@@ -279,7 +258,7 @@ def test_schemathesis_no_server_errors_and_responses_match_the_openapi_document(
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
     app = create_app(build_runtime(cfg_for(tmp_path, [file_cam()], zones=[ZONE]), detector=detector))
     t0 = time.time()
-    with _Server(app) as srv:
+    with AppServer(app) as srv:
         wait_until(app.state.runtime.pipeline.finished.is_set, 240, what="file processed")  # events + snapshot exist
         t0 = time.time()
         schema = schemathesis.openapi.from_url(srv.base + "/openapi.json").exclude(path_regex=r"stream\.mjpg$")
