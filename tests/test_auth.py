@@ -286,11 +286,15 @@ def test_public_bind_serves_with_cli_made_tokens_or_when_explicitly_open(tmp_pat
 
 def test_per_client_rate_limit_answers_429_with_retry_after(tmp_path, serve):
     cfg = make_cfg(tmp_path, auth={"enabled": True, "tokens": TOKENS},
-                   rate_limit={"requests_per_s": 4, "burst": 10})
+                   rate_limit={"requests_per_s": 0.5, "burst": 10})
     with serve(cfg) as s, httpx.Client(base_url=s.base, timeout=10) as c:
         viewer = {"Authorization": f"Bearer {VIEWER}"}
+        t0 = time.monotonic()
         codes = [c.get("/cameras", headers=viewer).status_code for _ in range(40)]
-        assert codes[:10] == [200] * 10 and codes.count(429) >= 25, codes
+        refilled = 0.5 * (time.monotonic() - t0)  # tokens the bucket regained meanwhile (a slow CI runner)
+        assert codes[:10] == [200] * 10, codes
+        assert 10 <= codes.count(200) <= 10 + refilled + 1 and codes.count(429) == 40 - codes.count(200), codes
+        assert codes.count(429) >= 20, codes
         r = c.get("/cameras", headers=viewer)
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
         # another client (token) has its own bucket; unauthenticated requests are limited per address

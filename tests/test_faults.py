@@ -79,13 +79,15 @@ class WsClient(threading.Thread):
 
 def test_sigterm_with_mjpeg_and_websocket_clients_exits_fast_and_stores_the_open_tray(service, tmp_path):
     """Issue 7.1: one MJPEG viewer kept `dishtrack run` alive after SIGTERM and the open tray was lost.
-    Trays here never close by time (gap 600 s), so any event in the store was flushed at shutdown."""
+    Trays here never close by time (gap 600 s) or motion, so any event in the store was flushed at shutdown."""
     db = tmp_path / "events.sqlite3"
     svc = service({
         "cameras": [{"id": "cam0", "source": str(VIDEO), "loop": True, "realtime": True}],
         "detector": {"device": "cpu", "input_size": 384},
         "zones": [{"id": "z0", "camera": "cam0", "line": {"p1": [0.5, 0.0], "p2": [0.5, 1.0]},
-                   "tray_gap_s": 600, "tray_max_s": 600, "min_track_hits": 2}],
+                   "tray_gap_s": 600, "tray_max_s": 600, "min_track_hits": 2,
+                   # nor by motion: every crossing joins the one open tray (TUD walkers go both ways)
+                   "tray_link_gap": 1000, "tray_speed_tol": 1000}],
         "storage": {"sqlite_path": str(db)},
     })
     viewer = MjpegViewer(svc.base + "/cameras/cam0/stream.mjpg")
