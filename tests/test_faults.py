@@ -42,12 +42,19 @@ class MjpegViewer(threading.Thread):
     def __init__(self, url: str) -> None:
         super().__init__(daemon=True)
         self.url, self.parts, self.ended, self.error = url, 0, threading.Event(), None
+        self._leave = threading.Event()
+
+    def stop(self) -> None:
+        """The viewer closes the page: its connection is closed at the next chunk."""
+        self._leave.set()
 
     def run(self) -> None:
         try:
             with httpx.stream("GET", self.url, timeout=httpx.Timeout(10, read=30)) as r:
                 for chunk in r.iter_bytes():
                     self.parts += chunk.count(b"\xff\xd8")
+                    if self._leave.is_set():
+                        break
         except Exception as e:  # noqa: BLE001 - how it ended is the observation
             self.error = repr(e)
         self.ended.set()
@@ -379,3 +386,113 @@ def test_database_size_is_reported_in_metrics_and_retention_runs_in_the_service(
                               if line.startswith("dishtrack_db_size_bytes ")))
         assert abs(reported() - rt.store.size_bytes()) < 64 * 1024 and reported() > 0
         assert "dishtrack_events_pruned_total 200.0" in c.get("/metrics").text
+
+
+# -- kill -9, many stuck websocket clients, many MJPEG viewers ----------------------------------------------------
+
+class EventRecorder(threading.Thread):
+    """A websocket client that keeps every event it receives (what an integrator saw published)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.events, self.connected = url, [], threading.Event()
+
+    def run(self) -> None:
+        from websockets.sync.client import connect
+
+        with contextlib.suppress(Exception):  # the service is killed under it: how it ends is expected
+            with connect(self.url, open_timeout=10) as ws:
+                self.connected.set()
+                while True:
+                    self.events.append(__import__("json").loads(ws.recv(timeout=120)))
+
+
+def busy_checkout(video_loop: bool = True) -> dict:
+    """The TUD street video looped in real time, trays closing quickly: events keep coming."""
+    return {"cameras": [{"id": "cam0", "source": str(VIDEO), "loop": video_loop, "realtime": True}],
+            "detector": {"device": "cpu", "input_size": 320},
+            "zones": [{"id": "z0", "camera": "cam0", "line": {"p1": [0.5, 0.0], "p2": [0.5, 1.0]},
+                       "tray_gap_s": 0.3, "tray_max_s": 1.0, "min_track_hits": 2}]}
+
+
+def test_kill_9_repeatedly_loses_no_published_event_and_stores_none_twice(service, tmp_path):
+    """Persist before publish: whatever a websocket client was sent is in the store after a
+    SIGKILL; restarts on the same database never store an event twice and the file stays sound."""
+    db = tmp_path / "events.sqlite3"
+    seen: dict[str, int] = {}
+    for cycle in range(4):
+        cfg = busy_checkout()
+        cfg["storage"] = {"sqlite_path": str(db)}
+        svc = service(cfg)
+        rec = EventRecorder(f"ws://127.0.0.1:{svc.port}/ws/events")
+        rec.start()
+        assert rec.connected.wait(20)
+        wait_until(lambda: len(rec.events) >= 1, 180, what=f"an event in cycle {cycle}")
+        svc.proc.send_signal(signal.SIGKILL)
+        svc.proc.wait(10)
+        rec.join(10)
+        with contextlib.closing(sqlite3.connect(db)) as con:
+            assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            rows = dict(con.execute("SELECT event_id, seq FROM events").fetchall())
+            (n,) = con.execute("SELECT COUNT(*) FROM events").fetchone()
+        assert n == len(rows)  # event_id unique
+        for ev in rec.events:
+            assert rows.get(ev["event_id"]) == ev["seq"], f"cycle {cycle}: published {ev['event_id']} not stored"
+            seen[ev["event_id"]] = ev["seq"]
+        assert all(rows[e] == s for e, s in seen.items())  # earlier cycles' events intact
+        if cycle:
+            assert min(ev["seq"] for ev in rec.events) > max(prev_seqs)  # seq keeps rising across restarts
+        prev_seqs = list(rows.values())
+    assert len(seen) >= 4
+
+
+def test_fifty_stuck_websockets_and_thirty_mjpeg_viewers_do_not_stop_the_pipeline(service, tmp_path):
+    """Clients that connect and never read, and many viewers, cost bounded memory; detection
+    goes on, a normal client still gets every event, and the slots come back when they leave."""
+    import socket
+
+    cfg = busy_checkout()
+    cfg["rate_limit"] = {"max_streams": 100}  # 81 streams from one address (the test): allowed here
+    svc = service(cfg)
+    wait_until(lambda: metric(svc, "dishtrack_frames_processed_total", 'camera="cam0"') >= 5, 90, what="processing")
+    stuck = []
+    for _ in range(50):  # a websocket handshake, then never a read
+        s = socket.create_connection(("127.0.0.1", svc.port), timeout=5)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall((f"GET /ws/events HTTP/1.1\r\nHost: 127.0.0.1:{svc.port}\r\nUpgrade: websocket\r\n"
+                   "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                   "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        stuck.append(s)
+    viewers = [MjpegViewer(svc.base + "/cameras/cam0/stream.mjpg") for _ in range(30)]
+    for v in viewers:
+        v.start()
+    rec = EventRecorder(f"ws://127.0.0.1:{svc.port}/ws/events")
+    rec.start()
+    assert rec.connected.wait(20)
+    wait_until(lambda: metric(svc, "dishtrack_ws_subscribers") >= 51, 30, what="51 websocket subscribers")
+    wait_until(lambda: all(v.parts >= 2 for v in viewers), 90, what="every viewer getting frames")
+
+    def rss_kb() -> int:
+        return int(Path(f"/proc/{svc.proc.pid}/status").read_text().split("VmRSS:")[1].split()[0])
+
+    before = metric(svc, "dishtrack_frames_processed_total", 'camera="cam0"')
+    rss = [rss_kb()]
+    t_end = time.monotonic() + 20
+    while time.monotonic() < t_end:
+        time.sleep(2)
+        rss.append(rss_kb())
+    assert metric(svc, "dishtrack_frames_processed_total", 'camera="cam0"') > before + 20  # detection went on
+    assert svc.get("/health").status_code == 200
+    wait_until(lambda: len(rec.events) >= 1, 120, what="an event reaching the reading client")
+    with contextlib.closing(sqlite3.connect(tmp_path / "events.sqlite3")) as con:
+        stored = {r[0] for r in con.execute("SELECT event_id FROM events")}
+    assert {e["event_id"] for e in rec.events} <= stored
+    assert max(rss) - rss[0] < 150_000, rss  # kB: no growth with the clients' backlog
+
+    for s in stuck:
+        s.close()
+    for v in viewers:  # viewers go away: closing their connections
+        v.stop()
+    wait_until(lambda: metric(svc, "dishtrack_ws_subscribers") <= 1, 30, what="stuck subscriptions released")
+    assert all(v.ended.wait(30) for v in viewers)
+    assert svc.proc.poll() is None
