@@ -19,12 +19,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class FlowParams:
-    max_points: int = 30  # corners per box (goodFeaturesToTrack)
+    max_points: int = 20  # corners per box (goodFeaturesToTrack)
     min_points: int = 4  # fewer good points in a box: no measurement (Kalman prediction only)
     fb_max_px: float = 1.0  # forward-backward error above this rejects a point
     margin: float = 0.1  # box share trimmed on each side before picking corners (less background)
-    win: int = 15  # LK window side
-    levels: int = 3  # LK pyramid levels (fast motion, or frames dropped in between)
+    win: int = 11  # LK window side (pixels of the downscaled image)
+    levels: int = 2  # LK pyramid levels (fast motion, or frames dropped in between)
+    # flow runs on the image halved this many times (pyrDown) while its width stays >= 320:
+    # a 640x480 frame costs a quarter, and half-pixel precision is plenty for a dish box
+    downscale: int = 1
 
     @classmethod
     def from_config(cls, scfg) -> "FlowParams":
@@ -47,11 +50,16 @@ class FlowPropagator:
         frame) that had enough consistent points; the others are left out."""
         img = frame.image
         gray = img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+        f = 1.0
+        for _ in range(self.params.downscale):
+            if gray.shape[1] < 640:  # stays >= 320 wide
+                break
+            gray, f = cv2.pyrDown(gray), f * 2.0
         prev, self._prev = self._prev, gray
         todo = [t for t in tracks if t.state is not TrackState.OCCLUDED]
         if prev is None or prev.shape != gray.shape or not todo:
             return {}
-        pts, owner = self._corners(prev, todo)
+        pts, owner = self._corners(prev, todo, f)
         if not len(pts):
             return {}
         p = self.params
@@ -68,7 +76,7 @@ class FlowPropagator:
             if sel.sum() < p.min_points:
                 continue
             a, b = p0[sel], p1[sel]
-            d = np.median(b - a, axis=0)
+            d = np.median(b - a, axis=0) * f
             scale = _scale_change(a, b)
             x1, y1, x2, y2 = t.box
             cx, cy = (x1 + x2) / 2 + d[0], (y1 + y2) / 2 + d[1]
@@ -76,13 +84,14 @@ class FlowPropagator:
             out[t.track_id] = np.array([cx - hw, cy - hh, cx + hw, cy + hh])
         return out
 
-    def _corners(self, prev: np.ndarray, tracks: Sequence[Track]) -> tuple[np.ndarray, np.ndarray]:
-        """Corners inside each box (trimmed by ``margin``): (M,1,2) float32 points, (M,) owner index."""
+    def _corners(self, prev: np.ndarray, tracks: Sequence[Track], f: float) -> tuple[np.ndarray, np.ndarray]:
+        """Corners inside each box (trimmed by ``margin``; boxes in full-image pixels, ``prev``
+        downscaled by ``f``): (M,1,2) float32 points, (M,) owner index."""
         p = self.params
         h, w = prev.shape[:2]
         pts, owner = [], []
         for j, t in enumerate(tracks):
-            x1, y1, x2, y2 = t.box
+            x1, y1, x2, y2 = (v / f for v in t.box)
             mx, my = (x2 - x1) * p.margin, (y2 - y1) * p.margin
             ix1, iy1 = max(int(x1 + mx), 0), max(int(y1 + my), 0)
             ix2, iy2 = min(int(x2 - mx), w), min(int(y2 - my), h)

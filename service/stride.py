@@ -47,7 +47,7 @@ class StrideController:
         self._busy = 0.0
         self._frames = 0
         self._ages: list[float] = []
-        self._dropped0: int | None = None
+        self._dropped0 = 0  # the cameras' dropped-frame counter at the window start
         self.history: list[StrideDecision] = []  # bounded: the last 64 decisions
 
     def due(self, camera_id: str) -> bool:
@@ -63,8 +63,6 @@ class StrideController:
         self._busy += busy_s
         self._frames += frames
         self._ages.extend(ages_s)
-        if self._dropped0 is None:
-            self._dropped0 = dropped_total
         span = now - self._window_start
         if not self.cfg.adaptive or span < self.cfg.interval_s:
             return
