@@ -112,11 +112,13 @@ def _hist(h, **labels) -> tuple[float, float]:
     return total, count
 
 
-def bench_cameras(det: Detector, video: Path, n_cams: int, seconds: float, batch_wait_ms: float = 5.0) -> dict:
-    """``n_cams`` cameras playing the sample video at 25 fps (looped); one viewer watches cam0's stream."""
+def bench_cameras(det: Detector, video: Path, n_cams: int, seconds: float, batch_wait_ms: float = 5.0,
+                  stride: dict | None = None) -> dict:
+    """``n_cams`` cameras playing the sample video at 25 fps (looped); one viewer watches cam0's stream.
+    ``stride``: a detector.stride section (detection stride, optical flow between)."""
     cfg = AppConfig.model_validate({
         "cameras": [{"id": f"cam{i}", "source": str(video), "loop": True, "realtime": True} for i in range(n_cams)],
-        "api": {"mjpeg_fps": 10}, "detector": {"batch_wait_ms": batch_wait_ms},
+        "api": {"mjpeg_fps": 10}, "detector": {"batch_wait_ms": batch_wait_ms, "stride": stride or {}},
     })
     tmp = tempfile.mkdtemp()
     p = Pipeline(cfg, det, EventStore(os.path.join(tmp, "e.sqlite3")), EventHub(), Metrics(window=100000))
@@ -134,6 +136,7 @@ def bench_cameras(det: Detector, video: Path, n_cams: int, seconds: float, batch
     b1 = _hist(p.metrics.batch_seconds)
     ages = np.concatenate([np.array(p.metrics._ages[c])[n0[c]:] for c in p.readers])
     fps = [(len(p.metrics._ages[c]) - n0[c]) / (w1 - w0) for c in p.readers]
+    ks = [d.k for d in p.stride.history] if p.stride is not None else []
     p.stop()
     shutil.rmtree(tmp, ignore_errors=True)
     n_batches = b1[1] - b0[1]
@@ -145,7 +148,8 @@ def bench_cameras(det: Detector, video: Path, n_cams: int, seconds: float, batch
             "cpu": 100 * (c1 - c0) / (w1 - w0), "batch_ms": batch_ms,
             "frame_ms": 1000 * (b1[0] - b0[0]) / max(frames, 1), "batch": frames / max(n_batches, 1),
             "dropped_read": sum(r.status().frames_dropped for r in p.readers.values()),
-            "dropped_stream": p._annotate.dropped}
+            "dropped_stream": p._annotate.dropped,
+            "k": p.stride.k if p.stride is not None else 1, "k_mean": float(np.mean(ks)) if ks else float("nan")}
 
 
 def detector_mota(det: Detector, shared: Path) -> tuple[float, float]:
@@ -169,6 +173,64 @@ def detector_mota(det: Detector, shared: Path) -> tuple[float, float]:
                 rows.append([idx, -1, b[0], b[1], b[2] - b[0], b[3] - b[1], s])
     m = evaluate(np.array(rows, dtype=np.float64).reshape(-1, 7), gt)
     return 100 * m["mota"], 100 * m["idf1"]
+
+
+def detector_mota_strided(det: Detector, shared: Path, k: int) -> tuple[float, float]:
+    """As ``detector_mota`` with a detection stride: the detector runs on every k-th frame of
+    the TUD-Campus video, tracks move by Kalman prediction + optical flow between (the
+    pipeline's ``service.motion``). k = 1 is ``detector_mota`` exactly."""
+    import cv2
+
+    from eval_mot15 import evaluate, track_video_strided
+
+    gt = read_mot(shared / "data/motmetrics_pkg_data/motmetrics/data/TUD-Campus/gt.txt")
+    video = shared / "data/video/tud_campus_640x480_25fps_h264.mp4"
+    cap = cv2.VideoCapture(str(video))
+    rows, idx = [], 0
+    while True:
+        ok, img = cap.read()
+        if not ok:
+            break
+        idx += 1
+        if (idx - 1) % k:
+            continue
+        d = det.detect([Frame("mot", idx, idx / 25.0, img)])[0]
+        for b, s, c in zip(d.boxes, d.scores, d.class_ids):
+            if d.labels[c] == "person":
+                rows.append([idx, -1, b[0], b[1], b[2] - b[0], b[3] - b[1], s])
+    dets = np.array(rows, dtype=np.float64).reshape(-1, 7)
+    m = evaluate(dets, gt, result=track_video_strided(dets, video, k))
+    return 100 * m["mota"], 100 * m["idf1"]
+
+
+def bench_strides(args, shared: Path, video: Path) -> None:
+    """Detection stride table: k = 1, 2, 3 and adaptive (k_max 4) x cameras on the first
+    backend: processed fps per camera, frame age, detector ms, and MOTA / IDF1 on TUD-Campus
+    with the same stride (adaptive: at the k its run ended on)."""
+    name = args.backends.split(",")[0]
+    det = make_detector(name, args.device, args.input_size, calibration_folder(video), args.cache_dir)
+    acc: dict[int, tuple[float, float]] = {}
+    rows = []
+    for label in args.strides.split(","):
+        stride = {"adaptive": True, "k_max": 4} if label == "adaptive" else {"k": int(label)}
+        for n in (int(c) for c in args.cameras.split(",")):
+            r = bench_cameras(det, video, n, args.seconds, stride=stride)
+            k = r["k"]
+            if k not in acc:
+                acc[k] = detector_mota_strided(det, shared, k)
+            r.update(stride=label, mota=acc[k][0], idf1=acc[k][1])
+            rows.append(r)
+            log.info("stride %s x %d cams: %.1f fps/cam, age p50 %.0f p95 %.0f ms, cpu %.0f%%, det %.0f ms/batch, "
+                     "k end %d (mean %.1f)", label, n, r["fps"], r["age_p50"], r["age_p95"], r["cpu"], r["batch_ms"],
+                     k, r["k_mean"])
+    log.info("\n| stride k (%s) | cams | fps/cam (min) | frame age p50 / p95 ms | CPU %% | detector ms/batch | "
+             "frames dropped at read | k at end (mean) | MOTA / IDF1 TUD-Campus |", name)
+    log.info("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        log.info("| %s | %d | %.1f (%.1f) | %.0f / %.0f | %.0f | %.0f | %d | %d (%s) | %.1f / %.1f |", r["stride"],
+                 r["cams"], r["fps"], r["fps_min"], r["age_p50"], r["age_p95"], r["cpu"], r["batch_ms"],
+                 r["dropped_read"], r["k"], "-" if np.isnan(r["k_mean"]) else f"{r['k_mean']:.1f}", r["mota"],
+                 r["idf1"])
 
 
 def make_detector(name: str, device: str, input_size: int | None, calib: Path, cache: str | None) -> Detector:
@@ -293,6 +355,8 @@ def main() -> None:
     ap.add_argument("--input-size", type=int, default=None, help="detector input side (default 512)")
     ap.add_argument("--cache-dir", default=None, help="ONNX export cache (default: the user cache dir)")
     ap.add_argument("--skip-live", action="store_true", help="no live RTSP latency run")
+    ap.add_argument("--strides", default=None, help="only the detection-stride table, e.g. 1,2,3,adaptive "
+                    "(first of --backends, --cameras)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("dishtrack").setLevel(logging.WARNING)
@@ -301,6 +365,9 @@ def main() -> None:
     log.info("machine: %s, %d CPUs (load avg %.1f), torch %s (%d threads), CUDA %s",
              platform.processor() or platform.machine(), os.cpu_count(), os.getloadavg()[0], torch.__version__,
              torch.get_num_threads(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
+    if args.strides:
+        bench_strides(args, shared, video)
+        return
     bench_tracker(shared)
     det = bench_table(args, shared, video)
     if det is not None:

@@ -135,6 +135,8 @@ def build_config(video: Path, receipts: dict, args) -> AppConfig:
     det = cfg.detector
     if args.checkpoint:
         det = DetectorConfig(kind="checkpoint", checkpoint=args.checkpoint, device=args.device)
+    if getattr(args, "stride", None) is not None:  # detection stride k (frames between move by optical flow)
+        det = det.model_copy(update={"stride": det.stride.model_copy(update={"k": args.stride})})
     cam = CameraConfig(id=cam_id, source=str(video), loop=False, realtime=args.realtime)
     tracker = cfg.tracker
     if getattr(args, "tracker", None):
@@ -169,6 +171,7 @@ def run_pipeline(cfg: AppConfig, detector, db: Path, timeout_s: float) -> tuple[
 def run_direct(cfg: AppConfig, detector, video: Path, fps: float) -> list[dict]:
     import cv2
 
+    from dishtrack.service.motion import FlowParams, FlowPropagator, track_frame
     from dishtrack.tracking.checkout import CheckoutAssembler, LineCrossingCounter, LineSpec, TrayParams
     from dishtrack.tracking.tracker import Tracker, TrackerParams
 
@@ -178,14 +181,18 @@ def run_direct(cfg: AppConfig, detector, video: Path, fps: float) -> list[dict]:
                                            z.min_track_hits)),
               CheckoutAssembler(z.id, cam, params=TrayParams.from_config(z))) for z in cfg.zones]
     events = []
+    scfg = cfg.detector.stride  # fixed k here (no load to adapt to): detect frames 0, k, 2k, ...
+    flow = FlowPropagator(FlowParams.from_config(scfg)) if scfg.k > 1 and scfg.flow else None
     cap = cv2.VideoCapture(str(video))
-    idx = 0
+    idx, upd = 0, None
     while True:
         ok, img = cap.read()
         if not ok:
             break
         ts = idx / fps
-        upd = tracker.update(detector.detect([Frame(cam, idx, ts, img)])[0])
+        frame = Frame(cam, idx, ts, img)
+        det = detector.detect([frame])[0] if idx % scfg.k == 0 else None
+        upd = track_frame(tracker, frame, det, flow, upd, scfg.flow_noise)
         for counter, asm in zones:
             events += [e.to_dict() for e in asm.assemble(counter.count(upd), now=ts, update=upd)]
         idx += 1
@@ -229,7 +236,7 @@ def evaluate(args) -> dict:
         "mode": args.mode, "realtime": args.realtime, "detector": "oracle" if args.oracle else cfg.detector.kind,
         "zone": {"line": [list(z.line.p1), list(z.line.p2)], "direction": z.line.direction,
                  "tray_gap_s": z.tray_gap_s, "tray_max_s": z.tray_max_s, "min_track_hits": z.min_track_hits},
-        "tracker": cfg.tracker.model_dump(), "wall_s": round(wall, 2), "frames": receipts["frames"],
+        "tracker": cfg.tracker.model_dump(), "stride": cfg.detector.stride.k, "wall_s": round(wall, 2), "frames": receipts["frames"],
         "oracle": {"jitter": args.jitter, "min_visibility": args.min_visibility, "drop": args.drop} if args.oracle else None,
     }
     score["event_times_s"] = [round(e.time_s, 2) for e in events]
@@ -274,6 +281,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", help="write the scores here")
     p.add_argument("--predictions", help="dish checkpoint: store raw per-frame predictions here, or replay them "
                    "if the file exists (compare tracker/checkout settings without running the network again)")
+    p.add_argument("--stride", type=int, default=None, help="detection stride k: the detector runs on every k-th "
+                   "frame, tracks move by optical flow in between (overrides detector.stride.k)")
     p.add_argument("--tracker", help="JSON object of tracker settings to override, e.g. '{\"high_score\": 0.5}'")
     args = p.parse_args(argv)
     if not (args.checkpoint or args.oracle or args.config):

@@ -27,11 +27,12 @@ def _xyxy(a: np.ndarray) -> np.ndarray:
 
 
 def evaluate(dets: np.ndarray, gt: np.ndarray, params: TrackerParams | None = None,
-             image_size: tuple[int, int] = (640, 480), fps: float = 25.0) -> dict:
+             image_size: tuple[int, int] = (640, 480), fps: float = 25.0, result: np.ndarray | None = None) -> dict:
     """MOT devkit conventions: a match needs IoU >= 0.5; gt rows with flag 0 are ignored.
-    Defaults are TUD-Campus / TUD-Stadtmitte's 640x480 at 25 fps."""
+    Defaults are TUD-Campus / TUD-Stadtmitte's 640x480 at 25 fps. ``result`` (frame,id,x,y,w,h
+    rows) scores a tracker run made elsewhere (e.g. ``track_video_strided``) instead."""
     gt = gt[gt[:, 6] != 0]
-    res = track_sequence(dets, params, image_size=image_size, fps=fps)
+    res = track_sequence(dets, params, image_size=image_size, fps=fps) if result is None else result
     acc = mm.MOTAccumulator(auto_id=False)
     for f in np.unique(np.r_[gt[:, 0], dets[:, 0]]).astype(int):
         g, r = gt[gt[:, 0] == f], res[res[:, 0] == f]
@@ -41,6 +42,45 @@ def evaluate(dets: np.ndarray, gt: np.ndarray, params: TrackerParams | None = No
     s = mm.metrics.create().compute(acc, metrics=["mota", "motp", "idf1", "num_false_positives", "num_misses",
                                                   "num_switches", "mostly_tracked"], name="x")
     return {k: float(s[k].iloc[0]) for k in s.columns}
+
+
+def track_video_strided(dets: np.ndarray, video: Path, k: int, params: TrackerParams | None = None,
+                        fps: float = 25.0, flow: bool = True, noise_scale: float = 4.0,
+                        max_frames: int | None = None) -> np.ndarray:
+    """Detection stride on precomputed detections: the tracker gets frame f's detections
+    only when (f - 1) % k == 0; on the frames between, tracks move by Kalman prediction
+    corrected with optical flow measured on the sequence's real video frames
+    (``service.motion``, as the pipeline does). Rows frame,id,x,y,w,h of confirmed tracks."""
+    import cv2
+
+    from dishtrack.service.motion import FlowPropagator, track_frame
+    from dishtrack.tracking import Detections, Frame
+    from dishtrack.tracking.mot import PERSON
+    from dishtrack.tracking.tracker import Tracker
+    from dishtrack.tracking.types import TrackState
+
+    tracker = Tracker("mot", params)
+    prop = FlowPropagator() if flow else None
+    cap = cv2.VideoCapture(str(video))
+    out, prev, f = [], None, 0
+    while max_frames is None or f < max_frames:
+        ok, img = cap.read()
+        if not ok:
+            break
+        f += 1
+        frame = Frame("mot", f, f / fps, img)
+        det = None
+        if (f - 1) % k == 0:
+            d = dets[dets[:, 0] == f]
+            det = Detections("mot", f, f / fps, np.c_[d[:, 2:4], d[:, 2:4] + d[:, 4:6]].astype(np.float32),
+                             d[:, 6].astype(np.float32), np.zeros(len(d), np.int64), PERSON, frame.size)
+        prev = track_frame(tracker, frame, det, prop, prev, noise_scale)
+        for t in prev.tracks:
+            if t.state is TrackState.CONFIRMED:
+                x1, y1, x2, y2 = t.box
+                out.append((f, t.track_id, x1, y1, x2 - x1, y2 - y1))
+    cap.release()
+    return np.array(out, dtype=np.float64).reshape(-1, 6)
 
 
 def published(shared: Path) -> dict[str, dict]:

@@ -40,6 +40,39 @@ class CameraConfig(_Strict):
         return self
 
 
+class StrideConfig(_Strict):
+    """Detection stride: the detector runs on every k-th frame of a camera; on the frames
+    between, tracks move by Kalman prediction corrected with sparse optical flow inside
+    each box (service/motion.py). ``adaptive`` raises k while the detector cannot keep
+    up (frames dropped, frame age over target) and lowers it again when there is slack."""
+
+    k: int = Field(1, ge=1, le=30, description="detect every k-th frame (1 = every frame); the start value "
+                   "when adaptive")
+    adaptive: bool = Field(False, description="adapt k to load between k_min and k_max")
+    k_min: int = Field(1, ge=1, le=30)
+    k_max: int = Field(4, ge=1, le=30)
+    target_age_ms: float = Field(250.0, gt=0, description="adaptive: frame age (read -> detected) p90 above "
+                                 "this raises k")
+    max_drop_share: float = Field(0.1, ge=0, le=1, description="adaptive: share of camera frames dropped "
+                                  "unprocessed above this raises k")
+    busy_low: float = Field(0.7, gt=0, le=1, description="adaptive: k is lowered only when the detector's busy "
+                            "share at k-1 would stay below this")
+    interval_s: float = Field(1.0, gt=0, le=60, description="adaptive: seconds between k decisions")
+    flow: bool = Field(True, description="correct the Kalman prediction with optical flow (false: prediction only)")
+    flow_points: int = Field(30, ge=4, le=500, description="corners tracked per box")
+    flow_min_points: int = Field(4, ge=1, le=500, description="fewer consistent points: prediction only")
+    flow_fb_px: float = Field(1.0, gt=0, le=20, description="max forward-backward error of a flow point")
+    flow_noise: float = Field(4.0, gt=0, le=1000, description="flow measurement noise relative to a detection's")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "StrideConfig":
+        if self.k_max < self.k_min:
+            raise ValueError("stride.k_max must be >= stride.k_min")
+        if self.adaptive and not self.k_min <= self.k <= self.k_max:
+            raise ValueError("adaptive stride: k must lie within k_min..k_max")
+        return self
+
+
 class DetectorConfig(_Strict):
     kind: Literal["centernet", "checkpoint"] = "centernet"
     checkpoint: str | None = Field(None, description="a file written by `dishtrack train` (kind=checkpoint)")
@@ -64,6 +97,7 @@ class DetectorConfig(_Strict):
                                 "null: the runtime's default (all cores)")
     batch_wait_ms: float = Field(5.0, ge=0.0, le=100.0, description="the detector stage waits this long for "
                                  "more cameras' frames before running a partial batch")
+    stride: StrideConfig = StrideConfig()
 
     @model_validator(mode="after")
     def _checkpoint_needed(self) -> "DetectorConfig":

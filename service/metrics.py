@@ -40,6 +40,9 @@ class Metrics:
                                   ["camera"], buckets=_LAT_BUCKETS, registry=r)
         for stage in ("track", "annotate"):
             self.stage_dropped.labels(stage)
+        self.detection_stride = Gauge("dishtrack_detection_stride", "detector runs on every k-th frame per camera "
+                                      "(detector.stride; frames between move by optical flow)", registry=r)
+        self.detection_stride.set(1)
         self.pipeline_errors = Counter("dishtrack_pipeline_errors", "exceptions in the pipeline loop", registry=r)
         self.open_trays = Gauge("dishtrack_open_tray_crossings", "crossings in trays not closed yet (flushed at "
                                 "shutdown)", ["camera", "zone"], registry=r)

@@ -21,9 +21,11 @@ from .annotate import Annotator
 from .hub import EventHub
 from .ingest import CameraReader, LatestFrameSlot, SourceState, is_stream
 from .metrics import Metrics
+from .motion import FlowParams, FlowPropagator, track_frame
 from .retention import Retention
 from .stages import IDLE_JPEG_FPS, AnnotateJob, AnnotateStage, DropQueue, JpegSlot
 from .store import EventStore
+from .stride import StrideController
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,11 @@ class Pipeline:
         self.persist_error: str | None = None
         self._retry_at = 0.0
         self.retention = Retention(store, cfg.storage.retention, metrics)
+        # detection stride (detector.stride): None at k = 1, not adaptive (every frame detected)
+        scfg = cfg.detector.stride
+        self.stride = StrideController(scfg, time.time()) if scfg.k > 1 or scfg.adaptive else None
+        self._flow = {c.id: FlowPropagator(FlowParams.from_config(scfg)) if self.stride and scfg.flow else None
+                      for c in cfg.cameras}
 
     _RETRY_S = 1.0
 
@@ -175,17 +182,39 @@ class Pipeline:
                 continue
             try:
                 t0 = time.perf_counter()
-                dets = self.detector.detect(frames)
+                todo = frames if self.stride is None else [f for f in frames if self.stride.due(f.camera_id)]
+                dets = self.detector.detect(todo) if todo else []
                 dt = time.perf_counter() - t0
-                self.metrics.batch_seconds.observe(dt)
-                self.metrics.batch_size.observe(len(frames))
-                self.metrics.frame_detect_seconds.observe(dt / len(frames))
+                if todo:
+                    self.metrics.batch_seconds.observe(dt)
+                    self.metrics.batch_size.observe(len(todo))
+                    self.metrics.frame_detect_seconds.observe(dt / len(todo))
+                if self.stride is not None:
+                    dets = self._stride_step(frames, todo, dets, dt)
             except Exception:  # noqa: BLE001 - one bad batch must not stop the service
                 self.metrics.pipeline_errors.inc()
                 log.exception("detector batch failed")
                 time.sleep(0.1)
                 continue
             self._tracks.put((frames, dets), block=self._offline, abort=self._stop)
+
+    def _stride_step(self, frames, todo, dets, busy_s: float) -> list:
+        """Detection stride: detections aligned with ``frames`` (None = skipped, moved by flow
+        in the tracking stage); the load it saw goes to the adaptive k."""
+        by_frame = {id(f): d for f, d in zip(todo, dets)}
+        now = time.time()
+        dropped = sum(r.status().frames_dropped for r in self.readers.values())
+        self.stride.record(now, busy_s, len(frames), [now - f.read_time for f in todo], dropped)
+        self.metrics.detection_stride.set(self.stride.k)
+        return [by_frame.get(id(f)) for f in frames]
+
+    def _track(self, frame, det):
+        """Tracker step of one camera frame; ``det`` None: a frame the detector skipped."""
+        cam = frame.camera_id
+        if self.stride is None:
+            return self.trackers[cam].update(det)
+        return track_frame(self.trackers[cam], frame, det, self._flow[cam], self.last_update.get(cam),
+                           self.cfg.detector.stride.flow_noise)
 
     # -- tracking stage
     def _run(self) -> None:
@@ -216,9 +245,9 @@ class Pipeline:
         for frame, det in zip(frames, dets):
             cam = frame.camera_id
             t1 = time.perf_counter()
-            upd = self.trackers[cam].update(det)
+            upd = self._track(frame, det)
             self.metrics.tracker_seconds.observe(time.perf_counter() - t1)
-            self.metrics.detections.labels(cam).inc(len(det))
+            self.metrics.detections.labels(cam).inc(len(det) if det is not None else 0)
             self.metrics.tracks.labels(cam).set(len(upd.tracks))
             self.last_update[cam] = upd
             self._clock[cam] = (frame.timestamp, frame.read_time)

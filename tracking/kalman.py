@@ -129,12 +129,14 @@ class BatchKalman:
             self.P = self.F @ self.P @ self.F.T + self.Q
         return self.boxes()
 
-    def update(self, idx: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-        """Fuse measured boxes into rows ``idx``; returns their corrected boxes."""
+    def update(self, idx: np.ndarray, boxes: np.ndarray, noise_scale: float = 1.0) -> np.ndarray:
+        """Fuse measured boxes into rows ``idx``; returns their corrected boxes.
+        ``noise_scale`` multiplies the measurement noise R (a weaker measurement
+        than a detection, e.g. a box moved by optical flow)."""
         idx = np.asarray(idx, dtype=np.intp)
         if len(idx) == 0:
             return np.zeros((0, 4))
-        x, P = correct(self.x[idx], self.P[idx], boxes_to_z(boxes), self.R)
+        x, P = correct(self.x[idx], self.P[idx], boxes_to_z(boxes), self.R * noise_scale)
         self.x[idx], self.P[idx] = x, P
         return xs_to_boxes(x)
 

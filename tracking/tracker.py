@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,6 +120,11 @@ class _Meta:
         self._traj: tuple | None = ()
         self._vote: tuple[int, float, float] | None = None
 
+    def move(self, ts: float, cx: float, cy: float) -> None:
+        """A position without a detection (motion propagation): trajectory only, no class vote."""
+        self.trajectory.append((ts, cx, cy))
+        self._traj = None
+
     def observe(self, score: float, class_id: int, ts: float, cx: float, cy: float) -> None:
         self.score_sum += score
         self.votes[class_id] = self.votes.get(class_id, 0.0) + score
@@ -156,6 +162,8 @@ class Tracker:
         self.camera_id = camera_id
         self.params = params or TrackerParams()
         self._frames = 0
+        self._skipped = 0  # frames propagated (detector skipped) since the last update
+        self._span = 1  # frames the current update's detections stand for (1 + skipped)
         self._next_id = 1
         self._kf = BatchKalman()
         k = max(self.params.delta_t, 1) + 1  # observations kept for the direction
@@ -169,6 +177,7 @@ class Tracker:
         }
         self._emb: np.ndarray | None = None  # (N, D) appearance per track, once seen
         self._meta: list[_Meta] = []
+        self._labels: tuple[str, ...] = ()  # the detector's label set, for propagate's snapshots
 
     def __len__(self) -> int:
         return len(self._meta)
@@ -178,6 +187,8 @@ class Tracker:
     def update(self, dets: Detections) -> TrackUpdate:
         p, a = self.params, self._a
         self._frames += 1
+        self._span, self._skipped = 1 + self._skipped, 0
+        self._labels = dets.labels
         keep = dets.scores >= p.min_score
         boxes = dets.boxes[keep].astype(np.float64)
         scores = dets.scores[keep].astype(np.float64)
@@ -212,6 +223,32 @@ class Tracker:
             tracks=self._snapshots(np.arange(len(self._meta)), labels),
             removed=removed_tracks, image_size=dets.image_size,
         )
+
+    def propagate(self, frame_index: int, timestamp: float, image_size: tuple[int, int],
+                  boxes_by_track: Mapping[int, np.ndarray] | None = None, noise_scale: float = 4.0) -> TrackUpdate:
+        """A frame the detector skipped (detection stride): every track advances one
+        Kalman step; a track with a motion-measured box (``boxes_by_track``: track id ->
+        xyxy, e.g. optical flow inside its last box) is corrected with it, weighted
+        ``noise_scale`` times weaker than a detection. Nothing ages: hits, misses,
+        states and coasting clocks only change on detection frames, so a stride of k
+        never turns a followed track into a missed one. Returns the moved tracks
+        (``removed`` is empty: removal is decided when the detector looks again)."""
+        a, kf = self._a, self._kf
+        self._skipped += 1
+        a["box"] = kf.predict().copy()
+        a["age"] += 1
+        if boxes_by_track and len(a["id"]):
+            row = {tid: i for i, tid in enumerate(a["id"].tolist())}
+            hits = [(row[t], b) for t, b in boxes_by_track.items() if t in row]
+            if hits:
+                rows = np.array([r for r, _ in hits], np.intp)
+                meas = np.asarray([b for _, b in hits], np.float64).reshape(-1, 4)
+                a["box"][rows] = kf.update(rows, meas, noise_scale)
+                for i, (cx, cy) in zip(rows.tolist(), centers(a["box"][rows]).tolist()):
+                    self._meta[i].move(timestamp, cx, cy)
+        return TrackUpdate(camera_id=self.camera_id, frame_index=frame_index, timestamp=timestamp,
+                           tracks=self._snapshots(np.arange(len(self._meta)), self._labels),
+                           removed=(), image_size=image_size)
 
     # ---- association -----------------------------------------------------
 
@@ -315,7 +352,10 @@ class Tracker:
         a["obs"][mt, a["nobs"][mt] % k] = boxes[md]
         a["nobs"][mt] += 1
         a["hits"][mt] += 1
-        a["streak"][mt] += 1
+        # streak counts frames followed without a miss: under a detection stride a match
+        # continues the frames propagated since the last detection (``_span``), so
+        # min_hits means the same time whatever the stride
+        a["streak"][mt] += np.where(a["streak"][mt] > 0, self._span, 1)
         a["tsu"][mt] = 0
         a["last_ts"][mt] = ts
         a["hidden"][mt] = False
