@@ -99,7 +99,8 @@ class Outbox:
         for ev in self._wake.values():
             ev.set()
         for t in self._threads:
-            t.join(max(0.1, deadline - time.monotonic()))
+            if t.is_alive():
+                t.join(max(0.1, deadline - time.monotonic()))
         for s in self.sinks.values():
             try:
                 s.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -107,7 +106,9 @@ class PgServer:
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # fast shutdown
+            # fast shutdown; through pg_ctl: as root the child is runuser, which does not pass SIGINT on
+            subprocess.run([*self._as, str(PG_BIN / "pg_ctl"), "-D", str(self.data), "stop", "-m", "fast", "-w"],
+                           capture_output=True, timeout=30)
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
