@@ -317,67 +317,62 @@ def service_cfg(tmp_path, **over) -> AppConfig:
         "storage": {"sqlite_path": str(tmp_path / "events.sqlite3")}, **over})
 
 
-def test_service_events_reach_postgres_mqtt_and_the_pos(tmp_path, pg_url, broker, detector):
-    """``dishtrack``'s app on the real video with PostgreSQL storage, MQTT and a webhook configured."""
+def test_two_nodes_on_postgres_events_reach_mqtt_the_pos_and_the_other_nodes_websocket(tmp_path, pg_url, broker,
+                                                                                       detector):
+    """Node A: the app on the real video with PostgreSQL storage, MQTT and a webhook (its first POST
+    fails). Node B: another app on the same database (its own camera is not there: no frames, no CPU
+    taken from A), whose websocket receives A's events live, in seq order, and again by ``?after=``."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
     pos = PosServer(fail_first=1)
     sub = Subscriber(broker.port, ["dishtrack/#"])
     wait_until(lambda: sub.client.is_connected(), 10, what="subscriber connected")
-    cfg = service_cfg(tmp_path, storage={"url": pg_url}, integrations={
-        "outbox_path": str(tmp_path / "outbox.sqlite3"), "retry_initial_s": 0.1,
+    cfg_a = service_cfg(tmp_path / "a", storage={"url": pg_url}, integrations={
+        "outbox_path": str(tmp_path / "a" / "outbox.sqlite3"), "retry_initial_s": 0.1,
         "mqtt": {"host": "127.0.0.1", "port": broker.port},
         "webhooks": [{"name": "pos", "url": pos.url, "secret": SECRET}]})
-    rt = build_runtime(cfg, detector=detector)
+    cfg_b = AppConfig.model_validate({"cameras": [{"id": "tillB", "source": str(tmp_path / "b" / "none.mp4"),
+                                                   "realtime": False, "loop": False}],
+                                      "storage": {"url": pg_url}})
+    got_b: list[dict] = []
     try:
-        with AppServer(create_app(rt)) as srv:
-            wait_until(rt.pipeline.finished.is_set, 180, what="pipeline to finish the video")
-            assert rt.outbox.flush(15)
-            events = srv.get("/events", params={"limit": 1000}).json()["items"]
-            deliveries = srv.get("/admin/deliveries").json()
-            config = srv.get("/config").json()
+        with AppServer(create_app(build_runtime(cfg_b, detector=detector))) as node_b, \
+                ws_connect(node_b.ws + "/ws/events", open_timeout=10) as ws_b:
+            rt = build_runtime(cfg_a, detector=detector)
+            with AppServer(create_app(rt)) as node_a:
+                wait_until(rt.pipeline.finished.is_set, 180, what="node A to finish the video")
+                assert rt.outbox.flush(15)
+                events = node_a.get("/events", params={"limit": 1000}).json()["items"]
+                deliveries = node_a.get("/admin/deliveries").json()
+                config = node_a.get("/config").json()
+                while len(got_b) < len(events):
+                    got_b.append(json.loads(ws_b.recv(timeout=10)))
+            with ws_connect(node_b.ws + "/ws/events?after=0", open_timeout=10) as ws:
+                replay = [json.loads(ws.recv(timeout=10)) for _ in range(len(events))]
+            on_b = httpx.get(node_b.base + "/events", params={"limit": 1000}).json()["items"]
     finally:
         pos.close()
     assert len(events) >= 2 and all(e["camera_id"] == "cam0" for e in events)
+    # PostgreSQL holds them, readable by any SQL tool
     with psycopg.connect(pg_url) as c:
-        rows = c.execute("SELECT seq, event_id, camera_id, payload->'items'->0->>'label' FROM events ORDER BY seq"
-                         ).fetchall()
-    assert [(r[0], r[1]) for r in rows] == [(e["seq"], e["event_id"]) for e in events] and rows[0][3] == "person"
+        rows = c.execute("SELECT seq, event_id, payload->'items'->0->>'label' FROM events ORDER BY seq").fetchall()
+    assert [(r[0], r[1]) for r in rows] == [(e["seq"], e["event_id"]) for e in events] and rows[0][2] == "person"
+    # node B: live websocket, replay and REST all show A's events, same order
+    ids = [e["event_id"] for e in events]
+    assert [e["event_id"] for e in got_b] == [e["event_id"] for e in replay] == [e["event_id"] for e in on_b] == ids
+    assert [e["seq"] for e in got_b] == sorted(e["seq"] for e in got_b)
+    # MQTT and the point-of-sale: each event once, in order, signed
     wait_until(lambda: len(sub.events()) == len(events), 10, what="all events over MQTT")
-    assert [e["event_id"] for e in sub.events()] == [e["event_id"] for e in events]
+    assert [e["event_id"] for e in sub.events()] == ids
     assert {t for t, _, _ in sub.messages if t.endswith("/events")} == {"dishtrack/cam0/events"}
-    assert [e["event_id"] for e in pos.delivered()] == [e["event_id"] for e in events]
+    assert sub.last("dishtrack/availability") in (b"online", b"offline")
+    assert [e["event_id"] for e in pos.delivered()] == ids and pos.requests[0][0] == 503
     assert all(valid_signature(h, b) for _, h, b in pos.requests)
     by_sink = {s["sink"]: s for s in deliveries["sinks"]}
     assert by_sink["mqtt"]["delivered"] == by_sink["webhook:pos"]["delivered"] == len(events)
     assert by_sink["webhook:pos"]["pending"] == 0
+    first = [r for r in deliveries["items"] if r["sink"] == "webhook:pos"][0]
+    assert first["event_id"] == ids[0] and first["attempts"] == 2 and first["status"] == "delivered"
     # secrets masked in GET /config
     assert config["integrations"]["webhooks"][0]["secret"] == "***" and "postgres@" not in config["storage"]["url"]
     sub.close()
-
-
-def test_two_nodes_on_one_postgres_websocket_of_b_sees_events_of_a(tmp_path, pg_url, detector):
-    """Node A processes the video; node B (its own camera, no zone, no events) serves a websocket
-    that receives A's events live, in seq order, and the same from ``?after=`` replay."""
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    cfg_a = service_cfg(tmp_path / "a", storage={"url": pg_url})
-    # B's own camera is not there (no frames, no CPU taken from A); its API and websocket serve all the same
-    cfg_b = AppConfig.model_validate({"cameras": [{"id": "tillB", "source": str(tmp_path / "b" / "none.mp4"),
-                                                   "realtime": False, "loop": False}],
-                                      "storage": {"url": pg_url}})
-    rt_b = build_runtime(cfg_b, detector=detector)
-    got_b: list[dict] = []
-    with AppServer(create_app(rt_b)) as node_b:
-        with ws_connect(node_b.ws + "/ws/events", open_timeout=10) as ws:
-            rt_a = build_runtime(cfg_a, detector=detector)
-            with AppServer(create_app(rt_a)):
-                wait_until(rt_a.pipeline.finished.is_set, 180, what="node A to finish the video")
-                n = rt_a.store.count()
-                assert n >= 2
-                while len(got_b) < n:
-                    got_b.append(json.loads(ws.recv(timeout=10)))
-        with ws_connect(node_b.ws + "/ws/events?after=0", open_timeout=10) as ws:
-            replay = [json.loads(ws.recv(timeout=10)) for _ in range(n)]
-        stored = httpx.get(node_b.base + "/events", params={"limit": 1000}).json()["items"]
-    assert [e["seq"] for e in got_b] == [e["seq"] for e in stored]
-    assert [e["event_id"] for e in got_b] == [e["event_id"] for e in replay] == [e["event_id"] for e in stored]
-    assert all(e["camera_id"] == "cam0" for e in got_b)  # A's camera, seen on B
