@@ -12,7 +12,15 @@ import tempfile
 import time
 from pathlib import Path
 
-PG_BIN = Path(os.environ.get("DISHTRACK_PG_BIN", "/usr/lib/postgresql/15/bin"))
+def _pg_bin() -> Path:
+    """DISHTRACK_PG_BIN, else the newest /usr/lib/postgresql/<major>/bin (Debian's layout)."""
+    if env := os.environ.get("DISHTRACK_PG_BIN"):
+        return Path(env)
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 

@@ -376,3 +376,21 @@ def test_two_nodes_on_postgres_events_reach_mqtt_the_pos_and_the_other_nodes_web
     # secrets masked in GET /config
     assert config["integrations"]["webhooks"][0]["secret"] == "***" and "postgres@" not in config["storage"]["url"]
     sub.close()
+
+
+def test_deliveries_need_admin_and_secrets_are_masked():
+    from dishtrack.service.admin import redacted_config
+    from dishtrack.service.auth import required_role
+
+    assert required_role("/admin/deliveries", "GET", client_loopback=True) == "admin"
+    cfg = AppConfig.model_validate({
+        "cameras": [{"id": "cam0", "source": str(VIDEO)}],
+        "storage": {"url": "postgresql://dishtrack:hunter2@db.lan:5432/dishtrack"},
+        "integrations": {"mqtt": {"host": "broker", "username": "u", "password": "mqtt-pass"},
+                         "webhooks": [{"name": "pos", "url": "https://pos.lan/hook?token=abc", "secret": SECRET}]}})
+    text = json.dumps(redacted_config(cfg))
+    for secret in ("hunter2", "mqtt-pass", SECRET, "token=abc"):
+        assert secret not in text
+    assert cfg.integrations.webhooks[0].secret == SECRET  # masked in the view only
+    default = AppConfig.model_validate({"cameras": [{"id": "cam0", "source": str(VIDEO)}]})
+    assert default.storage.url is None and build_outbox(default.integrations) is None  # `dishtrack run` unchanged
