@@ -52,7 +52,8 @@ def run(store, rate: float, seconds: float) -> dict:
             rec = await sub.queue.get()
             arrived[rec["event_id"]] = time.perf_counter()
 
-    threading.Thread(target=lambda: (loop.create_task(consume()), loop.run_forever()), daemon=True).start()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    consumer = asyncio.run_coroutine_threadsafe(consume(), loop)
     feed = None
     if store.shared:
         from dishtrack.service.feed import StoreFeed
@@ -81,6 +82,8 @@ def run(store, rate: float, seconds: float) -> dict:
     e2e = [arrived[k] - s for k, s in started.items() if k in arrived]
     if feed is not None:
         feed.stop()
+    consumer.cancel()
+    time.sleep(0.1)
     loop.call_soon_threadsafe(loop.stop)
     return {"events": n, "rate": achieved, "call_p50": _pct(call, 50), "call_p99": _pct(call, 99),
             "call_max": max(call) * 1000, "ws_p50": _pct(e2e, 50), "ws_p99": _pct(e2e, 99),
@@ -92,6 +95,7 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=200.0, help="events per second")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--pg-url", help="an existing PostgreSQL (default: start one from the Debian package)")
+    ap.add_argument("--pg-fsync", choices=["on", "off"], default="on", help="the started server's fsync")
     args = ap.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,7 +110,7 @@ def main() -> int:
         if (why := servers.pg_missing()) is not None:
             print(f"postgresql: skipped ({why})")
         else:
-            pg = servers.PgServer(fsync=True).start()
+            pg = servers.PgServer(fsync=args.pg_fsync == "on").start()
             url = pg.create_db("bench")
     if url is not None:
         from dishtrack.service.store_pg import PgEventStore
