@@ -20,7 +20,7 @@ COPY config config
 COPY tracking tracking
 COPY models models
 COPY service service
-RUN pip install --no-cache-dir . && rm -rf /src
+RUN pip install --no-cache-dir '.[integrations]' && rm -rf /src
 
 WORKDIR /data
 RUN useradd --system --home /data dishtrack && chown dishtrack /data

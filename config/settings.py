@@ -214,6 +214,9 @@ class RetentionConfig(_Strict):
 
 class StorageConfig(_Strict):
     sqlite_path: str = "dishtrack.sqlite3"
+    url: str | None = Field(None, pattern=r"^postgres(ql)?://", description="postgresql://user:pass@host:port/db: "
+                            "events in PostgreSQL (shared by every node; websockets see all nodes' events); "
+                            "null: the embedded SQLite file sqlite_path")
     retention: RetentionConfig = RetentionConfig()
     spool_max: int = Field(10000, ge=1, description="checkout events kept in memory while they cannot be "
                            "written (disk full, read-only); retried every second, oldest dropped beyond this")
@@ -276,6 +279,53 @@ class RateLimitConfig(_Strict):
     max_clients: int = Field(10000, ge=1, description="buckets kept (least recently used dropped)")
 
 
+class MqttConfig(_Strict):
+    """Events published to an MQTT broker (Frigate-style topics), QoS 1, from the outbox."""
+
+    host: str
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password: str | None = None
+    client_id: str | None = Field(None, description="null: dishtrack-<hostname>-<pid>")
+    prefix: str = Field("dishtrack", pattern=r"^[^#+]+$", description="first topic level")
+    site: str | None = Field(None, pattern=r"^[^#+/]+$", description="optional second level: <prefix>/<site>/...")
+    topic: str = Field("{base}/{camera}/events", description="event topic; {base} = prefix[/site], "
+                       "{camera}, {zone}")
+    keepalive_s: int = Field(30, ge=5)
+    reconnect_min_s: float = Field(1.0, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+
+
+class WebhookConfig(_Strict):
+    """One point-of-sale endpoint: each event POSTed as JSON, signed with HMAC-SHA256."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    url: str = Field(pattern=r"^https?://")
+    secret: str = Field(min_length=16, description="HMAC-SHA256 key; header X-Dishtrack-Signature: sha256=<hex>")
+    timeout_s: float = Field(5.0, gt=0)
+    max_attempts: int | None = Field(None, ge=1, description="give up (status failed) after this many; null: "
+                                     "retry forever (later events wait: deliveries stay in order)")
+
+
+class IntegrationsConfig(_Strict):
+    """Sinks fed from an on-disk outbox: events produced while a sink is down are delivered later, in order."""
+
+    outbox_path: str = Field("dishtrack-outbox.sqlite3", description="SQLite file of pending/delivered messages")
+    mqtt: MqttConfig | None = None
+    webhooks: list[WebhookConfig] = []
+    retry_initial_s: float = Field(1.0, gt=0, description="first retry delay; doubles per failure")
+    retry_max_s: float = Field(300.0, gt=0)
+    queue_max: int = Field(10000, ge=1, description="events waiting to be written to the outbox (in memory)")
+    keep_delivered_days: float = Field(7.0, gt=0, description="delivered rows kept this long (GET /admin/deliveries)")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "IntegrationsConfig":
+        names = [w.name for w in self.webhooks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"webhook names must be unique, got {names}")
+        return self
+
+
 class AppConfig(_Strict):
     cameras: list[CameraConfig] = Field(min_length=1)
     detector: DetectorConfig = DetectorConfig()
@@ -286,6 +336,7 @@ class AppConfig(_Strict):
     menu: MenuConfig | None = None
     auth: AuthConfig = AuthConfig()
     rate_limit: RateLimitConfig = RateLimitConfig()
+    integrations: IntegrationsConfig = IntegrationsConfig()
 
     @model_validator(mode="after")
     def _references(self) -> "AppConfig":

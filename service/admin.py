@@ -16,6 +16,14 @@ def redacted_config(cfg: AppConfig) -> dict:
     data["auth"]["tokens"] = [{"name": t["name"], "role": t["role"]} for t in data["auth"]["tokens"]]
     if data["auth"]["session_secret"]:
         data["auth"]["session_secret"] = "***"
+    if data["storage"].get("url"):
+        data["storage"]["url"] = redact(data["storage"]["url"])
+    integ = data.get("integrations", {})
+    for hook in integ.get("webhooks", []):
+        hook["secret"] = "***"
+        hook["url"] = redact(hook["url"])
+    if integ.get("mqtt") and integ["mqtt"]["password"]:
+        integ["mqtt"]["password"] = "***"
     return data
 
 

@@ -24,8 +24,10 @@ from .auth import install_security
 from .cache import TtlCache
 from .hub import EventHub
 from .metrics import Metrics
+from .deliveries import deliveries_router
+from .outbox import Outbox, build_outbox
 from .pipeline import Pipeline
-from .store import EventStore
+from .stores import Store, open_store
 
 log = logging.getLogger(__name__)
 _BOUNDARY = "dishtrackframe"
@@ -51,22 +53,25 @@ _JSON_503 = {503: {"description": "failing (same body, status `failing`)",
 @dataclass
 class Runtime:
     cfg: AppConfig
-    store: EventStore
+    store: Store
     hub: EventHub
     metrics: Metrics
     pipeline: Pipeline
     stopping: threading.Event = field(default_factory=threading.Event)  # set on SIGTERM: streams end
+    outbox: Outbox | None = None  # MQTT / webhooks (integrations)
 
 
 def build_runtime(cfg: AppConfig, detector=None) -> Runtime:
-    store = EventStore(cfg.storage.sqlite_path)  # first: an unwritable path fails before the model loads
+    store = open_store(cfg.storage)  # first: an unwritable path / unreachable database fails before the model loads
     if detector is None:
         from dishtrack.models.detector import load_detector  # torch import only when serving
 
         detector = load_detector(cfg.detector)
-    hub = EventHub(cfg.api.ws_queue)
+    hub = EventHub(cfg.api.ws_queue, fed_by_store=store.shared)
     metrics = Metrics()
-    return Runtime(cfg, store, hub, metrics, Pipeline(cfg, detector, store, hub, metrics))
+    outbox = build_outbox(cfg.integrations)
+    return Runtime(cfg, store, hub, metrics, Pipeline(cfg, detector, store, hub, metrics, publishers=outbox),
+                   outbox=outbox)
 
 
 def create_app(runtime: Runtime) -> FastAPI:
@@ -75,18 +80,30 @@ def create_app(runtime: Runtime) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         rt.hub.bind(asyncio.get_running_loop())
+        feed = None
+        if rt.store.shared:  # PostgreSQL: every node's events reach this node's websockets from the store
+            from .feed import StoreFeed
+
+            feed = StoreFeed(rt.store, rt.hub).start()
+        if rt.outbox is not None:
+            rt.outbox.start()
         rt.pipeline.start()
         try:
             yield
         finally:
             rt.stopping.set()
             await asyncio.to_thread(rt.pipeline.stop)
+            if rt.outbox is not None:
+                await asyncio.to_thread(rt.outbox.stop)
+            if feed is not None:
+                await asyncio.to_thread(feed.stop)
             rt.store.close()
 
     app = FastAPI(title="dishtrack", version="0.1.0", lifespan=lifespan)
     app.state.runtime = rt
     install_security(app, rt.cfg)  # Host/Origin allow-lists, rate limits, tokens (+ /login)
     app.include_router(admin_router(rt.cfg))  # /config (admin role)
+    app.include_router(deliveries_router(rt.outbox))  # /admin/deliveries (admin role)
     cache = TtlCache(rt.cfg.api.cache_s)  # polled endpoints: cost independent of the request rate
 
     def camera_or_404(camera_id: str):

@@ -20,8 +20,14 @@ class Subscription:
 
 
 class EventHub:
-    def __init__(self, queue_size: int = 256) -> None:
+    """``fed_by_store``: a store shared by several nodes (PostgreSQL) delivers every node's events,
+    this node's included, through ``feed.StoreFeed`` in ``seq`` order; the pipeline's own ``publish``
+    is then ignored (published directly, a local event could overtake a remote one with a lower seq,
+    which the websocket's ``seq > last`` check would then drop)."""
+
+    def __init__(self, queue_size: int = 256, *, fed_by_store: bool = False) -> None:
         self.queue_size = queue_size
+        self.fed_by_store = fed_by_store
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subs: set[Subscription] = set()
         self._lock = threading.Lock()
@@ -45,7 +51,12 @@ class EventHub:
             self._subs.discard(s)
 
     def publish(self, record: dict) -> None:
-        """Thread-safe: called from the pipeline thread."""
+        """Thread-safe: called from the pipeline thread (ignored when ``fed_by_store``)."""
+        if not self.fed_by_store:
+            self.feed(record)
+
+    def feed(self, record: dict) -> None:
+        """Thread-safe: deliver ``record`` to every subscriber."""
         if self._loop is None or self._loop.is_closed():
             return
         self._loop.call_soon_threadsafe(self._deliver, record)

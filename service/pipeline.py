@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import sqlite3
 import threading
 import time
 
@@ -42,8 +41,10 @@ class _Zone:
 
 
 class Pipeline:
-    def __init__(self, cfg: AppConfig, detector, store: EventStore, hub: EventHub, metrics: Metrics) -> None:
+    def __init__(self, cfg: AppConfig, detector, store: EventStore, hub: EventHub, metrics: Metrics,
+                 publishers=None) -> None:
         self.cfg = cfg
+        self.publishers = publishers  # outbox.Outbox (MQTT, webhooks) or None; submit() never blocks
         self.detector = detector
         self.store = store
         self.hub = hub
@@ -306,16 +307,13 @@ class Pipeline:
                  "" if ev.total is None else f" = {ev.total:.2f} {ev.currency}",
                  " (needs review)" if ev.needs_review else "")
         self.hub.publish(record)
+        if self.publishers is not None:
+            self.publishers.submit(record)
         return True
 
     def _write(self, ev: CheckoutEvent) -> dict:
-        try:
-            return self.store.save(ev)
-        except sqlite3.IntegrityError:  # a retried write whose first attempt did land: stored once
-            record = self.store.get(ev.event_id)
-            if record is None:
-                raise
-            return record
+        # a retried write whose first attempt did land: the store returns the stored record (stored once)
+        return self.store.save(ev)
 
     def _spool(self, ev: CheckoutEvent) -> None:
         if len(self.unsaved) >= self.spool_max:

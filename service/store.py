@@ -44,9 +44,10 @@ _EVENT_DEFAULTS = {"needs_review": False, "currency": None, "total": None}
 _ITEM_DEFAULTS = {"name": None, "unit_price": None, "line_total": None, "unpriced": False, "needs_review": False}
 
 
-def _record(seq: int, payload: str) -> dict:
-    """A stored event as served; payloads written before receipts get the new keys' defaults."""
-    d = json.loads(payload)
+def _record(seq: int, payload: str | dict) -> dict:
+    """A stored event as served; payloads written before receipts get the new keys' defaults.
+    ``payload``: JSON text (SQLite) or the decoded object (PostgreSQL jsonb)."""
+    d = json.loads(payload) if isinstance(payload, str) else dict(payload)
     for k, v in _EVENT_DEFAULTS.items():
         d.setdefault(k, v)
     for item in d.get("items", []):
@@ -115,17 +116,25 @@ class EventStore:
         with self._lock:
             return self._db.execute("PRAGMA journal_mode").fetchone()[0]
 
+    shared = False  # one process's file: the pipeline publishes to its own hub (see stores.Store)
+
     def save(self, event: CheckoutEvent) -> dict:
-        """Persist and return the stored record (with its ``seq``)."""
+        """Persist and return the stored record (with its ``seq``). An ``event_id`` already stored
+        (a retried write whose first attempt landed) is not written again: its record is returned."""
         d = event.to_dict()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 cur = self._db.execute(
                     "INSERT INTO events(event_id, camera_id, zone_id, started_at, ended_at, confidence, payload,"
-                    " needs_review, currency, total) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    " needs_review, currency, total) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(event_id) DO NOTHING",
                     (event.event_id, event.camera_id, event.zone_id, event.started_at, event.ended_at,
                      event.confidence, json.dumps(d), int(event.needs_review), event.currency, event.total))
+                if cur.rowcount == 0:
+                    row = self._db.execute("SELECT seq, payload FROM events WHERE event_id=?",
+                                           (event.event_id,)).fetchone()
+                    self._db.execute("COMMIT")
+                    return _record(row["seq"], row["payload"])
                 seq = cur.lastrowid
                 self._db.executemany("INSERT INTO event_labels(seq, label, count) VALUES (?,?,?)",
                                      [(seq, i.label, i.count) for i in event.items])
@@ -195,6 +204,11 @@ class EventStore:
             with self._lock:  # give the log's pages back to the file so the size bound holds on disk too
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return n
+
+    def last_seq(self) -> int:
+        """The highest stored ``seq`` (0 when empty)."""
+        with self._lock:
+            return self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
 
     def count(self) -> int:
         with self._lock:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need on a fresh machine, then runs them:
 #   - Debian: GStreamer RTSP server (for ../shared/rtsp_test_server.py), gst-launch,
-#     Chromium + ChromeDriver (web page test)
+#     Chromium + ChromeDriver (web page test), PostgreSQL + mosquitto (test_integrations starts its own)
 #   - the dishtrack package with its test and fast (onnxruntime, openvino) extras (torch/torchvision pinned; pip takes them from local disk)
 # Extra arguments go to pytest. Everything runs, the fault scenarios (-m faults) included; they
 # mount small tmpfs filesystems (full / read-only disk), so CI runs this as root.
@@ -9,7 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEBS=(python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good
-      gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-tools chromium chromium-driver)
+      gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-tools chromium chromium-driver
+      postgresql mosquitto)
 missing=()
 for p in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
