@@ -117,6 +117,17 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_propose(args) -> int:
+    from dishtrack.models.dish_detector import DishDetector
+    from dishtrack.models.propose import propose
+
+    det = DishDetector.from_checkpoint(args.checkpoint, args.device)
+    res = propose(det, args.images, args.out, args.format, min_score=args.min_score, progress=not args.no_progress)
+    n = sum(len(p.labels) for p in res.proposals)
+    print(f"{len(res.proposals)} photos, {n} proposed boxes ({args.format}): " + ", ".join(str(f) for f in res.files[:2]))
+    return 0
+
+
 def cmd_export_mot(args) -> int:
     from dishtrack.models.dataset import export_mot_video
 
@@ -265,6 +276,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(fn=cmd_eval)
+
+    pr = sub.add_parser("propose", help="pre-label photos with a dish checkpoint for Label Studio, CVAT, COCO or "
+                        "YOLO (correct instead of draw; the corrected export goes back into `train --data`)")
+    pr.add_argument("--checkpoint", required=True, help="a file written by `dishtrack train`")
+    pr.add_argument("--images", required=True, help="folder of photos (searched recursively)")
+    pr.add_argument("--out", required=True, help="output folder (label files; OUT/images links to --images)")
+    pr.add_argument("--format", default="labelstudio", choices=["labelstudio", "cvat", "coco", "yolo"])
+    pr.add_argument("--min-score", type=float, default=0.6,
+                    help="calibrated score a box needs (0.6 = the dish's own validation threshold)")
+    pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    pr.add_argument("--no-progress", action="store_true")
+    pr.set_defaults(fn=cmd_propose)
 
     e = sub.add_parser("export-mot", help="turn a video + MOT gt.txt into a labelled dataset for `train`")
     e.add_argument("--video", required=True)
