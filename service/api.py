@@ -22,9 +22,11 @@ from . import health as health_rules
 from .admin import admin_router
 from .auth import install_security
 from .cache import TtlCache
+from .corrections import CorrectionStore, default_dataset_dir
 from .hub import EventHub
 from .metrics import Metrics
 from .pipeline import Pipeline
+from .review_api import review_router
 from .store import EventStore
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ class Runtime:
     metrics: Metrics
     pipeline: Pipeline
     stopping: threading.Event = field(default_factory=threading.Event)  # set on SIGTERM: streams end
+    corrections: CorrectionStore | None = None  # evidence crops, corrections, revisions
 
 
 def build_runtime(cfg: AppConfig, detector=None) -> Runtime:
@@ -66,7 +69,10 @@ def build_runtime(cfg: AppConfig, detector=None) -> Runtime:
         detector = load_detector(cfg.detector)
     hub = EventHub(cfg.api.ws_queue)
     metrics = Metrics()
-    return Runtime(cfg, store, hub, metrics, Pipeline(cfg, detector, store, hub, metrics))
+    corrections = CorrectionStore(store, cfg.corrections.dataset_dir or default_dataset_dir(cfg.storage.sqlite_path))
+    pipeline = Pipeline(cfg, detector, store, hub, metrics, corrections)
+    corrections.menu = pipeline.menu  # corrected receipts are priced like detected ones
+    return Runtime(cfg, store, hub, metrics, pipeline, corrections=corrections)
 
 
 def create_app(runtime: Runtime) -> FastAPI:
@@ -87,6 +93,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.state.runtime = rt
     install_security(app, rt.cfg)  # Host/Origin allow-lists, rate limits, tokens (+ /login)
     app.include_router(admin_router(rt.cfg))  # /config (admin role)
+    app.include_router(review_router(rt))  # evidence crops, corrections (admin), revisions
     cache = TtlCache(rt.cfg.api.cache_s)  # polled endpoints: cost independent of the request rate
 
     def camera_or_404(camera_id: str):
@@ -250,7 +257,7 @@ def create_app(runtime: Runtime) -> FastAPI:
                     rec = await asyncio.wait_for(sub.queue.get(), timeout=0.25)
                 except asyncio.TimeoutError:
                     continue
-                if rec["seq"] > last:
+                if rec["seq"] > last or rec.get("revision", 0) > 0:  # a correction re-publishes an event
                     await ws.send_json(rec)
                     last = rec["seq"]
         except WebSocketDisconnect:

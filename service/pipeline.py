@@ -18,6 +18,7 @@ from dishtrack.tracking.tracker import Tracker, TrackerParams, TrackUpdate
 from dishtrack.tracking.types import CheckoutEvent
 
 from .annotate import Annotator
+from .evidence import EvidenceKeeper
 from .hub import EventHub
 from .ingest import CameraReader, LatestFrameSlot, SourceState, is_stream
 from .metrics import Metrics
@@ -40,7 +41,8 @@ class _Zone:
 
 
 class Pipeline:
-    def __init__(self, cfg: AppConfig, detector, store: EventStore, hub: EventHub, metrics: Metrics) -> None:
+    def __init__(self, cfg: AppConfig, detector, store: EventStore, hub: EventHub, metrics: Metrics,
+                 corrections=None) -> None:
         self.cfg = cfg
         self.detector = detector
         self.store = store
@@ -79,6 +81,10 @@ class Pipeline:
         self.persist_error: str | None = None
         self._retry_at = 0.0
         self.retention = Retention(store, cfg.storage.retention, metrics)
+        # evidence crops (tracking stage, off the detector's path) stored with each event for review
+        self.corrections = corrections
+        self.evidence = (EvidenceKeeper.from_config(cfg.corrections)
+                         if corrections is not None and cfg.corrections.evidence else None)
 
     _RETRY_S = 1.0
 
@@ -221,6 +227,8 @@ class Pipeline:
             self.metrics.detections.labels(cam).inc(len(det))
             self.metrics.tracks.labels(cam).set(len(upd.tracks))
             self.last_update[cam] = upd
+            if self.evidence is not None and self.zones[cam]:
+                self.evidence.observe(frame, upd)
             self._clock[cam] = (frame.timestamp, frame.read_time)
             for z in self.zones[cam]:
                 for ev in z.assembler.assemble(z.counter.count(upd), now=frame.timestamp, update=upd):
@@ -270,6 +278,7 @@ class Pipeline:
         if self.persist_error is not None:
             log.warning("events are persisted again")
             self.persist_error = None
+        self._keep_evidence(ev)
         self.metrics.events.labels(ev.camera_id, ev.zone_id).inc()
         self.events_emitted += 1
         log.info("checkout %s %s: %s%s%s", ev.camera_id, ev.zone_id,
@@ -278,6 +287,15 @@ class Pipeline:
                  " (needs review)" if ev.needs_review else "")
         self.hub.publish(record)
         return True
+
+    def _keep_evidence(self, ev: CheckoutEvent) -> None:
+        """The event's crops into the store, before it is published (the page asks for them then)."""
+        if self.evidence is None:
+            return
+        try:
+            self.corrections.save_evidence(ev.event_id, self.evidence.take(ev))
+        except Exception:  # noqa: BLE001 - evidence is an aid: the event itself is stored
+            log.exception("evidence crops of event %s not stored", ev.event_id)
 
     def _write(self, ev: CheckoutEvent) -> dict:
         try:
