@@ -20,6 +20,7 @@ from dishtrack.config import AppConfig
 
 from . import health as health_rules
 from .admin import admin_router
+from .analytics import analytics_router
 from .auth import install_security
 from .cache import TtlCache
 from .corrections import CorrectionStore, default_dataset_dir
@@ -94,6 +95,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     install_security(app, rt.cfg)  # Host/Origin allow-lists, rate limits, tokens (+ /login)
     app.include_router(admin_router(rt.cfg))  # /config (admin role)
     app.include_router(review_router(rt))  # evidence crops, corrections (admin), revisions
+    app.include_router(analytics_router(rt))  # /analytics page + /analytics/data
     cache = TtlCache(rt.cfg.api.cache_s)  # polled endpoints: cost independent of the request rate
 
     def camera_or_404(camera_id: str):
