@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from importlib import resources
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Query
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse
 
 from .store import EventStore
@@ -84,7 +85,9 @@ def analytics_router(rt) -> APIRouter:
              camera: str | None = None, top_pairs: int = Query(10, ge=1, le=100)) -> dict:
         """Dishes per hour and camera, review and correction shares, most-confused dish pairs."""
         if since is not None and until is not None and until < since:
-            raise HTTPException(422, "until must be >= since")
+            raise RequestValidationError([{"type": "greater_than_equal", "loc": ("query", "until"),
+                                           "msg": f"Input should be greater than or equal to since ({since})",
+                                           "input": until, "ctx": {"ge": since}}])
         return analytics(rt.store, since, until, camera, top_pairs=top_pairs)
 
     return r

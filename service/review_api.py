@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Path, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,6 +27,16 @@ class CorrectionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     revision: int = Field(ge=1, le=100000)
     changes: list[ChangeIn] = Field(min_length=1, max_length=200)
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+def _err(*codes: int) -> dict:
+    text = {404: "unknown event (or crop)", 409: "revision conflict: correct the latest revision",
+            503: "corrections are not enabled"}
+    return {c: {"model": ErrorBody, "description": text[c]} for c in codes}
 
 
 def _who(request: Request) -> str:
@@ -59,7 +70,7 @@ def review_router(rt) -> APIRouter:
             known += [k for k in menu.data.items if k not in known]
         return {"labels": known}
 
-    @r.get("/events/{event_id}/evidence")
+    @r.get("/events/{event_id}/evidence", responses=_err(404, 503))
     def evidence(event_id: str) -> dict:
         """The event's dishes (latest revision): label, confidence, whether a crop exists and its URL."""
         got = corrections().units(event_id)
@@ -71,14 +82,15 @@ def review_router(rt) -> APIRouter:
                           for u in units]}
 
     @r.get("/events/{event_id}/evidence/{index}.jpg", response_class=Response,
-           responses={200: {"content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}}})
-    def evidence_crop(event_id: str, index: int) -> Response:
+           responses={200: {"content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
+                      **_err(404, 503)})
+    def evidence_crop(event_id: str, index: int = Path(ge=0, le=100000)) -> Response:
         jpeg = corrections().crop(event_id, index)
         if jpeg is None:
             raise HTTPException(404, f"no crop #{index} for event {event_id!r}")
         return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
 
-    @r.get("/events/{event_id}/revisions")
+    @r.get("/events/{event_id}/revisions", responses=_err(404, 503))
     def revisions(event_id: str) -> dict:
         """Every revision oldest first: revision 0 as detected, then each correction (who, when, changes)."""
         hist = corrections().history(event_id)
@@ -88,7 +100,9 @@ def review_router(rt) -> APIRouter:
 
     @r.post("/events/{event_id}/corrections", status_code=201,
             responses={200: {"description": "this revision was already stored (idempotent replay)"},
-                       404: {"description": "unknown event"}, 409: {"description": "revision conflict"}})
+                       400: {"model": ErrorBody, "description": "malformed JSON body (or a Host not allowed: text)",
+                             "content": {"text/plain": {"schema": {"type": "string"}}}},
+                       **_err(404, 409, 503)})
     def correct(event_id: str, body: CorrectionIn, request: Request) -> JSONResponse:
         """Relabel, remove or add dishes (admin role). Creates revision ``body.revision`` (= current + 1),
         re-publishes the event on the websocket and writes relabelled crops to the corrections dataset."""
@@ -96,6 +110,9 @@ def review_router(rt) -> APIRouter:
             out = corrections().correct(event_id, body.revision,
                                         [Change(c.op, c.unit, c.label) for c in body.changes], _who(request))
         except CorrectionError as e:
+            if e.status == 422:  # the same body as every other 422 (pydantic error list)
+                raise RequestValidationError([{"type": "value_error", "loc": ("body", "changes"), "msg": str(e),
+                                               "input": body.model_dump()["changes"]}]) from None
             raise HTTPException(e.status, str(e)) from None
         if out.created:
             rt.hub.publish(out.record)
