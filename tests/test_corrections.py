@@ -174,3 +174,34 @@ def test_admin_corrects_a_receipt_in_the_page(server, chromium, tmp_path):
     stored = server.get(f"/events/{eid}", token=VIEWER).json()
     assert stored["revision"] == 1 and "bicycle" in {i["label"] for i in stored["items"]}
     drv.save_screenshot(str(tmp_path / "corrected.png"))
+
+
+def test_evidence_keeper_keeps_the_best_frame_and_stays_bounded():
+    """Real video frames, track snapshots as the tracker reports them: the crop follows the wholly
+    visible, larger view; crops held per camera never exceed max_tracks; take() forgets them."""
+    from conftest import read_frames
+    from dishtrack.service.evidence import EvidenceKeeper
+    from dishtrack.tracking.tracker import TrackUpdate
+    from dishtrack.tracking.types import CheckoutEvent, CheckoutItem, Frame, Track, TrackState
+
+    frames = [Frame("cam0", i, float(i), img) for i, img in read_frames(6)]
+
+    def track(tid, box, label="person"):
+        return Track(tid, "cam0", TrackState.CONFIRMED, box, 0, label, 0.8, 1.0, 5, 5, 0, ())
+
+    keeper = EvidenceKeeper(crop_max_px=64, max_tracks=8)
+    keeper.observe(frames[0], TrackUpdate("cam0", 0, 0.0, (track(1, (-60.0, 100.0, 60.0, 300.0)),), (), (640, 480)))
+    half = keeper._crops["cam0"][1]
+    keeper.observe(frames[1], TrackUpdate("cam0", 1, 1.0, (track(1, (200.0, 100.0, 320.0, 300.0)),), (), (640, 480)))
+    whole = keeper._crops["cam0"][1]
+    assert whole.quality > half.quality and whole.image.shape[0] == 64  # replaced, long side bounded
+    keeper.observe(frames[2], TrackUpdate("cam0", 2, 2.0, (track(1, (210.0, 110.0, 300.0, 280.0)),), (), (640, 480)))
+    assert keeper._crops["cam0"][1] is not None and keeper._crops["cam0"][1].quality == whole.quality  # smaller: kept
+    for k in range(20):  # many tracks: the least recently seen are dropped
+        keeper.observe(frames[3], TrackUpdate("cam0", 3, 3.0, (track(100 + k, (10.0 * k, 10.0, 10.0 * k + 50, 90.0)),),
+                                              (), (640, 480)))
+    assert keeper.held("cam0") == 8 and keeper.dropped == 13
+    ev = CheckoutEvent("e", "cam0", "z", 0.0, 3.0, (CheckoutItem("person", 2, 0.8),), (119, 1), 0.8)
+    units = keeper.take(ev)
+    assert [u.jpeg is not None for u in units] == [True, False]  # track 1 was pushed out by the bound
+    assert [u.label for u in units] == ["person", "person"] and keeper.held("cam0") == 7
