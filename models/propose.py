@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,12 +58,15 @@ class ProposeResult:
     format: str
 
 
-def list_images(folder: str | Path) -> list[Path]:
+def list_images(folder: str | Path, exclude: Path | None = None) -> list[Path]:
+    """Photos under ``folder`` (recursively; hidden files and anything under ``exclude`` left out)."""
     root = Path(folder)
     if not root.is_dir():
         raise DatasetError(f"{root}: not a folder of photos")
+    skip = exclude.resolve() if exclude is not None else None
     imgs = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()
-                  and not any(s.startswith(".") for s in p.relative_to(root).parts))
+                  and not any(s.startswith(".") for s in p.relative_to(root).parts)
+                  and (skip is None or not p.resolve().is_relative_to(skip)))
     if not imgs:
         raise DatasetError(f"{root}: no photos ({', '.join(sorted(IMAGE_EXTS))})")
     return imgs
@@ -182,19 +184,19 @@ _WRITERS = {"labelstudio": write_labelstudio, "cvat": write_cvat, "coco": write_
 
 
 def propose(detector, images: str | Path, out: str | Path, fmt: str = "labelstudio", min_score: float = 0.6,
-            progress: bool = True) -> ProposeResult:
-    """Pre-label every photo under ``images`` with ``detector`` and write ``fmt`` files into ``out``."""
+            progress: bool = True, model_version: str = "dishtrack") -> ProposeResult:
+    """Pre-label every photo under ``images`` with ``detector`` and write ``fmt`` files into ``out``
+    (``model_version``: what Label Studio shows as the predictions' source, e.g. the checkpoint name)."""
     if fmt not in _WRITERS:
         raise ValueError(f"unknown format {fmt!r} (choose from {', '.join(PROPOSE_FORMATS)})")
     root = Path(images)
-    imgs = list_images(root)
     dest = Path(out)
+    imgs = list_images(root, exclude=dest)
     dest.mkdir(parents=True, exist_ok=True)
     if fmt != "yolo":
         _link_images(dest, root)
     props = predict_proposals(detector, imgs, root, min_score=min_score, progress=progress)
-    kw = {"model_version": os.path.basename(getattr(detector, "checkpoint_name", "") or "dishtrack")} \
-        if fmt == "labelstudio" else {}
+    kw = {"model_version": model_version} if fmt == "labelstudio" else {}
     files = _WRITERS[fmt](props, list(detector.labels), dest, **kw)
     log.info("proposed %d boxes on %d photos -> %s", sum(len(p.labels) for p in props), len(props),
              ", ".join(str(f) for f in files[:3]))

@@ -122,9 +122,13 @@ def cmd_propose(args) -> int:
     from dishtrack.models.propose import propose
 
     det = DishDetector.from_checkpoint(args.checkpoint, args.device)
-    res = propose(det, args.images, args.out, args.format, min_score=args.min_score, progress=not args.no_progress)
+    from pathlib import Path
+
+    res = propose(det, args.images, args.out, args.format, min_score=args.min_score, progress=not args.no_progress,
+                  model_version=Path(args.checkpoint).name)
     n = sum(len(p.labels) for p in res.proposals)
-    print(f"{len(res.proposals)} photos, {n} proposed boxes ({args.format}): " + ", ".join(str(f) for f in res.files[:2]))
+    files = ", ".join(str(f) for f in res.files[:2])
+    print(f"{len(res.proposals)} photos, {n} proposed boxes ({args.format}): {files}")
     return 0
 
 

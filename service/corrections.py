@@ -118,8 +118,8 @@ class CorrectionStore:
     # -- evidence
     def save_evidence(self, event_id: str, units: list[EvidenceUnit]) -> None:
         with self.store.transaction() as db:
-            db.executemany("INSERT OR REPLACE INTO event_evidence(event_id, idx, track_id, label, confidence, box, jpeg)"
-                           " VALUES (?,?,?,?,?,?,?)",
+            db.executemany("INSERT OR REPLACE INTO event_evidence(event_id, idx, track_id, label, confidence, box,"
+                           " jpeg) VALUES (?,?,?,?,?,?,?)",
                            [(event_id, u.index, u.track_id, u.label, u.confidence,
                              json.dumps(u.box) if u.box else None, u.jpeg) for u in units])
 

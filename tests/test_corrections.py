@@ -122,7 +122,8 @@ def test_correction_is_a_new_revision_idempotent_republished_and_a_training_exam
     assert _post(server, eid, other).status_code == 409
     assert _post(server, eid, {**other, "revision": 3}).status_code == 409
     assert _post(server, eid, {"revision": 2, "changes": [{"op": "remove", "unit": 42}]}).status_code == 422
-    assert _post(server, eid, {"revision": 2, "changes": [{"op": "relabel", "unit": 0, "label": ""}]}).status_code == 422
+    empty = {"revision": 2, "changes": [{"op": "relabel", "unit": 0, "label": ""}]}
+    assert _post(server, eid, empty).status_code == 422
     assert _post(server, "nope", body).status_code == 404
     # the corrected crop is a labelled example in a dataset `train --data` reads
     data = load_dataset(server.dataset)
