@@ -326,6 +326,19 @@ class IntegrationsConfig(_Strict):
         return self
 
 
+class CorrectionsConfig(_Strict):
+    """Evidence crops per checkout event and cashier corrections (service/evidence.py, service/corrections.py)."""
+
+    evidence: bool = Field(True, description="keep a small JPEG per item, from its track's best frame")
+    crop_max_px: int = Field(160, ge=32, le=512, description="long side of an evidence crop")
+    crop_context: float = Field(0.15, ge=0.0, le=1.0, description="margin around the dish box, share of its size")
+    jpeg_quality: int = Field(85, ge=10, le=100)
+    max_tracks: int = Field(512, ge=8, le=100000, description="per camera: best-frame crops held for tracks "
+                            "whose tray is still open (the least recently seen dropped beyond this)")
+    dataset_dir: str | None = Field(None, description="corrected crops are written here as a manifest.jsonl "
+                                    "dataset `train --data` reads; null: <sqlite_path without suffix>_corrections")
+
+
 class AppConfig(_Strict):
     cameras: list[CameraConfig] = Field(min_length=1)
     detector: DetectorConfig = DetectorConfig()
@@ -337,6 +350,7 @@ class AppConfig(_Strict):
     auth: AuthConfig = AuthConfig()
     rate_limit: RateLimitConfig = RateLimitConfig()
     integrations: IntegrationsConfig = IntegrationsConfig()
+    corrections: CorrectionsConfig = CorrectionsConfig()
 
     @model_validator(mode="after")
     def _references(self) -> "AppConfig":

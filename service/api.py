@@ -20,14 +20,18 @@ from dishtrack.config import AppConfig
 
 from . import health as health_rules
 from .admin import admin_router
+from .analytics import analytics_router
 from .auth import install_security
 from .cache import TtlCache
+from .corrections import CorrectionStore, default_dataset_dir
 from .hub import EventHub
 from .metrics import Metrics
 from .deliveries import deliveries_router
 from .outbox import Outbox, build_outbox
 from .pipeline import Pipeline
 from .stores import Store, open_store
+from .review_api import review_router
+from .store import EventStore
 
 log = logging.getLogger(__name__)
 _BOUNDARY = "dishtrackframe"
@@ -59,6 +63,7 @@ class Runtime:
     pipeline: Pipeline
     stopping: threading.Event = field(default_factory=threading.Event)  # set on SIGTERM: streams end
     outbox: Outbox | None = None  # MQTT / webhooks (integrations)
+    corrections: CorrectionStore | None = None  # evidence crops, corrections, revisions
 
 
 def build_runtime(cfg: AppConfig, detector=None) -> Runtime:
@@ -70,8 +75,16 @@ def build_runtime(cfg: AppConfig, detector=None) -> Runtime:
     hub = EventHub(cfg.api.ws_queue, fed_by_store=store.shared)
     metrics = Metrics()
     outbox = build_outbox(cfg.integrations)
-    return Runtime(cfg, store, hub, metrics, Pipeline(cfg, detector, store, hub, metrics, publishers=outbox),
-                   outbox=outbox)
+    corrections = None
+    if isinstance(store, EventStore):  # corrections live in the SQLite store (not yet in PostgreSQL)
+        corrections = CorrectionStore(store, cfg.corrections.dataset_dir
+                                      or default_dataset_dir(cfg.storage.sqlite_path))
+    else:
+        log.warning("corrections and evidence crops need the SQLite store; off with storage.url")
+    pipeline = Pipeline(cfg, detector, store, hub, metrics, publishers=outbox, corrections=corrections)
+    if corrections is not None:
+        corrections.menu = pipeline.menu  # corrected receipts are priced like detected ones
+    return Runtime(cfg, store, hub, metrics, pipeline, outbox=outbox, corrections=corrections)
 
 
 def create_app(runtime: Runtime) -> FastAPI:
@@ -104,6 +117,8 @@ def create_app(runtime: Runtime) -> FastAPI:
     install_security(app, rt.cfg)  # Host/Origin allow-lists, rate limits, tokens (+ /login)
     app.include_router(admin_router(rt.cfg))  # /config (admin role)
     app.include_router(deliveries_router(rt.outbox))  # /admin/deliveries (admin role)
+    app.include_router(review_router(rt))  # evidence crops, corrections (admin), revisions
+    app.include_router(analytics_router(rt))  # /analytics page + /analytics/data
     cache = TtlCache(rt.cfg.api.cache_s)  # polled endpoints: cost independent of the request rate
 
     def camera_or_404(camera_id: str):
@@ -267,7 +282,7 @@ def create_app(runtime: Runtime) -> FastAPI:
                     rec = await asyncio.wait_for(sub.queue.get(), timeout=0.25)
                 except asyncio.TimeoutError:
                     continue
-                if rec["seq"] > last:
+                if rec["seq"] > last or rec.get("revision", 0) > 0:  # a correction re-publishes an event
                     await ws.send_json(rec)
                     last = rec["seq"]
         except WebSocketDisconnect:

@@ -259,6 +259,7 @@ class SecurityMiddleware:
         if wait > 0:
             await _deny(429, "too many requests", {"Retry-After": str(max(1, math.ceil(wait)))})(scope, receive, send)
             return
+        scope.setdefault("state", {})["principal"] = who  # routes record who did it (corrections)
         if self.policy.enabled:
             need = required_role(path, method, is_loopback(ip))
             if need is not None and who is None:

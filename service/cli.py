@@ -117,6 +117,33 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_propose(args) -> int:
+    from dishtrack.models.dish_detector import DishDetector
+    from dishtrack.models.propose import propose
+
+    det = DishDetector.from_checkpoint(args.checkpoint, args.device)
+    from pathlib import Path
+
+    res = propose(det, args.images, args.out, args.format, min_score=args.min_score, progress=not args.no_progress,
+                  model_version=Path(args.checkpoint).name)
+    n = sum(len(p.labels) for p in res.proposals)
+    files = ", ".join(str(f) for f in res.files[:2])
+    print(f"{len(res.proposals)} photos, {n} proposed boxes ({args.format}): {files}")
+    return 0
+
+
+def cmd_shots(args) -> int:
+    from dishtrack.models.dish_detector import DishDetector
+    from dishtrack.models.shots import pick_shots
+
+    det = DishDetector.from_checkpoint(args.checkpoint, args.device)
+    shots = pick_shots(det, args.source, args.out, args.n, every=args.every, max_frames=args.max_frames,
+                       uncertainty_weight=args.uncertainty_weight, dedup_distance=args.dedup_distance,
+                       progress=not args.no_progress)
+    print(f"{len(shots)} frames -> {args.out}/images, manifest.csv, manifest.json")
+    return 0
+
+
 def cmd_export_mot(args) -> int:
     from dishtrack.models.dataset import export_mot_video
 
@@ -265,6 +292,34 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(fn=cmd_eval)
+
+    pr = sub.add_parser("propose", help="pre-label photos with a dish checkpoint for Label Studio, CVAT, COCO or "
+                        "YOLO (correct instead of draw; the corrected export goes back into `train --data`)")
+    pr.add_argument("--checkpoint", required=True, help="a file written by `dishtrack train`")
+    pr.add_argument("--images", required=True, help="folder of photos (searched recursively)")
+    pr.add_argument("--out", required=True, help="output folder (label files; OUT/images links to --images)")
+    pr.add_argument("--format", default="labelstudio", choices=["labelstudio", "cvat", "coco", "yolo"])
+    pr.add_argument("--min-score", type=float, default=0.6,
+                    help="calibrated score a box needs (0.6 = the dish's own validation threshold)")
+    pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    pr.add_argument("--no-progress", action="store_true")
+    pr.set_defaults(fn=cmd_propose)
+
+    sh = sub.add_parser("shots", help="pick the N frames of a video or camera most worth labelling "
+                        "(diverse by the model's own embeddings, uncertain, no near-duplicates)")
+    sh.add_argument("--source", required=True, help="video file or rtsp:// URL")
+    sh.add_argument("--n", type=int, required=True, help="frames to pick")
+    sh.add_argument("--out", required=True, help="output folder (images/, manifest.csv, manifest.json)")
+    sh.add_argument("--checkpoint", required=True, help="a dish checkpoint (its classifier embeds the frames)")
+    sh.add_argument("--every", type=int, default=5, help="score every Nth frame")
+    sh.add_argument("--max-frames", type=int, default=2000, help="most frames scored (a camera: stop after these)")
+    sh.add_argument("--uncertainty-weight", type=float, default=1.0,
+                    help="0: diversity only; distance x (1 + w x uncertainty)")
+    sh.add_argument("--dedup-distance", type=float, default=0.02,
+                    help="cosine distance under which a frame is a near-duplicate of a picked one")
+    sh.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    sh.add_argument("--no-progress", action="store_true")
+    sh.set_defaults(fn=cmd_shots)
 
     e = sub.add_parser("export-mot", help="turn a video + MOT gt.txt into a labelled dataset for `train`")
     e.add_argument("--video", required=True)

@@ -17,6 +17,7 @@ from dishtrack.tracking.tracker import Tracker, TrackerParams, TrackUpdate
 from dishtrack.tracking.types import CheckoutEvent
 
 from .annotate import Annotator
+from .evidence import EvidenceKeeper
 from .hub import EventHub
 from .ingest import CameraReader, LatestFrameSlot, SourceState, is_stream
 from .metrics import Metrics
@@ -42,7 +43,7 @@ class _Zone:
 
 class Pipeline:
     def __init__(self, cfg: AppConfig, detector, store: EventStore, hub: EventHub, metrics: Metrics,
-                 publishers=None) -> None:
+                 publishers=None, corrections=None) -> None:
         self.cfg = cfg
         self.publishers = publishers  # outbox.Outbox (MQTT, webhooks) or None; submit() never blocks
         self.detector = detector
@@ -87,6 +88,10 @@ class Pipeline:
         self.stride = StrideController(scfg, time.time()) if scfg.k > 1 or scfg.adaptive else None
         self._flow = {c.id: FlowPropagator(FlowParams.from_config(scfg)) if self.stride and scfg.flow else None
                       for c in cfg.cameras}
+        # evidence crops (tracking stage, off the detector's path) stored with each event for review
+        self.corrections = corrections
+        self.evidence = (EvidenceKeeper.from_config(cfg.corrections)
+                         if corrections is not None and cfg.corrections.evidence else None)
 
     _RETRY_S = 1.0
 
@@ -251,6 +256,8 @@ class Pipeline:
             self.metrics.detections.labels(cam).inc(len(det) if det is not None else 0)
             self.metrics.tracks.labels(cam).set(len(upd.tracks))
             self.last_update[cam] = upd
+            if self.evidence is not None and self.zones[cam]:
+                self.evidence.observe(frame, upd)
             self._clock[cam] = (frame.timestamp, frame.read_time)
             for z in self.zones[cam]:
                 for ev in z.assembler.assemble(z.counter.count(upd), now=frame.timestamp, update=upd):
@@ -300,6 +307,7 @@ class Pipeline:
         if self.persist_error is not None:
             log.warning("events are persisted again")
             self.persist_error = None
+        self._keep_evidence(ev)
         self.metrics.events.labels(ev.camera_id, ev.zone_id).inc()
         self.events_emitted += 1
         log.info("checkout %s %s: %s%s%s", ev.camera_id, ev.zone_id,
@@ -310,6 +318,15 @@ class Pipeline:
         if self.publishers is not None:
             self.publishers.submit(record)
         return True
+
+    def _keep_evidence(self, ev: CheckoutEvent) -> None:
+        """The event's crops into the store, before it is published (the page asks for them then)."""
+        if self.evidence is None:
+            return
+        try:
+            self.corrections.save_evidence(ev.event_id, self.evidence.take(ev))
+        except Exception:  # noqa: BLE001 - evidence is an aid: the event itself is stored
+            log.exception("evidence crops of event %s not stored", ev.event_id)
 
     def _write(self, ev: CheckoutEvent) -> dict:
         # a retried write whose first attempt did land: the store returns the stored record (stored once)

@@ -2,6 +2,7 @@
 they are published, so a subscriber that missed some can page them back by seq."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -144,6 +145,25 @@ class EventStore:
                     self._db.execute("ROLLBACK")
                 raise
         return {"seq": seq, **d}
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """The connection inside BEGIN IMMEDIATE .. COMMIT under the store's lock (rolled back on error),
+        for tables other modules keep next to the events (service/corrections.py: evidence, revisions)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+
+    def query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        """A read on the store's connection (analytics, corrections)."""
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
 
     def get(self, event_id: str) -> dict | None:
         with self._lock:

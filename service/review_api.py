@@ -1,0 +1,122 @@
+"""Routes for reviewing receipts: evidence crops (viewer), corrections (admin: every non-GET
+needs it, see auth.required_role) and revision history. A correction is re-published on the
+websocket as the event's new revision."""
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, HTTPException, Path, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from .corrections import Change, CorrectionError
+
+
+class ChangeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    op: Literal["relabel", "remove", "add"]
+    unit: int | None = Field(None, ge=0, description="dish index (relabel, remove): `units[].index` of the evidence")
+    label: str | None = Field(None, description="the right dish (relabel, add)")
+
+
+class CorrectionIn(BaseModel):
+    """``revision``: the revision this correction creates (the event's current revision + 1). Sending the
+    same (event, revision, changes) again is answered with the stored result, not a new revision."""
+
+    model_config = ConfigDict(extra="forbid")
+    revision: int = Field(ge=1, le=100000)
+    changes: list[ChangeIn] = Field(min_length=1, max_length=200)
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+def _err(*codes: int) -> dict:
+    text = {404: "unknown event (or crop)", 409: "revision conflict: correct the latest revision",
+            503: "corrections are not enabled"}
+    return {c: {"model": ErrorBody, "description": text[c]} for c in codes}
+
+
+def _who(request: Request) -> str:
+    p = getattr(request.state, "principal", None)
+    if p is not None:
+        return p.name
+    host = request.client.host if request.client else "unknown"
+    return f"anonymous@{host}"  # auth off (loopback): no name to record
+
+
+def review_router(rt) -> APIRouter:
+    r = APIRouter()
+
+    def corrections():
+        if rt.corrections is None:
+            raise HTTPException(503, "corrections are not enabled")
+        return rt.corrections
+
+    @r.get("/me")
+    def me(request: Request) -> dict:
+        """Who the page is logged in as; with auth off every client may correct (role admin)."""
+        p = getattr(request.state, "principal", None)
+        return {"name": p.name, "role": p.role} if p is not None else {"name": None, "role": "admin"}
+
+    @r.get("/labels")
+    def labels() -> dict:
+        """Dish labels the page offers for corrections: the detector's, then the menu's."""
+        known = list(getattr(rt.pipeline.detector, "labels", ()) or ())
+        menu = rt.pipeline.menu
+        if menu is not None:
+            known += [k for k in menu.data.items if k not in known]
+        return {"labels": known}
+
+    @r.get("/events/{event_id}/evidence", responses=_err(404, 503))
+    def evidence(event_id: str) -> dict:
+        """The event's dishes (latest revision): label, confidence, whether a crop exists and its URL."""
+        got = corrections().units(event_id)
+        if got is None:
+            raise HTTPException(404, f"no event {event_id!r}")
+        record, units = got
+        return {"event_id": event_id, "revision": record.get("revision", 0),
+                "units": [{**u, "crop_url": f"/events/{event_id}/evidence/{u['index']}.jpg" if u["crop"] else None}
+                          for u in units]}
+
+    @r.get("/events/{event_id}/evidence/{index}.jpg", response_class=Response,
+           responses={200: {"content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
+                      **_err(404, 503)})
+    def evidence_crop(event_id: str, index: int = Path(ge=0, le=100000)) -> Response:
+        jpeg = corrections().crop(event_id, index)
+        if jpeg is None:
+            raise HTTPException(404, f"no crop #{index} for event {event_id!r}")
+        return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+
+    @r.get("/events/{event_id}/revisions", responses=_err(404, 503))
+    def revisions(event_id: str) -> dict:
+        """Every revision oldest first: revision 0 as detected, then each correction (who, when, changes)."""
+        hist = corrections().history(event_id)
+        if hist is None:
+            raise HTTPException(404, f"no event {event_id!r}")
+        return {"event_id": event_id, "revisions": hist}
+
+    @r.post("/events/{event_id}/corrections", status_code=201,
+            responses={200: {"description": "this revision was already stored (idempotent replay)"},
+                       400: {"model": ErrorBody, "description": "malformed JSON body (or a Host not allowed: text)",
+                             "content": {"text/plain": {"schema": {"type": "string"}}}},
+                       **_err(404, 409, 503)})
+    def correct(event_id: str, body: CorrectionIn, request: Request) -> JSONResponse:
+        """Relabel, remove or add dishes (admin role). Creates revision ``body.revision`` (= current + 1),
+        re-publishes the event on the websocket and writes relabelled crops to the corrections dataset."""
+        try:
+            out = corrections().correct(event_id, body.revision,
+                                        [Change(c.op, c.unit, c.label) for c in body.changes], _who(request))
+        except CorrectionError as e:
+            if e.status == 422:  # the same body as every other 422 (pydantic error list)
+                raise RequestValidationError([{"type": "value_error", "loc": ("body", "changes"), "msg": str(e),
+                                               "input": body.model_dump()["changes"]}]) from None
+            raise HTTPException(e.status, str(e)) from None
+        if out.created:
+            rt.hub.publish(out.record)
+        return JSONResponse({"created": out.created, "revision": out.revision, "event": out.record},
+                            status_code=201 if out.created else 200)
+
+    return r

@@ -1,0 +1,208 @@
+"""Evidence crops and cashier corrections (issue 10 item 3), against the real app (bundled detector on
+the real video, auth on) under real uvicorn: crops per dish from the pipeline, the admin-only rule,
+revisions idempotent by (event_id, revision), re-publishing on the websocket, the corrections dataset
+read back by the importers `train --data` uses, and the page in headless Chromium."""
+from __future__ import annotations
+
+import json
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+from websockets.sync.client import connect as ws_connect
+
+from conftest import VIDEO, AppServer, wait_until
+from dishtrack.config import AppConfig
+from dishtrack.service.api import build_runtime, create_app
+from dishtrack.service.auth import hash_token, new_token
+
+VIEWER, ADMIN = new_token(), new_token()
+
+
+@pytest.fixture(scope="module")
+def server(detector, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("corr")
+    cfg = AppConfig.model_validate({
+        "cameras": [{"id": "cam0", "source": str(VIDEO), "realtime": True, "loop": True}],
+        "zones": [{"id": "z0", "camera": "cam0", "line": {"p1": [0.5, 0.0], "p2": [0.5, 1.0]}, "tray_gap_s": 0.3,
+                   "tray_max_s": 2.0}],
+        "storage": {"sqlite_path": str(tmp / "events.sqlite3")},
+        "auth": {"enabled": True, "tokens": [{"name": "till1", "role": "viewer", "hash": hash_token(VIEWER)},
+                                             {"name": "boss", "role": "admin", "hash": hash_token(ADMIN)}]},
+        "rate_limit": {"enabled": False},
+        "corrections": {"dataset_dir": str(tmp / "dataset")}})
+    with AppServer(create_app(build_runtime(cfg, detector=detector))) as s:
+        s.dataset = tmp / "dataset"
+        yield s
+
+
+def _h(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _post(s, event_id, body, token=ADMIN):
+    return httpx.post(f"{s.base}/events/{event_id}/corrections", json=body, headers=_h(token) if token else {},
+                      timeout=10)
+
+
+def _events_with_crops(s, n=1):
+    def ready():
+        out = []
+        for ev in s.get("/events?limit=1000", token=VIEWER).json()["items"]:
+            if ev.get("revision", 0) == 0 and sum(i["count"] for i in ev["items"]) >= 1:
+                units = s.get(f"/events/{ev['event_id']}/evidence", token=VIEWER).json()["units"]
+                if units and all(u["crop"] for u in units):
+                    out.append((ev, units))
+        return out if len(out) >= n else None
+    return wait_until(ready, 120, interval=0.5, what=f"{n} checkout events with evidence crops")
+
+
+def test_each_event_keeps_one_crop_per_dish_from_the_pipeline(server):
+    (ev, units), = _events_with_crops(server)[:1]
+    assert len(units) == sum(i["count"] for i in ev["items"]) == len(ev["track_ids"])
+    # the units add up to the receipt, label by label
+    assert sorted(u["label"] for u in units) == sorted(i["label"] for i in ev["items"] for _ in range(i["count"]))
+    r = server.get(units[0]["crop_url"], token=VIEWER)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    img = cv2.imdecode(np.frombuffer(r.content, np.uint8), cv2.IMREAD_COLOR)
+    assert img is not None and 8 <= max(img.shape[:2]) <= 160  # bounded: crop_max_px
+    assert img.std() > 5  # a picture, not a blank
+    assert server.get(f"/events/{ev['event_id']}/evidence/99.jpg", token=VIEWER).status_code == 404
+    assert server.get("/events/nope/evidence", token=VIEWER).status_code == 404
+
+
+def test_only_an_admin_corrects(server):
+    (ev, units), = _events_with_crops(server)[:1]
+    body = {"revision": 1, "changes": [{"op": "relabel", "unit": 0, "label": "bicycle"}]}
+    assert _post(server, ev["event_id"], body, token=None).status_code == 401
+    r = _post(server, ev["event_id"], body, token=VIEWER)
+    assert r.status_code == 403 and "needs admin" in r.json()["detail"]
+    assert server.get(f"/events/{ev['event_id']}", token=VIEWER).json().get("revision", 0) == 0
+    assert server.get("/me", token=VIEWER).json() == {"name": "till1", "role": "viewer"}
+
+
+def test_correction_is_a_new_revision_idempotent_republished_and_a_training_example(server):
+    from dishtrack.models.importers import load_dataset
+
+    (ev, units), = _events_with_crops(server)[:1]
+    eid, seq = ev["event_id"], ev["seq"]
+    n = len(units)
+    body = {"revision": 1, "changes": [{"op": "relabel", "unit": 0, "label": "bicycle"}, {"op": "add", "label": "dog"}]}
+    with ws_connect(f"{server.ws}/ws/events", additional_headers=_h(VIEWER), open_timeout=10) as ws:
+        r = _post(server, eid, body)
+        assert r.status_code == 201, r.text
+        got = r.json()
+        assert got["created"] and got["revision"] == 1
+        # the websocket re-publishes the event: same seq, new revision
+        while True:
+            msg = json.loads(ws.recv(timeout=10))
+            if msg["event_id"] == eid:
+                break
+        assert msg["seq"] == seq and msg["revision"] == 1 and msg["corrected_by"] == "boss"
+    cur = server.get(f"/events/{eid}", token=VIEWER).json()
+    counts = {i["label"]: i["count"] for i in cur["items"]}
+    assert counts.get("bicycle") == 1 and counts.get("dog") == 1 and sum(counts.values()) == n + 1
+    assert cur["revision"] == 1 and cur["corrected_by"] == "boss" and cur["needs_review"] is False
+    listed = next(e for e in server.get("/events?limit=1000", token=VIEWER).json()["items"] if e["event_id"] == eid)
+    assert listed == cur  # GET /events serves the latest revision
+    assert any(e["event_id"] == eid for e in server.get("/events?label=bicycle&limit=1000", token=VIEWER)
+               .json()["items"])
+    hist = server.get(f"/events/{eid}/revisions", token=VIEWER).json()["revisions"]
+    assert [h["revision"] for h in hist] == [0, 1]
+    assert hist[0]["event"]["items"] == ev["items"] and hist[0]["corrected_by"] is None  # the original kept
+    assert hist[1]["corrected_by"] == "boss" and hist[1]["changes"][0]["op"] == "relabel"
+    assert hist[1]["units"][0]["model_label"] == units[0]["label"] and hist[1]["units"][0]["label"] == "bicycle"
+    # idempotent by (event_id, revision): the same request again changes nothing
+    again = _post(server, eid, body)
+    assert again.status_code == 200 and again.json()["created"] is False and again.json()["event"] == cur
+    assert len(server.get(f"/events/{eid}/revisions", token=VIEWER).json()["revisions"]) == 2
+    # another correction under an existing or skipped revision number is a conflict
+    other = {"revision": 1, "changes": [{"op": "remove", "unit": 0}]}
+    assert _post(server, eid, other).status_code == 409
+    assert _post(server, eid, {**other, "revision": 3}).status_code == 409
+    assert _post(server, eid, {"revision": 2, "changes": [{"op": "remove", "unit": 42}]}).status_code == 422
+    empty = {"revision": 2, "changes": [{"op": "relabel", "unit": 0, "label": ""}]}
+    assert _post(server, eid, empty).status_code == 422
+    assert _post(server, "nope", body).status_code == 404
+    # the corrected crop is a labelled example in a dataset `train --data` reads
+    data = load_dataset(server.dataset)
+    assert data.format == "manifest" and not data.problems, [str(p) for p in data.problems]
+    s = next(s for s in data.samples if s.image.name == f"{eid}_0.jpg")
+    assert s.labels == ("bicycle",) and s.group == eid
+    h, w = cv2.imread(str(s.image)).shape[:2]
+    assert 0 <= s.boxes[0, 0] < s.boxes[0, 2] <= w and 0 <= s.boxes[0, 1] < s.boxes[0, 3] <= h
+    # a second revision: remove the added dish; the label counts follow
+    r2 = _post(server, eid, {"revision": 2, "changes": [{"op": "remove", "unit": n}]})
+    assert r2.status_code == 201
+    assert "dog" not in {i["label"] for i in r2.json()["event"]["items"]}
+
+
+@pytest.mark.browser
+def test_admin_corrects_a_receipt_in_the_page(server, chromium, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    _events_with_crops(server)
+    drv = chromium
+    drv.get(server.base + "/")
+    wait_until(lambda: drv.current_url.endswith("/login"), 10, what="redirect to /login")
+    drv.find_element(By.ID, "token").send_keys(ADMIN)
+    drv.find_element(By.ID, "login").click()
+    wait_until(lambda: drv.find_element(By.ID, "status").text == "live", 20, what="websocket live")
+
+    def editable():
+        for li in drv.find_elements(By.CSS_SELECTOR, "#events li.event[data-revision='0']"):
+            imgs = li.find_elements(By.CSS_SELECTOR, ".unit img")
+            if imgs and li.find_elements(By.CSS_SELECTOR, ".label-input") and all(
+                    drv.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i) for i in imgs):
+                return li
+        return None
+
+    li = wait_until(editable, 60, what="an event with its evidence crops and correction inputs")
+    eid = li.get_attribute("data-event-id")
+    first = li.find_element(By.CSS_SELECTOR, ".label-input")
+    first.clear()
+    first.send_keys("bicycle")
+    li.find_element(By.CSS_SELECTOR, ".save-correction").click()
+
+    def corrected():
+        el = drv.find_element(By.CSS_SELECTOR, f"#events li.event[data-event-id='{eid}']")
+        return el if el.get_attribute("data-revision") == "1" and "bicycle" in el.text else None
+
+    el = wait_until(corrected, 20, what="the corrected receipt (revision 1) in the page")
+    assert "rev 1" in el.text and "boss" in el.text
+    assert len(drv.find_elements(By.CSS_SELECTOR, f"#events li.event[data-event-id='{eid}']")) == 1
+    stored = server.get(f"/events/{eid}", token=VIEWER).json()
+    assert stored["revision"] == 1 and "bicycle" in {i["label"] for i in stored["items"]}
+    drv.save_screenshot(str(tmp_path / "corrected.png"))
+
+
+def test_evidence_keeper_keeps_the_best_frame_and_stays_bounded():
+    """Real video frames, track snapshots as the tracker reports them: the crop follows the wholly
+    visible, larger view; crops held per camera never exceed max_tracks; take() forgets them."""
+    from conftest import read_frames
+    from dishtrack.service.evidence import EvidenceKeeper
+    from dishtrack.tracking.tracker import TrackUpdate
+    from dishtrack.tracking.types import CheckoutEvent, CheckoutItem, Frame, Track, TrackState
+
+    frames = [Frame("cam0", i, float(i), img) for i, img in read_frames(6)]
+
+    def track(tid, box, label="person"):
+        return Track(tid, "cam0", TrackState.CONFIRMED, box, 0, label, 0.8, 1.0, 5, 5, 0, ())
+
+    keeper = EvidenceKeeper(crop_max_px=64, max_tracks=8)
+    keeper.observe(frames[0], TrackUpdate("cam0", 0, 0.0, (track(1, (-60.0, 100.0, 60.0, 300.0)),), (), (640, 480)))
+    half = keeper._crops["cam0"][1]
+    keeper.observe(frames[1], TrackUpdate("cam0", 1, 1.0, (track(1, (200.0, 100.0, 320.0, 300.0)),), (), (640, 480)))
+    whole = keeper._crops["cam0"][1]
+    assert whole.quality > half.quality and whole.image.shape[0] == 64  # replaced, long side bounded
+    keeper.observe(frames[2], TrackUpdate("cam0", 2, 2.0, (track(1, (210.0, 110.0, 300.0, 280.0)),), (), (640, 480)))
+    assert keeper._crops["cam0"][1] is not None and keeper._crops["cam0"][1].quality == whole.quality  # smaller: kept
+    for k in range(20):  # many tracks: the least recently seen are dropped
+        keeper.observe(frames[3], TrackUpdate("cam0", 3, 3.0, (track(100 + k, (10.0 * k, 10.0, 10.0 * k + 50, 90.0)),),
+                                              (), (640, 480)))
+    assert keeper.held("cam0") == 8 and keeper.dropped == 13
+    ev = CheckoutEvent("e", "cam0", "z", 0.0, 3.0, (CheckoutItem("person", 2, 0.8),), (119, 1), 0.8)
+    units = keeper.take(ev)
+    assert [u.jpeg is not None for u in units] == [True, False]  # track 1 was pushed out by the bound
+    assert [u.label for u in units] == ["person", "person"] and keeper.held("cam0") == 7
