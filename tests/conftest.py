@@ -119,7 +119,12 @@ class ServiceProcess:
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(["dishtrack", "run", "--config", str(self.cfg_path)],
                                      stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT)
-        wait_until(self._ready, 90, what=f"service on {self.base} (log {self.log_path})")
+        try:
+            wait_until(self._ready, 90, what=f"service on {self.base} (log {self.log_path})")
+        except BaseException:  # never leave a service running behind a failed start (it would load the CPU)
+            self.proc.kill()
+            self.proc.wait(10)
+            raise
 
     def _ready(self) -> bool:
         if self.proc.poll() is not None:
