@@ -384,8 +384,10 @@ def test_database_size_is_reported_in_metrics_and_retention_runs_in_the_service(
         def reported() -> float:
             return float(next(line.split()[-1] for line in c.get("/metrics").text.splitlines()
                               if line.startswith("dishtrack_db_size_bytes ")))
+        # the counter moves after the delete commits: wait for it rather than race the retention thread
+        wait_until(lambda: "dishtrack_events_pruned_total 200.0" in c.get("/metrics").text, 10,
+                   what="200 pruned events counted")
         assert abs(reported() - rt.store.size_bytes()) < 64 * 1024 and reported() > 0
-        assert "dishtrack_events_pruned_total 200.0" in c.get("/metrics").text
 
 
 # -- kill -9, many stuck websocket clients, many MJPEG viewers ----------------------------------------------------
