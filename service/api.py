@@ -24,6 +24,8 @@ from .auth import install_security
 from .cache import TtlCache
 from .hub import EventHub
 from .metrics import Metrics
+from .cluster import ClusterMember
+from .cluster import node_id as cluster_node_id
 from .deliveries import deliveries_router
 from .outbox import Outbox, build_outbox
 from .pipeline import Pipeline
@@ -59,6 +61,7 @@ class Runtime:
     pipeline: Pipeline
     stopping: threading.Event = field(default_factory=threading.Event)  # set on SIGTERM: streams end
     outbox: Outbox | None = None  # MQTT / webhooks (integrations)
+    cluster: ClusterMember | None = None  # camera leases (PostgreSQL storage); None: every camera local
 
 
 def build_runtime(cfg: AppConfig, detector=None) -> Runtime:
@@ -70,8 +73,8 @@ def build_runtime(cfg: AppConfig, detector=None) -> Runtime:
     hub = EventHub(cfg.api.ws_queue, fed_by_store=store.shared)
     metrics = Metrics()
     outbox = build_outbox(cfg.integrations)
-    return Runtime(cfg, store, hub, metrics, Pipeline(cfg, detector, store, hub, metrics, publishers=outbox),
-                   outbox=outbox)
+    pipeline = Pipeline(cfg, detector, store, hub, metrics, publishers=outbox)
+    return Runtime(cfg, store, hub, metrics, pipeline, outbox=outbox, cluster=ClusterMember.for_config(cfg, pipeline))
 
 
 def create_app(runtime: Runtime) -> FastAPI:
@@ -88,11 +91,17 @@ def create_app(runtime: Runtime) -> FastAPI:
         if rt.outbox is not None:
             rt.outbox.start()
         rt.pipeline.start()
+        if rt.cluster is not None:
+            rt.cluster.start()  # its ticks start the cameras whose leases this node wins
         try:
             yield
         finally:
             rt.stopping.set()
+            if rt.cluster is not None:
+                await asyncio.to_thread(rt.cluster.stop)
             await asyncio.to_thread(rt.pipeline.stop)
+            if rt.cluster is not None:  # after the flush: the next holder starts after our last event
+                await asyncio.to_thread(rt.cluster.leave)
             if rt.outbox is not None:
                 await asyncio.to_thread(rt.outbox.stop)
             if feed is not None:
@@ -104,7 +113,8 @@ def create_app(runtime: Runtime) -> FastAPI:
     install_security(app, rt.cfg)  # Host/Origin allow-lists, rate limits, tokens (+ /login)
     app.include_router(admin_router(rt.cfg))  # /config (admin role)
     app.include_router(deliveries_router(rt.outbox))  # /admin/deliveries (admin role)
-    cache = TtlCache(rt.cfg.api.cache_s)  # polled endpoints: cost independent of the request rate
+    cache = TtlCache(rt.cfg.api.cache_s)
+    node_id = rt.cluster.node_id if rt.cluster is not None else cluster_node_id(rt.cfg)  # polled endpoints: cost independent of the request rate
 
     def camera_or_404(camera_id: str):
         if camera_id not in rt.pipeline.readers:
@@ -165,7 +175,16 @@ def create_app(runtime: Runtime) -> FastAPI:
     @app.get("/cameras")
     @cache.cached
     def cameras() -> list[dict]:
-        return [r.status().to_dict() for r in rt.pipeline.readers.values()]
+        """Every configured camera; ``node``: the cluster node reading it (null: none right now)."""
+        holders = rt.cluster.holders() if rt.cluster is not None else {}
+        out = []
+        for cam, r in list(rt.pipeline.readers.items()):
+            d = r.status().to_dict()
+            d["node"] = holders.get(cam) if rt.cluster is not None else node_id
+            if not rt.pipeline.is_local(cam):
+                d["state"] = "remote" if d["node"] else "unassigned"
+            out.append(d)
+        return out
 
     @app.get("/cameras/{camera_id}/tracks", responses=_responses(404))
     @cache.cached
