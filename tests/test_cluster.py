@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
@@ -160,23 +160,24 @@ def frames(n: ServiceProcess) -> dict[str, int]:
     return {c["camera_id"]: c["frames_read"] for c in n.get("/cameras").json() if c["state"] != "remote"}
 
 
-def test_three_nodes_share_cameras_and_a_killed_nodes_cameras_move(pg_url, tmp_path):
+def test_three_nodes_share_cameras_a_killed_or_paused_nodes_cameras_move(pg_url, tmp_path):
     AppConfig.model_validate(cluster_cfg(pg_url, "x"))  # the config the nodes get is valid
-    nodes = []
-    for name in ("n1", "n2", "n3"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    names = ("n1", "n2", "n3")
+    for name in names:
         (tmp_path / name).mkdir()
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        nodes.append(ServiceProcess(cluster_cfg(pg_url, name), tmp_path / name))
+    with ThreadPoolExecutor(3) as pool:  # started together, as an orchestrator would
+        starts = [pool.submit(ServiceProcess, cluster_cfg(pg_url, name), tmp_path / name) for name in names]
+    nodes = [f.result() for f in starts]
     try:
         # each camera held by exactly one node, one each (spread), all nodes agree
         wait_until(lambda: sorted(holders(nodes).values()) == ["n1", "n2", "n3"], 30,
                    what="one camera per node")
         held = holders(nodes)
         for n in nodes:
-            mine = {c for c, h in held.items() if h == n.cfg_path.parent.name}
+            mine = {c for c, h in held.items() if h == name(n)}
             wait_until(lambda: set(frames(n)) == mine and all(v > 0 for v in frames(n).values()), 30,
-                       what=f"{n.cfg_path.parent.name} reads only its camera")
-        wait_until(lambda: {r[0] for r in rows(pg_url)} == set(CAMS), 60, what="events from every camera")
+                       what=f"{name(n)} reads only its camera")
         # SIGKILL one node: its camera moves to a survivor within the stated bound
         victim, survivors = nodes[0], nodes[1:]
         lost_cam = next(c for c, h in held.items() if h == "n1")
@@ -191,26 +192,67 @@ def test_three_nodes_share_cameras_and_a_killed_nodes_cameras_move(pg_url, tmp_p
         new_holder = survivors[["n2", "n3"].index(after[lost_cam])]
         wait_until(lambda: frames(new_holder).get(lost_cam, 0) > 0, 20, what=f"frames of {lost_cam} on its new node")
         t_failover = time.time()
-        # every camera keeps producing events after the failover, ids unique
-        wait_until(lambda: {r[0] for r in rows(pg_url) if r[2] > t_failover} == set(CAMS), 60,
-                   what="events from every camera after the failover")
+        # every camera keeps producing frames after the failover, the moved one events too; event ids unique
+        seen = {c: n for s in survivors for c, n in frames(s).items()}
+        wait_until(lambda: all(frames(s)[c] > seen[c] for s in survivors for c in frames(s)), 20,
+                   what="frames from every camera after the failover")
+        wait_until(lambda: lost_cam in {r[0] for r in rows(pg_url) if r[2] > t_failover}, 60,
+                   what=f"events from {lost_cam} after the failover")
         all_rows = rows(pg_url)
         ids = [r[1] for r in all_rows]
         assert len(ids) == len(set(ids))
         print(f"failover: {lost_cam} moved {moved_s:.2f}s after SIGKILL (bound {FAILOVER_S:g}s); "
               f"{len(ids)} events")
         assert moved_s <= FAILOVER_S + 1.0  # + the /cameras polling and the new reader's start
-        # graceful stop: the node's cameras are released at once, not after expiry
-        leaving = survivors[0]
-        leaving.stop()
-        wait_until(lambda: set(holders(survivors[1:]).values()) == {survivors[1].cfg_path.parent.name}, 2 * HEARTBEAT_S + 2,
+        # SIGSTOP a node past its lease: the other takes its cameras; resumed, it has stopped them
+        paused, other = survivors
+        paused_cams = [c for c, h in holders(survivors).items() if h == name(paused)]
+        paused.proc.send_signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: set(holders([other]).values()) == {name(other)}, FAILOVER_S + 3, interval=0.2,
+                       what="the paused node's cameras taken over")
+        finally:
+            paused.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: frames(paused) == {} and holders(survivors) == dict.fromkeys(CAMS, name(other)),
+                   2 * HEARTBEAT_S + 2, what="the resumed node gave its cameras up")
+        processed = [processed_frames(paused, c) for c in paused_cams]
+        time.sleep(1.0)
+        assert [processed_frames(paused, c) for c in paused_cams] == processed  # nothing read there any more
+        assert "lost" in (tmp_path / name(paused) / "service.log").read_text()
+        # graceful stop of the one holding everything: released at once, taken at the next tick (not after expiry)
+        other.stop()
+        wait_until(lambda: holders([paused]) == dict.fromkeys(CAMS, name(paused)), 2 * HEARTBEAT_S + 2,
                    what="cameras of a stopped node taken at the next tick")
     finally:
         for n in nodes:
             n.stop()
-    assert "Traceback" not in (tmp_path / "n2" / "service.log").read_text()
+    for n in nodes:
+        assert "Traceback" not in n.log_path.read_text()
+
+
+def name(n: ServiceProcess) -> str:
+    return n.cfg_path.parent.name
+
+
+def processed_frames(n: ServiceProcess, cam: str) -> float:
+    line = next(x for x in n.get("/metrics").text.splitlines()
+                if x.startswith(f'dishtrack_frames_processed_total{{camera="{cam}"}}'))
+    return float(line.split()[-1])
 
 
 def rows(url: str) -> list[tuple]:
     with psycopg.connect(url) as c:
         return c.execute("SELECT camera_id, event_id, EXTRACT(EPOCH FROM stored_at) FROM events").fetchall()
+
+
+def test_cluster_config_forbids_unknown_keys_and_a_heartbeat_too_slow_for_the_lease():
+    from pydantic import ValidationError
+
+    base = {"cameras": [{"id": "c0", "source": str(VIDEO)}]}
+    cfg = AppConfig.model_validate(base)
+    assert (cfg.cluster.lease_s, cfg.cluster.heartbeat_s, cfg.cluster.node_id) == (10.0, 3.0, None)
+    assert cfg.cluster.lease_s + cfg.cluster.heartbeat_s <= 15  # the stated failover bound, default settings
+    with pytest.raises(ValidationError, match="heartbeat_s"):
+        AppConfig.model_validate({**base, "cluster": {"lease_s": 4, "heartbeat_s": 3}})
+    with pytest.raises(ValidationError, match="leese_s"):
+        AppConfig.model_validate({**base, "cluster": {"leese_s": 4}})
