@@ -113,8 +113,8 @@ def create_app(runtime: Runtime) -> FastAPI:
     install_security(app, rt.cfg)  # Host/Origin allow-lists, rate limits, tokens (+ /login)
     app.include_router(admin_router(rt.cfg))  # /config (admin role)
     app.include_router(deliveries_router(rt.outbox))  # /admin/deliveries (admin role)
-    cache = TtlCache(rt.cfg.api.cache_s)
-    node_id = rt.cluster.node_id if rt.cluster is not None else cluster_node_id(rt.cfg)  # polled endpoints: cost independent of the request rate
+    cache = TtlCache(rt.cfg.api.cache_s)  # polled endpoints: cost independent of the request rate
+    node_id = rt.cluster.node_id if rt.cluster is not None else cluster_node_id(rt.cfg)  # /cameras "node"
 
     def camera_or_404(camera_id: str):
         if camera_id not in rt.pipeline.readers:
