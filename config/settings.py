@@ -339,6 +339,25 @@ class CorrectionsConfig(_Strict):
                                     "dataset `train --data` reads; null: <sqlite_path without suffix>_corrections")
 
 
+class ClusterConfig(_Strict):
+    """Camera sharding across nodes; active only with PostgreSQL storage (``storage.url``): every
+    node lists all cameras, each camera is read by the one node holding its lease. With SQLite
+    every camera is local."""
+
+    node_id: str | None = Field(None, min_length=1, max_length=200, description="this node's name in "
+                                "the lease table and /cameras; null: hostname-pid")
+    lease_s: float = Field(10.0, ge=1, le=600, description="a lease not renewed for this long is taken "
+                           "over; a dead node's cameras move within lease_s + heartbeat_s")
+    heartbeat_s: float = Field(3.0, gt=0, description="how often leases are renewed, taken and rebalanced")
+
+    @model_validator(mode="after")
+    def _heartbeat_fits(self) -> "ClusterConfig":
+        if self.heartbeat_s * 2 > self.lease_s:
+            raise ValueError(f"cluster.heartbeat_s ({self.heartbeat_s:g}) must be at most half of lease_s "
+                             f"({self.lease_s:g}): a lease must survive one missed renewal")
+        return self
+
+
 class AppConfig(_Strict):
     cameras: list[CameraConfig] = Field(min_length=1)
     detector: DetectorConfig = DetectorConfig()
@@ -351,6 +370,7 @@ class AppConfig(_Strict):
     rate_limit: RateLimitConfig = RateLimitConfig()
     integrations: IntegrationsConfig = IntegrationsConfig()
     corrections: CorrectionsConfig = CorrectionsConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     @model_validator(mode="after")
     def _references(self) -> "AppConfig":

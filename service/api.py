@@ -26,6 +26,8 @@ from .cache import TtlCache
 from .corrections import CorrectionStore, default_dataset_dir
 from .hub import EventHub
 from .metrics import Metrics
+from .cluster import ClusterMember
+from .cluster import node_id as cluster_node_id
 from .deliveries import deliveries_router
 from .outbox import Outbox, build_outbox
 from .pipeline import Pipeline
@@ -64,6 +66,7 @@ class Runtime:
     stopping: threading.Event = field(default_factory=threading.Event)  # set on SIGTERM: streams end
     outbox: Outbox | None = None  # MQTT / webhooks (integrations)
     corrections: CorrectionStore | None = None  # evidence crops, corrections, revisions
+    cluster: ClusterMember | None = None  # camera leases (PostgreSQL storage); None: every camera local
 
 
 def build_runtime(cfg: AppConfig, detector=None) -> Runtime:
@@ -84,7 +87,8 @@ def build_runtime(cfg: AppConfig, detector=None) -> Runtime:
     pipeline = Pipeline(cfg, detector, store, hub, metrics, publishers=outbox, corrections=corrections)
     if corrections is not None:
         corrections.menu = pipeline.menu  # corrected receipts are priced like detected ones
-    return Runtime(cfg, store, hub, metrics, pipeline, outbox=outbox, corrections=corrections)
+    return Runtime(cfg, store, hub, metrics, pipeline, outbox=outbox, corrections=corrections,
+                   cluster=ClusterMember.for_config(cfg, pipeline))
 
 
 def create_app(runtime: Runtime) -> FastAPI:
@@ -101,11 +105,17 @@ def create_app(runtime: Runtime) -> FastAPI:
         if rt.outbox is not None:
             rt.outbox.start()
         rt.pipeline.start()
+        if rt.cluster is not None:
+            rt.cluster.start()  # its ticks start the cameras whose leases this node wins
         try:
             yield
         finally:
             rt.stopping.set()
+            if rt.cluster is not None:
+                await asyncio.to_thread(rt.cluster.stop)
             await asyncio.to_thread(rt.pipeline.stop)
+            if rt.cluster is not None:  # after the flush: the next holder starts after our last event
+                await asyncio.to_thread(rt.cluster.leave)
             if rt.outbox is not None:
                 await asyncio.to_thread(rt.outbox.stop)
             if feed is not None:
@@ -120,6 +130,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(review_router(rt))  # evidence crops, corrections (admin), revisions
     app.include_router(analytics_router(rt))  # /analytics page + /analytics/data
     cache = TtlCache(rt.cfg.api.cache_s)  # polled endpoints: cost independent of the request rate
+    node_id = rt.cluster.node_id if rt.cluster is not None else cluster_node_id(rt.cfg)  # /cameras "node"
 
     def camera_or_404(camera_id: str):
         if camera_id not in rt.pipeline.readers:
@@ -180,7 +191,16 @@ def create_app(runtime: Runtime) -> FastAPI:
     @app.get("/cameras")
     @cache.cached
     def cameras() -> list[dict]:
-        return [r.status().to_dict() for r in rt.pipeline.readers.values()]
+        """Every configured camera; ``node``: the cluster node reading it (null: none right now)."""
+        holders = rt.cluster.holders() if rt.cluster is not None else {}
+        out = []
+        for cam, r in list(rt.pipeline.readers.items()):
+            d = r.status().to_dict()
+            d["node"] = holders.get(cam) if rt.cluster is not None else node_id
+            if not rt.pipeline.is_local(cam):
+                d["state"] = "remote" if d["node"] else "unassigned"
+            out.append(d)
+        return out
 
     @app.get("/cameras/{camera_id}/tracks", responses=_responses(404))
     @cache.cached

@@ -64,7 +64,8 @@ def store_writable(path: str) -> bool:
 def health(pipeline: Pipeline, stuck_s: float) -> tuple[str, list[str], dict]:
     """(status ``ok``/``degraded``/``failing``, failing reasons, per-camera statuses)."""
     now = time.time()
-    statuses = {cam: r.status() for cam, r in pipeline.readers.items()}
+    # cluster: cameras another node reads are not this node's health
+    statuses = {cam: r.status() for cam, r in list(pipeline.readers.items()) if pipeline.is_local(cam)}
     reasons = persist_problems(pipeline) + camera_problems(pipeline, statuses, now) + \
         pipeline_problems(pipeline, stuck_s, now)
     if reasons:

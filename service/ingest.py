@@ -206,7 +206,8 @@ class CameraReader:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        self._thread.join(timeout)
+        if self.started_at is not None:  # a camera another cluster node reads was never started here
+            self._thread.join(timeout)
         self._set(SourceState.STOPPED)
 
     @property

@@ -86,12 +86,19 @@ class Pipeline:
         # detection stride (detector.stride): None at k = 1, not adaptive (every frame detected)
         scfg = cfg.detector.stride
         self.stride = StrideController(scfg, time.time()) if scfg.k > 1 or scfg.adaptive else None
-        self._flow = {c.id: FlowPropagator(FlowParams.from_config(scfg)) if self.stride and scfg.flow else None
-                      for c in cfg.cameras}
+        self._flow = {c.id: self._new_flow() for c in cfg.cameras}
         # evidence crops (tracking stage, off the detector's path) stored with each event for review
         self.corrections = corrections
         self.evidence = (EvidenceKeeper.from_config(cfg.corrections)
                          if corrections is not None and cfg.corrections.evidence else None)
+        # cluster (cluster.ClusterMember): ``fence(camera)`` False = another node may hold the camera now,
+        # its frames are dropped; None: every camera is local (SQLite, one node)
+        self.fence = None
+        self._released: collections.deque = collections.deque()  # cameras whose trays to flush, state to reset
+
+    def _new_flow(self):
+        scfg = self.cfg.detector.stride
+        return FlowPropagator(FlowParams.from_config(scfg)) if self.stride and scfg.flow else None
 
     _RETRY_S = 1.0
 
@@ -116,7 +123,8 @@ class Pipeline:
 
     def start(self) -> "Pipeline":
         for r in self.readers.values():
-            r.start()
+            if self.fence is None:  # in a cluster cameras start as their leases are won
+                r.start()
         self._annotate.start()
         self._detect_thread.start()
         self._thread.start()
@@ -138,6 +146,7 @@ class Pipeline:
         self._annotate.stop()
         for r in self.readers.values():
             r.stop(timeout=max(0.0, deadline - time.monotonic()))
+        self._apply_released()
         if not self.finished.is_set():
             self._flush_all()
         self._retry_at = 0.0
@@ -145,6 +154,37 @@ class Pipeline:
         if self.unsaved:
             log.error("%d checkout events could not be persisted at shutdown: %s", len(self.unsaved),
                       self.persist_error)
+
+    # -- cluster: cameras started and stopped as leases are won and lost (cluster.ClusterMember's thread)
+    def is_local(self, cam: str) -> bool:
+        return self.fence is None or self.fence(cam)
+
+    def start_camera(self, cam: str) -> None:
+        """Read ``cam`` here (its lease was won): a fresh reader, tracker state reset on release."""
+        old = self.readers[cam]
+        old.stop(timeout=0.5)
+        self.readers[cam] = CameraReader(old.cfg, LatestFrameSlot(self._arrived)).start()
+
+    def stop_camera(self, cam: str, timeout: float = 2.0) -> None:
+        """Stop reading ``cam`` (lease lost or handed over); the tracking stage then flushes its open
+        trays into the store (nothing seen here is lost) and resets its tracker for a later return."""
+        old = self.readers[cam]
+        self.readers[cam] = CameraReader(old.cfg, LatestFrameSlot(self._arrived))  # not started: not ours
+        old.stop(timeout=timeout)
+        self._released.append(cam)
+
+    def _apply_released(self) -> None:
+        """Tracking stage: flush and reset cameras given up since the last batch."""
+        while self._released:
+            cam = self._released.popleft()
+            for z in self.zones[cam]:
+                for ev in z.assembler.flush():
+                    self._emit(ev)
+            self.trackers[cam] = Tracker(cam, TrackerParams.from_config(self.cfg.tracker))
+            self.zones[cam] = [_Zone(z.cfg, cam) for z in self.zones[cam]]
+            self._flow[cam] = self._new_flow()
+            self._clock.pop(cam, None)
+            self.last_update.pop(cam, None)
 
     # -- detector stage
     def _collect(self, batch_max: int, wait_s: float) -> list:
@@ -227,6 +267,7 @@ class Pipeline:
         while not self._stop.is_set():
             self.loop_at = time.time()
             item = self._tracks.get(0.05)
+            self._apply_released()
             if item is None:
                 self._close_idle_trays()
                 self._housekeep()
@@ -250,6 +291,8 @@ class Pipeline:
     def _process(self, frames, dets) -> None:
         for frame, det in zip(frames, dets):
             cam = frame.camera_id
+            if self.fence is not None and not self.fence(cam):
+                continue  # lease lost (or paused past it): another node may be reading this camera now
             t1 = time.perf_counter()
             upd = self._track(frame, det)
             self.metrics.tracker_seconds.observe(time.perf_counter() - t1)
@@ -399,5 +442,6 @@ class Pipeline:
         now = time.time()
         for cam, st in statuses.items():
             if st.state not in (SourceState.STREAMING, SourceState.ENDED) and now - self.streams[cam].at > 1.0:
-                self.streams[cam].put(self.annotator.annotate_offline(self._last_image.get(cam), cam, st.state.value))
+                state = st.state.value if self.is_local(cam) else "on another node"
+                self.streams[cam].put(self.annotator.annotate_offline(self._last_image.get(cam), cam, state))
         self.refresh_gauges(statuses)
