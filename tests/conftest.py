@@ -261,3 +261,23 @@ class AppServer:
         if token:
             headers["Authorization"] = f"Bearer {token}"
         return httpx.get(self.base + path, headers=headers, timeout=10, **kw)
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL (Debian postgresql-15) for the session; skipped when it is not installed."""
+    import servers
+
+    if (why := servers.pg_missing()) is not None:
+        pytest.skip(why)
+    pg = servers.PgServer().start()
+    yield pg
+    pg.cleanup()
+
+
+@pytest.fixture
+def pg_url(pg_server, request):
+    """A fresh database per test on the session's PostgreSQL."""
+    import hashlib
+
+    return pg_server.create_db("t_" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:12])

@@ -4,7 +4,6 @@ with contenders in one process, then three real ``dishtrack run`` nodes on the r
 one killed with SIGKILL."""
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import threading
@@ -14,26 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 import pytest
 
-import servers
 from conftest import VIDEO, ServiceProcess, wait_until
 from dishtrack.config import AppConfig
 from dishtrack.service.leases import CameraLeases
 
 CAMS = ["c0", "c1", "c2"]
-
-
-@pytest.fixture(scope="module")
-def pg_server():
-    if (why := servers.pg_missing()) is not None:
-        pytest.skip(why)
-    pg = servers.PgServer().start()
-    yield pg
-    pg.cleanup()
-
-
-@pytest.fixture
-def pg_url(pg_server, request):
-    return pg_server.create_db("c_" + hashlib.sha1(request.node.name.encode()).hexdigest()[:12])
 
 
 def node(url: str, name: str, lease_s: float = 2.0, heartbeat_s: float = 0.5) -> CameraLeases:

@@ -40,19 +40,6 @@ def ev(i: int, cam: str = "cam0", label: str = "plate") -> CheckoutEvent:
 
 
 # -- servers
-@pytest.fixture(scope="session")
-def pg_server():
-    if (why := servers.pg_missing()) is not None:
-        pytest.skip(why)
-    pg = servers.PgServer().start()
-    yield pg
-    pg.cleanup()
-
-
-@pytest.fixture
-def pg_url(pg_server, request):
-    return pg_server.create_db("t_" + hashlib.sha1(request.node.name.encode()).hexdigest()[:12])
-
 
 @pytest.fixture
 def broker(tmp_path):
