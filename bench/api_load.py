@@ -29,6 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VIDEO = "builtin:sample_tud_campus.mp4"  # the shipped sample (MOT15 TUD-Campus, 640x480, 25 fps)
+# the generator is one client of its own (per-client rate limits: rate_limit.*), the fps probe another
+LOAD_ADDR = "127.0.0.2"
 PATHS = ["/health", "/events?limit=50", "/cameras", "/cameras/cam0/tracks", "/metrics", "/readyz"]
 
 
@@ -55,7 +57,7 @@ async def _load(port: int, rate: float, seconds: float, conns: int) -> dict:
 
     async def worker() -> None:
         nonlocal next_k, errors
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(LOAD_ADDR, 0))
         while next_k < total:
             k = next_k
             next_k += 1
@@ -74,7 +76,7 @@ async def _load(port: int, rate: float, seconds: float, conns: int) -> dict:
             except (OSError, asyncio.IncompleteReadError, StopIteration, ValueError):
                 errors += 1
                 writer.close()
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(LOAD_ADDR, 0))
                 continue
             lat.append(time.monotonic() - start)
             status[code] = status.get(code, 0) + 1
