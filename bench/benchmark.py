@@ -155,36 +155,17 @@ def bench_cameras(det: Detector, video: Path, n_cams: int, seconds: float, batch
 def detector_mota(det: Detector, shared: Path) -> tuple[float, float]:
     """Detector + default tracker on every frame of MOT15 TUD-Campus (71 frames) against its
     ground truth: MOTA and IDF1 in %. Persons only, score >= the detector's threshold."""
-    import cv2
-
     from eval_mot15 import evaluate
 
     gt = read_mot(shared / "data/motmetrics_pkg_data/motmetrics/data/TUD-Campus/gt.txt")
-    cap = cv2.VideoCapture(str(shared / "data/video/tud_campus_640x480_25fps_h264.mp4"))
-    rows, idx = [], 0
-    while True:
-        ok, img = cap.read()
-        if not ok:
-            break
-        idx += 1
-        d = det.detect([Frame("mot", idx, idx / 25.0, img)])[0]
-        for b, s, c in zip(d.boxes, d.scores, d.class_ids):
-            if d.labels[c] == "person":
-                rows.append([idx, -1, b[0], b[1], b[2] - b[0], b[3] - b[1], s])
-    m = evaluate(np.array(rows, dtype=np.float64).reshape(-1, 7), gt)
+    m = evaluate(person_detections(det, shared / "data/video/tud_campus_640x480_25fps_h264.mp4"), gt)
     return 100 * m["mota"], 100 * m["idf1"]
 
 
-def detector_mota_strided(det: Detector, shared: Path, k: int) -> tuple[float, float]:
-    """As ``detector_mota`` with a detection stride: the detector runs on every k-th frame of
-    the TUD-Campus video, tracks move by Kalman prediction + optical flow between (the
-    pipeline's ``service.motion``). k = 1 is ``detector_mota`` exactly."""
+def person_detections(det: Detector, video: Path, k: int = 1) -> np.ndarray:
+    """The detector's person boxes on every k-th frame of ``video`` as MOT rows frame,-1,x,y,w,h,score."""
     import cv2
 
-    from eval_mot15 import evaluate, track_video_strided
-
-    gt = read_mot(shared / "data/motmetrics_pkg_data/motmetrics/data/TUD-Campus/gt.txt")
-    video = shared / "data/video/tud_campus_640x480_25fps_h264.mp4"
     cap = cv2.VideoCapture(str(video))
     rows, idx = [], 0
     while True:
@@ -198,7 +179,18 @@ def detector_mota_strided(det: Detector, shared: Path, k: int) -> tuple[float, f
         for b, s, c in zip(d.boxes, d.scores, d.class_ids):
             if d.labels[c] == "person":
                 rows.append([idx, -1, b[0], b[1], b[2] - b[0], b[3] - b[1], s])
-    dets = np.array(rows, dtype=np.float64).reshape(-1, 7)
+    return np.array(rows, dtype=np.float64).reshape(-1, 7)
+
+
+def detector_mota_strided(det: Detector, shared: Path, k: int) -> tuple[float, float]:
+    """As ``detector_mota`` with a detection stride: the detector runs on every k-th frame of
+    the TUD-Campus video, tracks move by Kalman prediction + optical flow between (the
+    pipeline's ``service.motion``). k = 1 is ``detector_mota`` exactly."""
+    from eval_mot15 import evaluate, track_video_strided
+
+    gt = read_mot(shared / "data/motmetrics_pkg_data/motmetrics/data/TUD-Campus/gt.txt")
+    video = shared / "data/video/tud_campus_640x480_25fps_h264.mp4"
+    dets = person_detections(det, video, k)
     m = evaluate(dets, gt, result=track_video_strided(dets, video, k))
     return 100 * m["mota"], 100 * m["idf1"]
 
