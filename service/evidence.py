@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from dishtrack.tracking.geometry import inside_share
 from dishtrack.tracking.tracker import TrackUpdate
 from dishtrack.tracking.types import CheckoutEvent, Frame, TrackState
 
@@ -44,13 +45,11 @@ class EvidenceUnit:
     box: tuple[float, float, float, float] | None  # dish box in the JPEG's pixels
 
 
-def crop_quality(box, image_size: tuple[int, int]) -> float:
-    """Wholly visible and large is best: visible share^4 x area."""
-    w, h = image_size
-    x1, y1, x2, y2 = box
-    area = max((x2 - x1) * (y2 - y1), 1e-6)
-    vis = max(0.0, min(x2, w) - max(x1, 0)) * max(0.0, min(y2, h) - max(y1, 0)) / area
-    return vis ** 4 * area
+def crop_quality(boxes: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
+    """Per (N,4) xyxy box: wholly visible and large is best, visible share^4 x area."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    area = np.maximum((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]), 1e-6)
+    return inside_share(b, image_size) ** 4 * area
 
 
 class EvidenceKeeper:
@@ -70,10 +69,9 @@ class EvidenceKeeper:
 
     def observe(self, frame: Frame, update: TrackUpdate) -> None:
         crops = self._crops.setdefault(frame.camera_id, collections.OrderedDict())
-        for t in update.tracks:
-            if t.state is not TrackState.CONFIRMED or t.time_since_update:
-                continue
-            q = crop_quality(t.box, frame.size)
+        seen = [t for t in update.tracks if t.state is TrackState.CONFIRMED and not t.time_since_update]
+        for t, q in zip(seen, crop_quality([t.box for t in seen], frame.size)):
+            q = float(q)
             old = crops.get(t.track_id)
             if old is not None:
                 crops.move_to_end(t.track_id)

@@ -50,6 +50,12 @@ def ioa_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area_a[:, None], 1e-12)
 
 
+def inside_share(boxes: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
+    """Share of each xyxy box's area that lies inside the (w, h) image."""
+    w, h = image_size
+    return ioa_matrix(boxes, np.array([[0.0, 0.0, w, h]]))[:, 0]
+
+
 def centers(boxes: np.ndarray) -> np.ndarray:
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     return (b[:, :2] + b[:, 2:]) * 0.5

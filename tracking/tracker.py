@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .association import assign, centre_distance, direction_score
-from .geometry import centers, ioa_matrix, iou_matrix
+from .geometry import centers, inside_share, ioa_matrix, iou_matrix
 from .kalman import BatchKalman, xs_to_boxes
 from .types import Detections, Track, TrackState
 
@@ -451,7 +451,7 @@ class Tracker:
         occluders = np.concatenate([boxes, a["box"][matched]])
         cover = ioa_matrix(a["box"][rows], occluders).max(axis=1) if len(occluders) else np.zeros(len(rows))
         a["hidden"][rows] |= cover >= p.occlusion_ioa
-        left_view = _inside_share(a["box"][rows], image_size) < p.exit_visible
+        left_view = inside_share(a["box"][rows], image_size) < p.exit_visible
         limit = np.where(a["hidden"][rows], p.max_coast_occluded_s, p.max_coast_s)
         too_old = (ts - a["last_ts"][rows]) > limit + 1e-9
         if p.max_age is not None:
@@ -484,9 +484,3 @@ class Tracker:
             out.append(Track(tid, cam, _STATES[st], tuple(box), cid, labels[cid] if 0 <= cid < n_lab else "unknown",
                              m.score_sum / max(hits, 1), share, hits, age, tsu, m.traj(), margin))
         return tuple(out)
-
-
-def _inside_share(boxes: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
-    """Share of each xyxy box's area that lies inside the image."""
-    w, h = image_size
-    return ioa_matrix(boxes, np.array([[0.0, 0.0, w, h]]))[:, 0]
