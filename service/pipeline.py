@@ -177,9 +177,7 @@ class Pipeline:
         """Tracking stage: flush and reset cameras given up since the last batch."""
         while self._released:
             cam = self._released.popleft()
-            for z in self.zones[cam]:
-                for ev in z.assembler.flush():
-                    self._emit(ev)
+            self._flush(cam)
             self.trackers[cam] = Tracker(cam, TrackerParams.from_config(self.cfg.tracker))
             self.zones[cam] = [_Zone(z.cfg, cam) for z in self.zones[cam]]
             self._flow[cam] = self._new_flow()
@@ -413,10 +411,14 @@ class Pipeline:
                     self._emit(ev)
 
     def _flush_all(self) -> None:
-        for zones in self.zones.values():
-            for z in zones:
-                for ev in z.assembler.flush():
-                    self._emit(ev)
+        for cam in self.zones:
+            self._flush(cam)
+
+    def _flush(self, cam: str) -> None:
+        """Close one camera's open trays now (shutdown, end of stream, camera handed to another node)."""
+        for z in self.zones[cam]:
+            for ev in z.assembler.flush():
+                self._emit(ev)
 
     def refresh_gauges(self, statuses: dict | None = None) -> None:
         """Copy reader and hub counters into the Prometheus gauges (cheap; also called per scrape)."""
