@@ -761,20 +761,26 @@ def load_dataset(path: str | Path, *, trays: str | Path | None = None,
 
 
 def write_coco(samples: Sequence[Sample], classes: Sequence[str], path: str | Path,
-               scores: Sequence[Sequence[float]] | None = None) -> Path:
-    """Write samples as a COCO detection file (file_name relative to its folder; ``score`` per box if given)."""
+               scores: Sequence[Sequence[float]] | None = None,
+               sizes: Sequence[tuple[int, int]] | None = None) -> Path:
+    """Write samples as a COCO detection file (file_name relative to its folder; ``score`` per box if given).
+    ``sizes``: each image's (w, h) when the caller has them; otherwise each image is decoded for its size."""
     out = Path(path)
     cat = {c: i + 1 for i, c in enumerate(classes)}
     images, anns = [], []
     for i, s in enumerate(samples, 1):
-        img = cv2.imread(str(s.image), cv2.IMREAD_COLOR)
-        if img is None:
-            raise DatasetError(f"{s.image}: cannot decode image")
+        if sizes is not None:
+            width, height = sizes[i - 1]
+        else:
+            img = cv2.imread(str(s.image), cv2.IMREAD_COLOR)
+            if img is None:
+                raise DatasetError(f"{s.image}: cannot decode image")
+            width, height = img.shape[1], img.shape[0]
         try:
             name = Path(s.image).resolve().relative_to(out.parent.resolve()).as_posix()
         except ValueError:
             name = str(Path(s.image).resolve())
-        images.append({"id": i, "file_name": name, "width": img.shape[1], "height": img.shape[0]})
+        images.append({"id": i, "file_name": name, "width": width, "height": height})
         for k, (b, lbl) in enumerate(zip(np.asarray(s.boxes, dtype=np.float64), s.labels)):
             if lbl not in cat:
                 raise DatasetError(f"{s.image}: label '{lbl}' not in classes {list(classes)}")

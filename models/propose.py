@@ -157,7 +157,8 @@ def write_coco_proposals(proposals: Sequence[Proposal], classes: Sequence[str], 
     linked = (out / "images").is_dir()
     samples = [Sample(out / "images" / p.rel if linked else p.image, p.boxes.astype(np.float32), p.labels)
                for p in proposals]
-    write_coco(samples, classes, f, scores=[p.scores.tolist() for p in proposals])
+    write_coco(samples, classes, f, scores=[p.scores.tolist() for p in proposals],
+               sizes=[p.size for p in proposals])  # known from prediction: no second decode
     return [f]
 
 
