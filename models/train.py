@@ -287,7 +287,11 @@ class CropViews:
     random camera distance applied to the size features."""
 
     def __init__(self, model, cache: ImageCache, labels: list[list[int]], n_classes: int, views: int, augment: bool,
-                 seed: int, progress: bool, desc: str, proposals: list[np.ndarray] | None = None) -> None:
+                 seed: int, progress: bool, desc: str, proposals: list[np.ndarray] | None = None,
+                 pooled: bool = False) -> None:
+        """``labels`` entries < 0 mark boxes to ignore (neither a dish nor background: a dish held
+        out of training); ``pooled``: keep the whole trunk's pooled embedding (N, 1280) instead of
+        the frozen blocks' feature maps (to train only the head)."""
         rng = np.random.default_rng(seed)
         g = torch.Generator().manual_seed(seed)
         aug = AugmentSettings()
@@ -326,7 +330,13 @@ class CropViews:
                     geo = box_geometry(b, torch.tensor([[w, h]], dtype=torch.float32).expand(len(b), 2))
                     if augment:
                         geo = geo * torch.tensor([rng.uniform(0.8, 1.25), 1.0, 1.0], dtype=torch.float32)
-                    feats.append(trunk.lower(c))
+                    keep = y >= 0
+                    if not keep.all():
+                        c, geo, y = c[keep], geo[keep], y[keep]
+                    if len(y) == 0:
+                        bar.update()
+                        continue
+                    feats.append(trunk.upper(trunk.lower(c)).mean(dim=(2, 3)) if pooled else trunk.lower(c))
                     geos.append(geo)
                     ys.append(y)
                     owner += [i] * len(y)

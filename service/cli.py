@@ -89,6 +89,20 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_enrol(args) -> int:
+    from dishtrack.models.enrol import enrol
+
+    r = enrol(args.checkpoint, args.data, args.out, val_fraction=args.val_fraction, views=args.views,
+              epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
+    print(f"checkpoint: {r['checkpoint']}  dishes: {', '.join(r['classes'])}  new: {', '.join(r['new_classes']) or '-'}"
+          f"  ({r['seconds']:.0f} s)")
+    v = r["validation"]
+    if v:
+        print(f"validation ({r['val_photos']} photos): mAP@0.5 {v['map50']:.3f}  exact receipts: photos "
+              f"{v['receipt_exact_photo']:.1%}, trays {v['receipt_exact_tray']:.1%}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     import json
     from pathlib import Path
@@ -282,6 +296,20 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a dish detector (localiser + classifier) on labelled tray photos")
     _add_train_args(t)
     t.set_defaults(fn=cmd_train)
+
+    en = sub.add_parser("enrol", help="add new dishes to a checkpoint in minutes (retrains only the classifier's "
+                        "last layer on its trunk's embeddings)")
+    en.add_argument("--checkpoint", required=True, help="a file written by `dishtrack train` (or an earlier enrol)")
+    en.add_argument("--data", required=True, action="append",
+                    help="labelled photos, old dishes and new (repeat for several folders, e.g. the training "
+                         "data and the corrections dataset)")
+    en.add_argument("--out", required=True, help="the new checkpoint")
+    en.add_argument("--val-fraction", type=float, default=0.2, help="share of trays held out to choose thresholds")
+    en.add_argument("--views", type=int, default=4, help="augmented views of every box")
+    en.add_argument("--epochs", type=int, default=40)
+    en.add_argument("--seed", type=int, default=0)
+    en.add_argument("--no-progress", action="store_true")
+    en.set_defaults(fn=cmd_enrol)
 
     ev = sub.add_parser("eval", help="mAP, AP per dish, confusion matrix and receipt agreement of a checkpoint")
     ev.add_argument("--data", required=True, help="labelled photos (any format check-data reads)")

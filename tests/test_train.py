@@ -197,3 +197,62 @@ def test_trained_checkpoint_runs_the_real_pipeline_on_a_checkout_video(tiny_chec
     assert s["events"] >= 1  # dishes were detected, tracked across the line and checked out
     for t in s["per_tray"]:
         assert set(t["pred"]) <= set(data.classes)
+
+
+def _relabelled_coco(tmp_path, n: int, old: str, new: str):
+    """The last ``n`` kiosk photos as a COCO file, with dish ``old`` renamed ``new`` (a dish the
+    checkpoint has never seen), and their trays.csv."""
+    from dishtrack.models.importers import write_coco
+    from dishtrack.models.sample import Sample
+
+    data = load_dataset(KIOSK)
+    picked = [Sample(s.image, s.boxes, tuple(new if lb == old else lb for lb in s.labels), s.group)
+              for s in list(data.samples)[-n:]]
+    classes = tuple(new if c == old else c for c in data.classes)
+    write_coco(picked, classes, tmp_path / "new.json")
+    (tmp_path / "trays.csv").write_text("image,tray\n" + "".join(f"{s.image.name},{s.group}\n" for s in picked))
+    return picked
+
+
+def test_enrol_adds_a_new_dish_without_touching_the_trunk(tiny_checkpoint, tmp_path):
+    from dishtrack.models.dish_detector import load_dish_checkpoint
+
+    out, _ = tiny_checkpoint
+    picked = _relabelled_coco(tmp_path, 12, "Fruit", "Pineapple")
+    assert any("Pineapple" in s.labels for s in picked)
+    new = tmp_path / "enrolled.pt"
+    r = subprocess.run([sys.executable, "-m", "dishtrack.service.cli", "enrol", "--checkpoint", str(out),
+                        "--data", str(tmp_path / "new.json"), "--out", str(new), "--val-fraction", "0",
+                        "--views", "1", "--epochs", "30", "--no-progress"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "new: Pineapple" in r.stdout
+    before, after = load_dish_checkpoint(out), load_dish_checkpoint(new)
+    assert after.spec.classes == before.spec.classes + ("Pineapple",)
+    assert "Pineapple" in after.spec.thresholds
+    # the trunk (and so the tracker's appearance embeddings) and the localiser are unchanged
+    for k, v in before.classifier.trunk.state_dict().items():
+        assert torch.equal(v, after.classifier.trunk.state_dict()[k]), k
+    for k, v in before.localiser.state_dict().items():
+        assert torch.equal(v, after.localiser.state_dict()[k]), k
+    # the new dish is named on the photos it was enrolled from
+    det = DishDetector(after, "cpu")
+    k = after.spec.classes.index("Pineapple")
+    named = 0
+    for s in picked:
+        if "Pineapple" not in s.labels:
+            continue
+        p = det.predict([cv2.imread(str(s.image))])[0]
+        named += int(np.any(p["class_ids"] == k))
+    assert named >= 1
+
+
+def test_enrol_refuses_a_label_that_differs_from_a_known_dish_only_by_case(tiny_checkpoint, tmp_path):
+    out, _ = tiny_checkpoint
+    _relabelled_coco(tmp_path, 6, "Plate", "plate")
+    r = subprocess.run([sys.executable, "-m", "dishtrack.service.cli", "enrol", "--checkpoint", str(out),
+                        "--data", str(tmp_path / "new.json"), "--out", str(tmp_path / "x.pt"), "--no-progress"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert "'plate'" in r.stderr and "'Plate'" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x.pt").exists()

@@ -1,0 +1,227 @@
+"""Learning curve: which trays to label next — random, diverse, or diverse and uncertain.
+
+Simulated on the kiosk photos: start with 5 labelled training trays (random), then rounds of 5
+more chosen by (a) random, (b) diversity: greedy k-center on tray embeddings (mean of the
+detector trunk's embeddings of the localiser's boxes on the tray's photos), (c) diversity x
+(1 + uncertainty): the current classifier's mean normalised entropy on the tray's boxes. After
+each round the classifier head is refit on the labelled trays and scored on the fixed tray-split
+validation (mAP@0.5, exact receipts per photo and per photo-voted tray). Seeds averaged.
+
+What is fixed, so a round costs seconds rather than a 13-minute ``train``: the localiser (the
+class-agnostic one of ``--localiser``, trained on every training tray's boxes) and the
+classifier trunk (ImageNet EfficientNet-Lite0, not fine-tuned: labels reach only the head).
+Absolute rates are therefore below a full ``train``'s; the curve compares label budgets and
+strategies under one model.
+
+    python bench/learning_curve.py --localiser runs/bench2/dishes.pt --png docs/learning_curve.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dishtrack.models.dish_classifier import DishClassifier, box_geometry, crop
+from dishtrack.models.dish_detector import DishModelSpec, load_dish_checkpoint, localise
+from dishtrack.models.enrol import EmbeddedCrops, embed_crops, train_head
+from dishtrack.models.evaluate import choose_thresholds, evaluate_predictions
+from dishtrack.models.importers import load_dataset
+from dishtrack.models.localiser import ImageCache
+from dishtrack.models.sample import Sample
+from dishtrack.models.train import split_by_group
+from dishtrack.models.augment import letterbox
+
+log = logging.getLogger("learning_curve")
+STRATEGIES = ("random", "diversity", "diversity+uncertainty")
+
+
+@torch.inference_mode()
+def localised(model, cache: ImageCache) -> list[tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]]:
+    """Per photo: localiser boxes and scores (cache pixels), and the trunk embedding + geometry of each box."""
+    clf = model.classifier.eval()
+    out = []
+    for img in cache.images:
+        x, f = letterbox(img, model.spec.loc_size)
+        (b, sc), = localise(model.localiser.eval(), torch.from_numpy(x).permute(2, 0, 1).float()[None], [f],
+                            [(img.shape[1], img.shape[0])], model.spec.loc_threshold)
+        t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()[None]
+        if len(b):
+            emb = clf.features(crop(t, [b], model.spec.crop_size))
+            geo = box_geometry(b, torch.tensor([[img.shape[1], img.shape[0]]], dtype=torch.float32).expand(len(b), 2))
+        else:
+            emb, geo = torch.zeros(0, clf.fc.in_features - 32), torch.zeros(0, 3)
+        out.append((b.numpy(), sc.numpy(), emb, geo))
+    return out
+
+
+@torch.inference_mode()
+def predictions(clf: DishClassifier, loc, n_classes: int) -> list[dict]:
+    """What ``DishDetector.predict`` returns, from cached localiser boxes and trunk embeddings."""
+    clf.eval()
+    out = []
+    for b, sc, emb, geo in loc:
+        p = F.softmax(clf.head(emb, geo), dim=1).numpy() if len(b) else np.zeros((0, n_classes + 1), np.float32)
+        pc, cls = p[:, :n_classes].max(1), p[:, :n_classes].argmax(1)
+        out.append({"boxes": b, "scores": (sc * pc).astype(np.float32), "class_ids": cls.astype(np.int64), "probs": p})
+    return out
+
+
+def tray_uncertainty(preds: list[dict], photo_tray: list[str], min_loc: float = 0.3) -> dict[str, float]:
+    """Mean normalised entropy of the dish probabilities of a tray's boxes."""
+    acc: dict[str, list[float]] = {}
+    for p, t in zip(preds, photo_tray):
+        q = p["probs"]
+        if len(q) == 0:
+            continue
+        ent = -(q * np.log(q.clip(1e-9))).sum(1) / np.log(q.shape[1])
+        acc.setdefault(t, []).extend(ent.tolist())
+    return {t: float(np.mean(v)) for t, v in acc.items()}
+
+
+def pick(strategy: str, pool: list[str], labelled: list[str], feats: dict[str, np.ndarray],
+         unc: dict[str, float], n: int, rng: random.Random) -> list[str]:
+    """Next ``n`` trays from ``pool``: random, or greedy k-center from the labelled ones (times 1 + uncertainty)."""
+    left = [t for t in pool if t not in labelled]
+    if strategy == "random":
+        return rng.sample(left, min(n, len(left)))
+    x = {t: feats[t] for t in pool}
+    chosen = list(labelled)
+    out = []
+    for _ in range(min(n, len(left))):
+        cand = [t for t in left if t not in out]
+        dmin = np.array([min(1.0 - float(x[t] @ x[c]) for c in chosen) for t in cand])
+        if strategy == "diversity+uncertainty":
+            dmin = dmin * (1.0 + np.array([unc.get(t, 0.0) for t in cand]))
+        k = cand[int(np.argmax(dmin))]
+        out.append(k)
+        chosen.append(k)
+    return out
+
+
+def subset(data: EmbeddedCrops, photos: set[int]) -> EmbeddedCrops:
+    m = torch.tensor([int(o) in photos for o in data.owner])
+    return EmbeddedCrops(data.emb[m], data.geo[m], data.y[m], data.owner[m])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/mealtray_kiosk_dev"))
+    ap.add_argument("--localiser", required=True, help="a dish checkpoint trained on the same split (its localiser)")
+    ap.add_argument("--start", type=int, default=5)
+    ap.add_argument("--step", type=int, default=5)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--views", type=int, default=3)
+    ap.add_argument("--split-seed", type=int, default=0)
+    ap.add_argument("--png", default="learning_curve.png")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(2)
+    t0 = time.time()
+    data = load_dataset(args.data)
+    classes = data.classes
+    cidx = {c: i for i, c in enumerate(classes)}
+    tr, va = split_by_group(list(data.samples), 0.2, args.split_seed)
+    model = load_dish_checkpoint(args.localiser)
+    torch.manual_seed(0)
+    model.classifier = DishClassifier(len(classes), model.spec.crop_size, pretrained=True, freeze_blocks=16)
+    model.spec = DishModelSpec(**{**model.spec.__dict__, "classes": classes, "thresholds": {}})
+    long_side = max(model.spec.loc_size, model.spec.crop_long_side)
+    tc, vc = ImageCache(tr, long_side), ImageCache(va, long_side)
+    pool_loc, val_loc = localised(model, tc), localised(model, vc)
+    crops = embed_crops(model, tr, [[cidx[lb] for lb in x.labels] for x in tr], len(classes), args.views, True, 0,
+                        False, "views", proposals=[b for b, *_ in pool_loc], cache=tc)
+    log.info("embedded %d training crop views, %d pool boxes, %d validation boxes in %.0fs", len(crops.y),
+             sum(len(b) for b, *_ in pool_loc), sum(len(b) for b, *_ in val_loc), time.time() - t0)
+    # validation in cache pixels (mAP and receipts do not depend on the scale)
+    va_c = [Sample(x.image, b, x.labels, x.group) for x, b in zip(va, vc.boxes)]
+    sizes = [(im.shape[1], im.shape[0]) for im in vc.images]
+    gt = [(b, np.array([cidx[lb] for lb in x.labels], np.int64)) for x, b in zip(va, vc.boxes)]
+    photo_tray = [x.group for x in tr]
+    trays = sorted(set(photo_tray))
+    feats = {}
+    for t in trays:
+        e = torch.cat([F.normalize(emb, dim=1) for (b, sc, emb, geo), pt in zip(pool_loc, photo_tray)
+                       if pt == t and len(b)]).mean(0)
+        feats[t] = F.normalize(e, dim=0).numpy()
+
+    def fit_and_score(labelled: list[str], seed: int):
+        photos = {i for i, t in enumerate(photo_tray) if t in labelled}
+        torch.manual_seed(seed)
+        clf = model.classifier
+        clf.fc.reset_parameters()
+        for m in clf.geo:
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        train_head(clf, subset(crops, photos), epochs=40, seed=seed)
+        preds = predictions(clf, val_loc, len(classes))
+        for p, sz in zip(preds, sizes):
+            p["size"] = sz
+        thr = choose_thresholds(gt, [(p["boxes"], p["scores"], p["class_ids"]) for p in preds], classes)
+        rep = evaluate_predictions(va_c, classes, preds, thr)
+        pool_preds = predictions(clf, pool_loc, len(classes))
+        return rep, tray_uncertainty(pool_preds, photo_tray)
+
+    budgets = list(range(args.start, len(trays), args.step)) + [len(trays)]
+    results = {s: {b: [] for b in budgets} for s in STRATEGIES}
+    for seed in range(args.seeds):
+        init = random.Random(1000 + seed).sample(trays, args.start)
+        for strat in STRATEGIES:
+            rng = random.Random(seed)
+            labelled = list(init)
+            for b in budgets:
+                if len(labelled) < b:
+                    labelled += pick(strat, trays, labelled, feats, unc, b - len(labelled), rng)
+                rep, unc = fit_and_score(labelled, seed)
+                results[strat][b].append({k: rep[k] for k in ("map50", "receipt_exact_photo", "receipt_exact_tray")})
+                log.info("seed %d %-22s %2d trays: mAP %.3f photos %.3f trays %.3f", seed, strat, b, rep["map50"],
+                         rep["receipt_exact_photo"], rep["receipt_exact_tray"])
+    mean = {s: {b: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]} for b, rs in bs.items()}
+            for s, bs in results.items()}
+    full = {k: float(np.mean([mean[s][len(trays)][k] for s in STRATEGIES])) for k in mean[STRATEGIES[0]][len(trays)]}
+    print(f"{len(trays)} training trays, {len({x.group for x in va})} validation trays, {args.seeds} seeds; "
+          f"full-data: mAP@0.5 {full['map50']:.3f}, exact photos {full['receipt_exact_photo']:.1%}, "
+          f"trays {full['receipt_exact_tray']:.1%} ({time.time() - t0:.0f} s)")
+    print("| labelled trays | " + " | ".join(f"{s} mAP / photos / trays" for s in STRATEGIES) + " |")
+    print("|---|" + "---|" * len(STRATEGIES))
+    for b in budgets:
+        print(f"| {b} ({b / len(trays):.0%}) | " + " | ".join(
+            f"{mean[s][b]['map50']:.3f} / {mean[s][b]['receipt_exact_photo']:.1%} / {mean[s][b]['receipt_exact_tray']:.1%}"
+            for s in STRATEGIES) + " |")
+    plot(mean, budgets, full, args.png, len(trays))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"results": results, "mean": mean, "full": full}, indent=1))
+
+
+def plot(mean, budgets, full, path, n_trays) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for ax, (k, name) in zip(axes, [("receipt_exact_photo", "exact receipts, photos"),
+                                    ("receipt_exact_tray", "exact receipts, trays (photos voted)"),
+                                    ("map50", "mAP@0.5")]):
+        for s in STRATEGIES:
+            ax.plot(budgets, [mean[s][b][k] for b in budgets], marker="o", label=s)
+        ax.axhline(0.98 * full[k], color="grey", ls="--", lw=1, label="98% of full data")
+        ax.axvline(0.4 * n_trays, color="grey", ls=":", lw=1, label="40% of the labels")
+        ax.set_xlabel("labelled training trays")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
