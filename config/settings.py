@@ -144,6 +144,8 @@ class TrackerConfig(_Strict):
                                 description="a coasting track is removed once less than this share of its box is in the image")
     occluded_gate: float = Field(0.0, ge=0.0, le=5.0,
                                  description="2nd-chance match of occluded tracks by centre distance / box diagonal; 0 = off")
+    buffer_iou: float = Field(0.0, ge=0.0, le=2.0,
+                              description="C-BIoU pass for hidden tracks: boxes widened by this share per side; 0 = off")
 
 
 class LineConfig(_Strict):
