@@ -121,6 +121,7 @@ class CorrectionStore:
             except RevisionConflict as e:  # another node committed in between: judge against what it stored
                 if e.current is None:
                     raise CorrectionError(404, f"no event {event_id!r}") from None
+                log.info("event %s: revision %d was committed first by another correction", event_id, revision)
                 return self._correct(event_id, revision, changes, who, now)
 
     def _correct(self, event_id: str, revision: int, changes: list[Change], who: str, now: float | None) -> Outcome:
