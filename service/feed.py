@@ -52,7 +52,9 @@ class StoreFeed:
                 self.delivered += 1
             if page.next_after is None:
                 break
-        while self.revisions is not None:  # after the events: a revision's event has been fed before it
+        # then corrected revisions (an event committed just before its first correction may come after
+        # it: its row holds the latest revision, so the client sees that revision twice, never an older one)
+        while self.revisions is not None:
             got = self.revisions.corrected_after(self.revision_cursor, 500)
             for feed_seq, rec in got:
                 self.hub.feed(rec)
