@@ -329,7 +329,8 @@ class IntegrationsConfig(_Strict):
 
 
 class CorrectionsConfig(_Strict):
-    """Evidence crops per checkout event and cashier corrections (service/evidence.py, service/corrections.py)."""
+    """Evidence crops per checkout event and cashier corrections (service/evidence.py, service/corrections.py;
+    stored in the event database, SQLite or PostgreSQL: service/review_db.py)."""
 
     evidence: bool = Field(True, description="keep a small JPEG per item, from its track's best frame")
     crop_max_px: int = Field(160, ge=32, le=512, description="long side of an evidence crop")
@@ -338,7 +339,8 @@ class CorrectionsConfig(_Strict):
     max_tracks: int = Field(512, ge=8, le=100000, description="per camera: best-frame crops held for tracks "
                             "whose tray is still open (the least recently seen dropped beyond this)")
     dataset_dir: str | None = Field(None, description="corrected crops are written here as a manifest.jsonl "
-                                    "dataset `train --data` reads; null: <sqlite_path without suffix>_corrections")
+                                    "dataset `train --data` reads; null: <sqlite_path without suffix>_corrections, "
+                                    "with storage.url <database name>_corrections in the working directory")
 
 
 class ClusterConfig(_Strict):

@@ -33,7 +33,7 @@ from .outbox import Outbox, build_outbox
 from .pipeline import Pipeline
 from .stores import Store, open_store
 from .review_api import review_router
-from .store import EventStore
+from .review_db import open_review_db
 
 log = logging.getLogger(__name__)
 _BOUNDARY = "dishtrackframe"
@@ -78,12 +78,9 @@ def build_runtime(cfg: AppConfig, detector=None) -> Runtime:
     hub = EventHub(cfg.api.ws_queue, fed_by_store=store.shared)
     metrics = Metrics()
     outbox = build_outbox(cfg.integrations)
-    corrections = None
-    if isinstance(store, EventStore):  # corrections live in the SQLite store (not yet in PostgreSQL)
-        corrections = CorrectionStore(store, cfg.corrections.dataset_dir
-                                      or default_dataset_dir(cfg.storage.sqlite_path))
-    else:
-        log.warning("corrections and evidence crops need the SQLite store; off with storage.url")
+    # evidence crops, corrections and revisions in the event database (SQLite or PostgreSQL)
+    corrections = CorrectionStore(open_review_db(store), cfg.corrections.dataset_dir
+                                  or default_dataset_dir(cfg.storage))
     pipeline = Pipeline(cfg, detector, store, hub, metrics, publishers=outbox, corrections=corrections)
     if corrections is not None:
         corrections.menu = pipeline.menu  # corrected receipts are priced like detected ones
@@ -101,7 +98,8 @@ def create_app(runtime: Runtime) -> FastAPI:
         if rt.store.shared:  # PostgreSQL: every node's events reach this node's websockets from the store
             from .feed import StoreFeed
 
-            feed = StoreFeed(rt.store, rt.hub).start()
+            review = rt.corrections.db if rt.corrections is not None else None  # corrected revisions too
+            feed = StoreFeed(rt.store, rt.hub, revisions=review).start()
         if rt.outbox is not None:
             rt.outbox.start()
         rt.pipeline.start()
@@ -120,6 +118,8 @@ def create_app(runtime: Runtime) -> FastAPI:
                 await asyncio.to_thread(rt.outbox.stop)
             if feed is not None:
                 await asyncio.to_thread(feed.stop)
+            if rt.corrections is not None:
+                rt.corrections.db.close()
             rt.store.close()
 
     app = FastAPI(title="dishtrack", version="0.1.0", lifespan=lifespan)
@@ -304,7 +304,7 @@ def create_app(runtime: Runtime) -> FastAPI:
                     continue
                 if rec["seq"] > last or rec.get("revision", 0) > 0:  # a correction re-publishes an event
                     await ws.send_json(rec)
-                    last = rec["seq"]
+                    last = max(last, rec["seq"])  # an older event's revision does not move the cursor back
         except WebSocketDisconnect:
             pass
         finally:

@@ -2,19 +2,19 @@
 revisions (who, when, original vs corrected), and corrected crops written out as labelled
 examples for ``dishtrack train --data``.
 
-Tables live in the event database, created by their own migration step
-(``CORRECTIONS_MIGRATION``) on the store's connection; triggers delete them with their event,
-so retention bounds them too. Revision 0 is the event as the pipeline stored it; a correction
-creates revision N+1, replaces the event's payload (``GET /events`` serves the latest) and keeps
-every revision. Idempotent by (event_id, revision): the same revision sent again returns the
-stored one; a different correction under an existing number is a conflict.
+The domain logic lives here (apply changes, recount and re-price with the menu, the training
+examples); the tables live in the event database behind ``review_db.ReviewDb`` (SQLite or
+PostgreSQL). Revision 0 is the event as the pipeline stored it; a correction creates revision
+N+1, replaces the event's payload (``GET /events`` serves the latest) and keeps every revision.
+Idempotent by (event_id, revision): the same revision sent again returns the stored one; a
+different correction under an existing number is a conflict, also when another node sharing the
+database committed it a moment earlier (``commit_revision`` checks the revision atomically).
 """
 from __future__ import annotations
 
 import json
 import logging
 import re
-import sqlite3
 import threading
 import time
 from collections import defaultdict
@@ -24,53 +24,10 @@ from pathlib import Path
 from dishtrack.tracking.types import CheckoutEvent, CheckoutItem
 
 from .evidence import EvidenceUnit
-from .store import EventStore
+from .review_db import CorrectionRow, NewRevision, Revision, ReviewDb, RevisionConflict
 
 log = logging.getLogger(__name__)
 
-CORRECTIONS_MIGRATION = """
-CREATE TABLE IF NOT EXISTS event_evidence (
-    event_id TEXT NOT NULL,
-    idx INTEGER NOT NULL,
-    track_id INTEGER,
-    label TEXT NOT NULL,
-    confidence REAL,
-    box TEXT,
-    jpeg BLOB,
-    PRIMARY KEY (event_id, idx)
-);
-CREATE TABLE IF NOT EXISTS event_revisions (
-    event_id TEXT NOT NULL,
-    revision INTEGER NOT NULL,
-    payload TEXT NOT NULL,
-    units TEXT NOT NULL,
-    changes TEXT NOT NULL,
-    corrected_by TEXT,
-    corrected_at REAL,
-    PRIMARY KEY (event_id, revision)
-);
-CREATE TABLE IF NOT EXISTS corrections (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    event_id TEXT NOT NULL,
-    revision INTEGER NOT NULL,
-    unit INTEGER NOT NULL,
-    op TEXT NOT NULL,
-    model_label TEXT,
-    original_label TEXT,
-    corrected_label TEXT,
-    corrected_by TEXT NOT NULL,
-    corrected_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS corrections_event ON corrections(event_id, unit);
-CREATE TRIGGER IF NOT EXISTS events_delete_corrections AFTER DELETE ON events BEGIN
-    DELETE FROM event_evidence WHERE event_id = OLD.event_id;
-    DELETE FROM event_revisions WHERE event_id = OLD.event_id;
-    DELETE FROM corrections WHERE event_id = OLD.event_id;
-END;
-CREATE VIEW IF NOT EXISTS dishes_sold_hourly AS
-    SELECT CAST(e.ended_at / 3600 AS INTEGER) * 3600 AS hour_start, e.camera_id, l.label, SUM(l.count) AS dishes
-    FROM events e JOIN event_labels l ON l.seq = e.seq GROUP BY hour_start, e.camera_id, l.label;
-"""
 _LABEL = re.compile(r"^[^\x00-\x1f<>]{1,64}$")
 OPS = ("relabel", "remove", "add")
 
@@ -106,34 +63,25 @@ def _unit_dict(u: EvidenceUnit) -> dict:
 
 
 class CorrectionStore:
-    def __init__(self, store: EventStore, dataset_dir: str | Path, menu=None) -> None:
-        self.store = store
+    def __init__(self, db: ReviewDb, dataset_dir: str | Path, menu=None) -> None:
+        self.db = db
         self.dataset = Path(dataset_dir)
         self.menu = menu
-        self._write_lock = threading.Lock()  # one correction at a time (revision numbers, manifest file)
-        with store.transaction() as db:  # migration step: corrections tables (idempotent)
-            for stmt in _statements(CORRECTIONS_MIGRATION):
-                db.execute(stmt)
+        self._write_lock = threading.Lock()  # one correction at a time in this process (manifest file)
 
     # -- evidence
     def save_evidence(self, event_id: str, units: list[EvidenceUnit]) -> None:
-        with self.store.transaction() as db:
-            db.executemany("INSERT OR REPLACE INTO event_evidence(event_id, idx, track_id, label, confidence, box,"
-                           " jpeg) VALUES (?,?,?,?,?,?,?)",
-                           [(event_id, u.index, u.track_id, u.label, u.confidence,
-                             json.dumps(u.box) if u.box else None, u.jpeg) for u in units])
+        self.db.save_evidence(event_id, units)
 
     def crop(self, event_id: str, index: int) -> bytes | None:
-        rows = self.store.query("SELECT jpeg FROM event_evidence WHERE event_id=? AND idx=?", (event_id, index))
-        return rows[0]["jpeg"] if rows and rows[0]["jpeg"] else None
+        got = self.db.crop(event_id, index)
+        return got.jpeg if got is not None else None
 
     def _base_units(self, record: dict) -> list[dict]:
-        rows = self.store.query("SELECT idx, track_id, label, confidence, jpeg IS NOT NULL AS crop FROM event_evidence"
-                                " WHERE event_id=? ORDER BY idx", (record["event_id"],))
+        rows = self.db.evidence(record["event_id"])
         if rows:
-            return [{"index": r["idx"], "track_id": r["track_id"], "label": r["label"], "model_label": r["label"],
-                     "confidence": r["confidence"], "crop": bool(r["crop"]), "removed": False, "added": False}
-                    for r in rows]
+            return [{"index": r.index, "track_id": r.track_id, "label": r.label, "model_label": r.label,
+                     "confidence": r.confidence, "crop": r.crop, "removed": False, "added": False} for r in rows]
         units = []  # no evidence kept (disabled, or an older event): one unit per counted dish, no picture
         for it in record["items"]:
             for _ in range(it["count"]):
@@ -143,15 +91,12 @@ class CorrectionStore:
 
     def units(self, event_id: str) -> tuple[dict, list[dict]] | None:
         """(latest record, its units) or None for an unknown event."""
-        record = self.store.get(event_id)
+        record = self.db.event(event_id)
         if record is None:
             return None
         rev = record.get("revision", 0)
-        if rev:
-            rows = self.store.query("SELECT units FROM event_revisions WHERE event_id=? AND revision=?",
-                                    (event_id, rev))
-            if rows:
-                return record, json.loads(rows[0]["units"])
+        if rev and (stored := self.db.revision(event_id, rev)) is not None:
+            return record, stored.units
         return record, self._base_units(record)
 
     def history(self, event_id: str) -> list[dict] | None:
@@ -160,43 +105,54 @@ class CorrectionStore:
         if got is None:
             return None
         record, units = got
-        rows = self.store.query("SELECT * FROM event_revisions WHERE event_id=? ORDER BY revision", (event_id,))
-        if not rows:
+        revs = self.db.revisions(event_id)
+        if not revs:
             return [{"revision": 0, "event": record, "units": units, "changes": [], "corrected_by": None,
                      "corrected_at": None}]
-        return [{"revision": r["revision"], "event": {"seq": record["seq"], **json.loads(r["payload"])},
-                 "units": json.loads(r["units"]), "changes": json.loads(r["changes"]),
-                 "corrected_by": r["corrected_by"], "corrected_at": r["corrected_at"]} for r in rows]
+        return [{"revision": r.revision, "event": {"seq": record["seq"], **r.payload}, "units": r.units,
+                 "changes": r.changes, "corrected_by": r.corrected_by, "corrected_at": r.corrected_at} for r in revs]
 
     # -- corrections
     def correct(self, event_id: str, revision: int, changes: list[Change], who: str,
                 now: float | None = None) -> Outcome:
         with self._write_lock:
-            got = self.units(event_id)
-            if got is None:
-                raise CorrectionError(404, f"no event {event_id!r}")
-            record, units = got
-            current = record.get("revision", 0)
-            if revision <= current:
-                rows = self.store.query("SELECT changes FROM event_revisions WHERE event_id=? AND revision=?",
-                                        (event_id, revision))
-                if rows and json.loads(rows[0]["changes"]) == [c.to_dict() for c in changes]:
-                    return Outcome(record, revision, False)
-                raise CorrectionError(409, f"event {event_id} already has revision {revision} "
-                                      f"(latest {current}) with other changes; correct the latest")
-            if revision != current + 1:
-                raise CorrectionError(409, f"event {event_id} is at revision {current}: the next is {current + 1}")
-            if not changes:
-                raise CorrectionError(422, "no changes")
-            now = time.time() if now is None else now
-            new_units = [dict(u) for u in units]
-            logged = []
-            for c in changes:
-                logged.append(self._apply(new_units, c))
-            payload = self._payload(record, new_units, revision, who, now)
-            self._commit(record, units, new_units, payload, changes, logged, revision, who, now)
-            self._write_examples(event_id, revision, new_units, logged, who)
-            return Outcome({"seq": record["seq"], **payload}, revision, True)
+            try:
+                return self._correct(event_id, revision, changes, who, now)
+            except RevisionConflict as e:  # another node committed in between: judge against what it stored
+                if e.current is None:
+                    raise CorrectionError(404, f"no event {event_id!r}") from None
+                log.info("event %s: revision %d was committed first by another correction", event_id, revision)
+                return self._correct(event_id, revision, changes, who, now)
+
+    def _correct(self, event_id: str, revision: int, changes: list[Change], who: str, now: float | None) -> Outcome:
+        got = self.units(event_id)
+        if got is None:
+            raise CorrectionError(404, f"no event {event_id!r}")
+        record, units = got
+        current = record.get("revision", 0)
+        if revision <= current:
+            stored = self.db.revision(event_id, revision)
+            if stored is not None and stored.changes == [c.to_dict() for c in changes]:
+                return Outcome(record, revision, False)
+            raise CorrectionError(409, f"event {event_id} already has revision {revision} "
+                                  f"(latest {current}) with other changes; correct the latest")
+        if revision != current + 1:
+            raise CorrectionError(409, f"event {event_id} is at revision {current}: the next is {current + 1}")
+        if not changes:
+            raise CorrectionError(422, "no changes")
+        now = time.time() if now is None else now
+        new_units = [dict(u) for u in units]
+        logged = [self._apply(new_units, c) for c in changes]
+        payload = self._payload(record, new_units, revision, who, now)
+        original = None
+        if revision == 1:  # keep what the pipeline stored as revision 0
+            original = Revision(0, {k: v for k, v in record.items() if k != "seq"}, units, [], None, None)
+        self.db.commit_revision(NewRevision(
+            event_id, record["seq"], revision, payload, new_units, [c.to_dict() for c in changes],
+            tuple(CorrectionRow(unit, op, new_units[unit]["model_label"], before, after)
+                  for unit, op, before, after in logged), who, now, original))
+        self._write_examples(event_id, revision, new_units, logged, who)
+        return Outcome({"seq": record["seq"], **payload}, revision, True)
 
     def _apply(self, units: list[dict], c: Change) -> tuple:
         """Apply one change in place; returns (unit, op, original label, corrected label)."""
@@ -234,28 +190,6 @@ class CorrectionStore:
             ev = self.menu.apply(ev)  # a dish missing from the menu stays flagged, never priced at 0
         return {**ev.to_dict(), "revision": revision, "corrected": True, "corrected_by": who, "corrected_at": now}
 
-    def _commit(self, record, old_units, new_units, payload, changes, logged, revision, who, now) -> None:
-        ev_id = record["event_id"]
-        with self.store.transaction() as db:
-            if revision == 1:  # keep what the pipeline stored as revision 0
-                original = {k: v for k, v in record.items() if k != "seq"}
-                db.execute("INSERT OR IGNORE INTO event_revisions(event_id, revision, payload, units, changes)"
-                           " VALUES (?,0,?,?,'[]')", (ev_id, json.dumps(original), json.dumps(old_units)))
-            db.execute("INSERT INTO event_revisions(event_id, revision, payload, units, changes, corrected_by,"
-                       " corrected_at) VALUES (?,?,?,?,?,?,?)",
-                       (ev_id, revision, json.dumps(payload), json.dumps(new_units),
-                        json.dumps([c.to_dict() for c in changes]), who, now))
-            db.executemany("INSERT INTO corrections(event_id, revision, unit, op, model_label, original_label,"
-                           " corrected_label, corrected_by, corrected_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                           [(ev_id, revision, unit, op, new_units[unit]["model_label"], before, after, who, now)
-                            for unit, op, before, after in logged])
-            db.execute("UPDATE events SET payload=?, needs_review=?, confidence=?, currency=?, total=? "
-                       "WHERE event_id=?", (json.dumps(payload), int(payload["needs_review"]),
-                                            payload["confidence"], payload["currency"], payload["total"], ev_id))
-            db.execute("DELETE FROM event_labels WHERE seq=?", (record["seq"],))
-            db.executemany("INSERT INTO event_labels(seq, label, count) VALUES (?,?,?)",
-                           [(record["seq"], i["label"], i["count"]) for i in payload["items"]])
-
     # -- training examples
     def _write_examples(self, event_id: str, revision: int, units: list[dict], logged: list[tuple],
                         who: str) -> None:
@@ -268,10 +202,10 @@ class CorrectionStore:
             u = units[k]
             if u["removed"] or not u["crop"]:
                 continue
-            got = self.store.query("SELECT box, jpeg FROM event_evidence WHERE event_id=? AND idx=?", (event_id, k))
-            if not got or not got[0]["jpeg"] or not got[0]["box"]:
+            got = self.db.crop(event_id, k)
+            if got is None or not got.box:
                 continue
-            rows.append((f"crops/{event_id}_{k}.jpg", got[0]["jpeg"], json.loads(got[0]["box"]), u))
+            rows.append((f"crops/{event_id}_{k}.jpg", got.jpeg, list(got.box), u))
         if not rows:
             return
         try:
@@ -301,21 +235,17 @@ class CorrectionStore:
             log.error("corrected crops of event %s not written to %s: %s", event_id, self.dataset, e)
 
 
-def _statements(script: str) -> list[str]:
-    """Split the migration script into statements (triggers contain ';' inside BEGIN .. END)."""
-    out, buf = [], []
-    for line in script.strip().splitlines():
-        buf.append(line)
-        text = "\n".join(buf)
-        if sqlite3.complete_statement(text):
-            out.append(text)
-            buf = []
-    return out
+def default_dataset_dir(storage) -> Path:
+    """Where corrected crops go when ``corrections.dataset_dir`` is not set. SQLite: next to the
+    database (events.sqlite3 -> events_corrections/). PostgreSQL: ``<database name>_corrections/``
+    in the working directory (the node's data folder; ``/data`` in the Docker image): the
+    database is on another machine, the crops are files for ``train --data`` on this one."""
+    if storage.url:
+        from psycopg.conninfo import conninfo_to_dict  # only with PostgreSQL storage
 
-
-def default_dataset_dir(sqlite_path: str) -> Path:
-    """Next to the database: events.sqlite3 -> events_corrections/."""
-    if sqlite_path == ":memory:":
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(conninfo_to_dict(storage.url).get("dbname") or "dishtrack"))
+        return Path.cwd() / f"{name.lstrip('.') or 'dishtrack'}_corrections"
+    if storage.sqlite_path == ":memory:":
         return Path.cwd() / "dishtrack_corrections"
-    p = Path(sqlite_path)
+    p = Path(storage.sqlite_path)
     return p.parent / f"{p.stem}_corrections"

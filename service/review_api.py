@@ -1,6 +1,7 @@
 """Routes for reviewing receipts: evidence crops (viewer), corrections (admin: every non-GET
-needs it, see auth.required_role) and revision history. A correction is re-published on the
-websocket as the event's new revision."""
+needs it, see auth.required_role) and revision history, with SQLite or PostgreSQL storage. A
+correction is re-published on the websocket as the event's new revision (on every node's, with
+PostgreSQL)."""
 from __future__ import annotations
 
 from typing import Literal
@@ -114,8 +115,8 @@ def review_router(rt) -> APIRouter:
                 raise RequestValidationError([{"type": "value_error", "loc": ("body", "changes"), "msg": str(e),
                                                "input": body.model_dump()["changes"]}]) from None
             raise HTTPException(e.status, str(e)) from None
-        if out.created:
-            rt.hub.publish(out.record)
+        if out.created:  # SQLite: to this node's websockets; PostgreSQL: ignored, the store feed delivers it
+            rt.hub.publish(out.record)  # to every node's (review_pg: feed_seq), this one's included
         return JSONResponse({"created": out.created, "revision": out.revision, "event": out.record},
                             status_code=201 if out.created else 200)
 

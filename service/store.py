@@ -149,7 +149,7 @@ class EventStore:
     @contextlib.contextmanager
     def transaction(self):
         """The connection inside BEGIN IMMEDIATE .. COMMIT under the store's lock (rolled back on error),
-        for tables other modules keep next to the events (service/corrections.py: evidence, revisions)."""
+        for tables other modules keep next to the events (service/review_sqlite.py: evidence, revisions)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -161,7 +161,7 @@ class EventStore:
                 raise
 
     def query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        """A read on the store's connection (analytics, corrections)."""
+        """A read on the store's connection (review_sqlite: corrections, analytics)."""
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 

@@ -12,7 +12,9 @@ Same contract as the SQLite store (``stores.Store``), plus:
 * each write ``NOTIFY``s ``dishtrack_events`` (delivered at commit, in commit
   order); ``Listener`` wakes the websocket feed of every node.
 * versioned schema migrations (``dishtrack_schema``), applied at open under an
-  advisory lock so nodes starting together migrate once.
+  advisory lock so nodes starting together migrate once; version 2 adds the
+  review tables (``review_pg.PgReviewDb``: evidence crops, revisions,
+  corrections), each deleted with its event by ``ON DELETE CASCADE``.
 * a lost connection (server restart) fails that call (the pipeline spools the
   event and retries) and is reopened on the next one.
 """
@@ -36,6 +38,7 @@ CHANNEL = "dishtrack_events"
 _SEQ_LOCK = 0x64697368_0001  # advisory lock keys ("dish" + n)
 _MIGRATE_LOCK = 0x64697368_0002
 _PRUNE_LOCK = 0x64697368_0003
+REVISION_LOCK = 0x64697368_0004  # held from drawing a corrected revision's feed_seq to commit (review_pg)
 
 # (version, DDL); append only: a database at version N gets the ones after N
 MIGRATIONS: tuple[tuple[int, str], ...] = (
@@ -65,8 +68,55 @@ CREATE TABLE event_labels (
 CREATE INDEX event_labels_label ON event_labels(label, seq);
 CREATE INDEX event_labels_seq ON event_labels(seq);
 """),
+    # review tables (service/review_pg.py): evidence crops, revisions, corrections; deleted with their event
+    (2, """
+CREATE TABLE event_evidence (
+    event_id TEXT NOT NULL REFERENCES events(event_id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    track_id INTEGER,
+    label TEXT NOT NULL,
+    confidence DOUBLE PRECISION,
+    box JSONB,
+    jpeg BYTEA,
+    PRIMARY KEY (event_id, idx)
+);
+CREATE SEQUENCE event_revisions_feed_seq;
+CREATE TABLE event_revisions (
+    event_id TEXT NOT NULL REFERENCES events(event_id) ON DELETE CASCADE,
+    revision INTEGER NOT NULL CHECK (revision >= 0),
+    payload JSONB NOT NULL,
+    units JSONB NOT NULL,
+    changes JSONB NOT NULL,
+    corrected_by TEXT,
+    corrected_at DOUBLE PRECISION,
+    feed_seq BIGINT UNIQUE,
+    PRIMARY KEY (event_id, revision)
+);
+COMMENT ON COLUMN event_revisions.feed_seq IS
+    'commit order of corrected revisions across nodes: the websocket feed pages by it (NULL: revision 0)';
+CREATE TABLE corrections (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_id TEXT NOT NULL REFERENCES events(event_id) ON DELETE CASCADE,
+    revision INTEGER NOT NULL,
+    unit INTEGER NOT NULL,
+    op TEXT NOT NULL CHECK (op IN ('relabel', 'remove', 'add')),
+    model_label TEXT,
+    original_label TEXT,
+    corrected_label TEXT,
+    corrected_by TEXT NOT NULL,
+    corrected_at DOUBLE PRECISION NOT NULL,
+    FOREIGN KEY (event_id, revision) REFERENCES event_revisions(event_id, revision) ON DELETE CASCADE
+);
+CREATE INDEX corrections_event ON corrections(event_id, unit);
+CREATE VIEW dishes_sold_hourly AS
+    SELECT h.hour_start, h.camera_id, h.label, SUM(h.count)::BIGINT AS dishes, to_timestamp(h.hour_start) AS hour
+    FROM (SELECT (FLOOR(e.ended_at / 3600) * 3600)::BIGINT AS hour_start, e.camera_id, l.label, l.count
+          FROM events e JOIN event_labels l ON l.seq = e.seq) h
+    GROUP BY h.hour_start, h.camera_id, h.label;
+"""),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+_TABLES = ("events", "event_labels", "event_evidence", "event_revisions", "corrections")
 
 
 def _connect(url: str) -> psycopg.Connection:
@@ -170,18 +220,20 @@ class PgEventStore:
             return c.execute("SELECT COUNT(*) FROM events").fetchone()[0]
 
     def size_bytes(self) -> int:
-        """Bytes the event tables and their indexes take in the database."""
+        """Bytes the event tables, the review tables kept with them (crops, revisions) and their indexes take."""
         with self._r.use() as c:
-            return c.execute("SELECT pg_total_relation_size('events') + pg_total_relation_size('event_labels')"
-                             ).fetchone()[0]
+            return c.execute("SELECT " + " + ".join(f"pg_total_relation_size('{t}')" for t in _TABLES)).fetchone()[0]
 
     def used_bytes(self) -> int:
-        """Live data, estimated: events x mean size of the newest 200 (row + its labels, x2 for indexes and
-        tuple overhead). PostgreSQL keeps freed space for reuse, so the relation size would never drop."""
+        """Live data, estimated: events x mean size of the newest 200 (row + its labels, evidence crops and
+        revisions, x2 for indexes and tuple overhead). PostgreSQL keeps freed space for reuse, so the
+        relation size would never drop."""
         with self._r.use() as c:
             n, mean = c.execute(
                 "SELECT (SELECT COUNT(*) FROM events), (SELECT AVG(pg_column_size(e.*) + 40 * ("
-                "SELECT COUNT(*) FROM event_labels l WHERE l.seq = e.seq)) FROM "
+                "SELECT COUNT(*) FROM event_labels l WHERE l.seq = e.seq) + COALESCE(("
+                "SELECT SUM(pg_column_size(v.*)) FROM event_evidence v WHERE v.event_id = e.event_id), 0) + COALESCE(("
+                "SELECT SUM(pg_column_size(r.*)) FROM event_revisions r WHERE r.event_id = e.event_id), 0)) FROM "
                 "(SELECT * FROM events ORDER BY seq DESC LIMIT 200) e)").fetchone()
         return int(n * float(mean or 0) * 2)
 

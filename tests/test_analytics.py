@@ -1,6 +1,6 @@
-"""Analytics (issue 10 item 5): numbers from a real SQLite event store holding known events and
-corrections, the same through SQL (the view SQL tools use), pruning takes corrections along, and the
-page draws its charts in headless Chromium against the running service."""
+"""Analytics (issue 10 item 5): numbers from a real event store (SQLite, and the suite's real PostgreSQL)
+holding known events and corrections, the same through SQL (the view SQL tools use), pruning takes
+corrections along, and the page draws its charts in headless Chromium against the running service."""
 from __future__ import annotations
 
 import sqlite3
@@ -10,6 +10,7 @@ import pytest
 from conftest import VIDEO, AppServer, wait_until
 from dishtrack.service.analytics import analytics
 from dishtrack.service.corrections import Change, CorrectionStore
+from dishtrack.service.review_db import open_review_db
 from dishtrack.service.store import EventStore
 from dishtrack.tracking.types import CheckoutEvent, CheckoutItem
 
@@ -22,9 +23,37 @@ def _ev(eid, cam, t, items, review):
                          tuple(range(sum(n for _, n in items))), 0.7, needs_review=review)
 
 
-def fill(path, dataset):
-    store = EventStore(path)
-    corr = CorrectionStore(store, dataset)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request, tmp_path):
+    """(storage config, sql(query) -> rows read by a plain client: sqlite3 / psycopg, as SQL tools would)."""
+    if request.param == "postgresql":
+        import psycopg
+
+        url = request.getfixturevalue("pg_url")
+
+        def sql(q):
+            with psycopg.connect(url) as c:
+                return c.execute(q).fetchall()
+        return {"url": url}, sql
+    path = str(tmp_path / "ev.sqlite3")
+
+    def sql(q):
+        with sqlite3.connect(path) as db:
+            return db.execute(q).fetchall()
+    return {"sqlite_path": path}, sql
+
+
+def open_store(storage):
+    if "url" in storage:
+        from dishtrack.service.store_pg import PgEventStore
+
+        return PgEventStore(storage["url"])
+    return EventStore(storage["sqlite_path"])
+
+
+def fill(storage, dataset):
+    store = open_store(storage)
+    corr = CorrectionStore(open_review_db(store), dataset)
     for ev in (_ev("e1", "a", T0 + 100, [("Dessert", 1), ("Plate", 2)], False),
                _ev("e2", "a", T0 + H + 100, [("Drink", 1), ("Plate", 1)], True),
                _ev("e3", "b", T0 + 200, [("Dessert", 1), ("Fruit", 1)], True),
@@ -39,12 +68,13 @@ def fill(path, dataset):
            ("e4", 2, [Change("relabel", 0, "Plate"), Change("add", None, "Cheese")])]
     for eid, rev, changes in fix:
         assert corr.correct(eid, rev, changes, "boss", now=T0 + 5 * H).created
-    return store
+    return store, corr.db
 
 
-def test_analytics_numbers_on_known_events(tmp_path):
-    store = fill(str(tmp_path / "ev.sqlite3"), tmp_path / "ds")
-    a = analytics(store)
+def test_analytics_numbers_on_known_events(tmp_path, backend):
+    storage, sql = backend
+    store, db = fill(storage, tmp_path / "ds")
+    a = analytics(db)
     assert a["per_hour"] == [{"hour_start": T0, "camera_id": "a", "dishes": 2},
                              {"hour_start": T0, "camera_id": "b", "dishes": 2},
                              {"hour_start": T0 + H, "camera_id": "a", "dishes": 2},
@@ -63,35 +93,40 @@ def test_analytics_numbers_on_known_events(tmp_path):
                                    {"detected": "Fruit", "corrected": "Bread", "count": 1},
                                    {"detected": "Yogurt", "corrected": "Plate", "count": 1}]
     assert a["corrections"] == {"relabel": 6, "remove": 1, "add": 1}
-    b = analytics(store, camera="b")
+    b = analytics(db, camera="b")
     assert b["review"]["events"] == 2 and b["dishes"] == 6 and b["review"]["needed_review"] == 1
     assert [p["count"] for p in b["confused_pairs"]] == [1, 1, 1]
-    late = analytics(store, since=T0 + H)
+    late = analytics(db, since=T0 + H)
     assert late["review"]["events"] == 3 and late["dishes"] == 7
-    assert analytics(store, since=T0 + 10 * H)["review"]["needed_review_share"] is None
+    assert analytics(db, since=T0 + 10 * H)["review"]["needed_review_share"] is None
     # SQL tools: the same per-hour sales from the view
-    with sqlite3.connect(tmp_path / "ev.sqlite3") as db:
-        assert db.execute("SELECT SUM(dishes) FROM dishes_sold_hourly").fetchone()[0] == 11
-        assert db.execute("SELECT dishes FROM dishes_sold_hourly WHERE camera_id='b' AND label='Yogurt'"
-                          ).fetchone()[0] == 2
+    assert sql("SELECT SUM(dishes) FROM dishes_sold_hourly")[0][0] == 11
+    assert sql("SELECT hour_start, dishes FROM dishes_sold_hourly WHERE camera_id='b' AND label='Yogurt'"
+               ) == [(T0 + 2 * H, 2)]
+    assert sql("SELECT COUNT(*) FROM corrections WHERE event_id='e4'")[0][0] == 3
     # retention deletes an event's revisions and corrections with it
     assert store.prune(max_events=4) == 1
-    assert analytics(store)["confused_pairs"][0] == {"detected": "Dessert", "corrected": "Plate", "count": 1}
-    assert store.query("SELECT COUNT(*) AS n FROM event_revisions WHERE event_id='e1'")[0]["n"] == 0
+    assert analytics(db)["confused_pairs"][0] == {"detected": "Dessert", "corrected": "Plate", "count": 1}
+    assert [sql(f"SELECT COUNT(*) FROM {t} WHERE event_id='e1'")[0][0]
+            for t in ("event_revisions", "corrections")] == [0, 0]
+    db.close()
     store.close()
 
 
 @pytest.mark.browser
-def test_analytics_page_draws_charts(tmp_path, detector, chromium):
+def test_analytics_page_draws_charts(tmp_path, backend, detector, chromium):
     from selenium.webdriver.common.by import By
 
     from dishtrack.config import AppConfig
     from dishtrack.service.api import build_runtime, create_app
 
-    db = str(tmp_path / "ev.sqlite3")
-    fill(db, tmp_path / "ds").close()
+    storage, _ = backend
+    store, db = fill(storage, tmp_path / "ds")
+    db.close()
+    store.close()
     cfg = AppConfig.model_validate({"cameras": [{"id": "cam0", "source": str(VIDEO), "realtime": True}],
-                                    "storage": {"sqlite_path": db, "retention": {"max_age_days": None}}})
+                                    "storage": {**storage, "retention": {"max_age_days": None}},
+                                    "cluster": {"node_id": "analytics"}})
     with AppServer(create_app(build_runtime(cfg, detector=detector))) as s:
         assert s.get("/analytics/data").json()["dishes"] == 11
         assert s.get("/analytics/data?since=10&until=5").status_code == 422

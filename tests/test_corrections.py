@@ -20,14 +20,19 @@ from dishtrack.service.auth import hash_token, new_token
 VIEWER, ADMIN = new_token(), new_token()
 
 
-@pytest.fixture(scope="module")
-def server(detector, tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(request, detector, tmp_path_factory):
+    """The app on the real video, its events (crops, revisions) in SQLite or in the suite's real PostgreSQL."""
     tmp = tmp_path_factory.mktemp("corr")
+    if request.param == "postgresql":
+        storage = {"url": request.getfixturevalue("pg_server").create_db("t_corrections")}
+    else:
+        storage = {"sqlite_path": str(tmp / "events.sqlite3")}
     cfg = AppConfig.model_validate({
         "cameras": [{"id": "cam0", "source": str(VIDEO), "realtime": True, "loop": True}],
         "zones": [{"id": "z0", "camera": "cam0", "line": {"p1": [0.5, 0.0], "p2": [0.5, 1.0]}, "tray_gap_s": 0.3,
                    "tray_max_s": 2.0}],
-        "storage": {"sqlite_path": str(tmp / "events.sqlite3")},
+        "storage": storage,
         "auth": {"enabled": True, "tokens": [{"name": "till1", "role": "viewer", "hash": hash_token(VIEWER)},
                                              {"name": "boss", "role": "admin", "hash": hash_token(ADMIN)}]},
         "rate_limit": {"enabled": False},
