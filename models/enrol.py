@@ -74,8 +74,11 @@ def extend_head(clf: DishClassifier, old: Sequence[str], new: Sequence[str]) -> 
 
 
 def train_head(clf: DishClassifier, data: EmbeddedCrops, epochs: int = 40, lr: float = 3e-3, seed: int = 0,
-               batch_size: int = 128) -> float:
-    """Fit the head (output layer + box-geometry layer) on fixed embeddings; returns the last epoch's loss."""
+               batch_size: int = 128, few_shot: Sequence[int] = ()) -> float:
+    """Fit the head (output layer + box-geometry layer) on fixed embeddings; returns the last epoch's loss.
+    ``few_shot`` classes (a dish enrolled from a handful of boxes) are weighted up to the median
+    class's total weight (capped at 8x), not only the usual square-root balance: otherwise five
+    boxes among thousands barely move the loss."""
     n_out = clf.fc.out_features
     params = list(clf.fc.parameters()) + list(clf.geo.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-3)
@@ -83,6 +86,12 @@ def train_head(clf: DishClassifier, data: EmbeddedCrops, epochs: int = 40, lr: f
     steps = max(1, math.ceil(n / batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs) * steps, pct_start=0.1)
     weights = class_weights(data.y, n_out)
+    if len(few_shot):
+        counts = torch.bincount(data.y, minlength=n_out).float()
+        med = counts[counts > 0].median()
+        for k in few_shot:
+            if counts[k] > 0:
+                weights[k] = max(float(weights[k]), min(8.0, float(med / counts[k])))
     gen = torch.Generator().manual_seed(seed)
     clf.train()
     loss_sum = 0.0
@@ -100,6 +109,28 @@ def train_head(clf: DishClassifier, data: EmbeddedCrops, epochs: int = 40, lr: f
             loss_sum += loss.item()
     clf.eval()
     return loss_sum / steps
+
+
+@torch.no_grad()
+def imprint(clf: DishClassifier, data: EmbeddedCrops, classes: Sequence[int]) -> None:
+    """Start each new class's output row at the direction of its examples' mean head input, scaled
+    like the trained rows (weight imprinting, Qi et al. 2018): from zero weights a class seen five
+    times never outscores the trained ones within a few epochs."""
+    clf.eval()
+    z = torch.cat([data.emb, clf.geo(data.geo)], dim=1)
+    old = [k for k in range(clf.fc.out_features) if k not in set(classes)]
+    norm = clf.fc.weight[old].norm(dim=1).mean()
+    bias = clf.fc.bias[old].mean()
+    for k in classes:
+        m = z[data.y == k].mean(0)
+        if torch.isfinite(m).all() and m.norm() > 0:
+            clf.fc.weight[k] = m / m.norm() * norm
+            clf.fc.bias[k] = bias
+
+
+def concat(a: EmbeddedCrops, b: EmbeddedCrops) -> EmbeddedCrops:
+    return EmbeddedCrops(torch.cat([a.emb, b.emb]), torch.cat([a.geo, b.geo]), torch.cat([a.y, b.y]),
+                         torch.cat([a.owner, b.owner]))
 
 
 def merged_classes(old: Sequence[str], datasets: Sequence[LabelledData]) -> tuple[str, ...]:
@@ -121,14 +152,33 @@ def merged_classes(old: Sequence[str], datasets: Sequence[LabelledData]) -> tupl
 
 
 def enrol_model(model: DishModel, classes: Sequence[str], train_s: Sequence[Sample], train_labels, views: int = 4,
-                epochs: int = 40, seed: int = 0, progress: bool = True) -> EmbeddedCrops:
-    """In place: ``model``'s classifier head now names ``classes`` (old ones keep their weights as a start)."""
+                epochs: int = 40, seed: int = 0, progress: bool = True, shot_views: int = 24,
+                few_shot: bool = True) -> EmbeddedCrops:
+    """In place: ``model``'s classifier head now names ``classes`` (old ones keep their weights as a start).
+    Boxes of a new dish get ``shot_views`` augmented views in all (a handful of corrections are
+    the only examples of it), the rest ``views``; new rows are imprinted, then fitted with the rest,
+    weighted up (``few_shot=False``: none of the three, the plain head refit, for comparison)."""
     torch.manual_seed(seed)
-    extend_head(model.classifier, list(model.spec.classes), list(classes))
+    old = list(model.spec.classes)
+    extend_head(model.classifier, old, list(classes))
     model.spec = DishModelSpec(**{**model.spec.__dict__, "classes": tuple(classes)})
     data = embed_crops(model, train_s, train_labels, len(classes), views, True, seed, progress, "enrol crop views")
-    log.info("enrol: %d crop views of %d photos; fitting the head", len(data.y), len(train_s))
-    train_head(model.classifier, data, epochs=epochs, seed=seed)
+    new = [k for k, c in enumerate(classes) if c not in old]
+    photos = [i for i, lb in enumerate(train_labels) if any(k in new for k in lb)]
+    if few_shot and photos and shot_views > views:
+        more = embed_crops(model, [train_s[i] for i in photos],
+                           [[k if k in new else -1 for k in train_labels[i]] for i in photos], len(classes),
+                           shot_views - views, True, seed + 1, progress, "enrol: more views of the new dishes",
+                           proposals=False)
+        keep = more.y != len(classes)  # its background boxes add nothing the first pass lacks
+        more = EmbeddedCrops(more.emb[keep], more.geo[keep], more.y[keep],
+                             torch.tensor(photos, dtype=torch.long)[more.owner[keep]])
+        data = concat(data, more)
+    log.info("enrol: %d crop views of %d photos (%d of new dishes); fitting the head", len(data.y), len(train_s),
+             int(sum((data.y == k).sum() for k in new)) if new else 0)
+    if few_shot:
+        imprint(model.classifier, data, new)
+    train_head(model.classifier, data, epochs=epochs, seed=seed, few_shot=new if few_shot else ())
     return data
 
 
@@ -149,7 +199,7 @@ def thresholds_for(model: DishModel, val_s: Sequence[Sample], val_labels, old: d
 
 
 def enrol(checkpoint: str | Path, data: Sequence[str | Path], out: str | Path, val_fraction: float = 0.2,
-          views: int = 4, epochs: int = 40, seed: int = 0, progress: bool = True) -> dict:
+          views: int = 4, epochs: int = 40, seed: int = 0, progress: bool = True, shot_views: int = 24) -> dict:
     """``dishtrack enrol``: checkpoint + labelled photos (old dishes and new) -> a checkpoint that
     also names the new dishes. Validation holds out whole trays, as ``train`` does."""
     t0 = time.time()
@@ -172,7 +222,7 @@ def enrol(checkpoint: str | Path, data: Sequence[str | Path], out: str | Path, v
     log.info("enrol: %d classes (%d new: %s), %d training photos, %d validation photos", len(classes), len(new),
              new, len(train_s), len(val_s))
     lab = lambda xs: [[cidx[lb] for lb in x.labels] for x in xs]  # noqa: E731
-    enrol_model(model, classes, train_s, lab(train_s), views, epochs, seed, progress)
+    enrol_model(model, classes, train_s, lab(train_s), views, epochs, seed, progress, shot_views)
     thresholds, preds = thresholds_for(model, val_s, lab(val_s), dict(model.spec.thresholds), progress)
     model.spec = DishModelSpec(**{**model.spec.__dict__, "thresholds": thresholds})
     report = ({k: v for k, v in evaluate_predictions(val_s, classes, preds, thresholds).items() if k != "confusion"}

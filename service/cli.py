@@ -93,7 +93,7 @@ def cmd_enrol(args) -> int:
     from dishtrack.models.enrol import enrol
 
     r = enrol(args.checkpoint, args.data, args.out, val_fraction=args.val_fraction, views=args.views,
-              epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
+              shot_views=args.shot_views, epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
     print(f"checkpoint: {r['checkpoint']}  dishes: {', '.join(r['classes'])}  new: {', '.join(r['new_classes']) or '-'}"
           f"  ({r['seconds']:.0f} s)")
     v = r["validation"]
@@ -306,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--out", required=True, help="the new checkpoint")
     en.add_argument("--val-fraction", type=float, default=0.2, help="share of trays held out to choose thresholds")
     en.add_argument("--views", type=int, default=4, help="augmented views of every box")
+    en.add_argument("--shot-views", type=int, default=24,
+                    help="augmented views of each box of a new dish (it has only a few)")
     en.add_argument("--epochs", type=int, default=40)
     en.add_argument("--seed", type=int, default=0)
     en.add_argument("--no-progress", action="store_true")

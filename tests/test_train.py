@@ -256,3 +256,27 @@ def test_enrol_refuses_a_label_that_differs_from_a_known_dish_only_by_case(tiny_
     assert r.returncode == 2
     assert "'plate'" in r.stderr and "'Plate'" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_imprinted_new_dish_outscores_old_dishes_on_its_own_examples():
+    """From zero weights (bias -2) a dish seen a handful of times loses to every trained dish;
+    imprinted from its examples' mean it wins on them, and old dishes keep winning on theirs."""
+    from dishtrack.models.dish_classifier import DishClassifier
+    from dishtrack.models.enrol import EmbeddedCrops, extend_head, imprint
+
+    g = torch.Generator().manual_seed(0)
+    clf = DishClassifier(2, 64, pretrained=False, freeze_blocks=0).eval()
+    centres = torch.rand(3, 1280, generator=g) * (torch.rand(3, 1280, generator=g) < 0.1)  # sparse, post-ReLU-like
+    emb = torch.cat([centres[k] + 0.02 * torch.rand(6, 1280, generator=g) for k in range(3)])
+    y = torch.arange(3).repeat_interleave(6)
+    geo = torch.rand(len(y), 3, generator=g)
+    with torch.no_grad():  # a head that already tells the two old dishes apart
+        clf.fc.weight.zero_()
+        clf.fc.weight[:2, :1280] = 4 * centres[:2] / centres[:2].norm(dim=1, keepdim=True)
+    extend_head(clf, ["A", "B"], ["A", "B", "New"])
+    with torch.no_grad():
+        assert (clf.head(emb, geo).argmax(1)[y == 2] != 2).all()
+    imprint(clf, EmbeddedCrops(emb, geo, torch.where(y == 2, 2, -1), torch.zeros(len(y), dtype=torch.long)), [2])
+    with torch.no_grad():
+        pred = clf.head(emb, geo)[:, :3].argmax(1)
+    assert torch.equal(pred, y)
