@@ -236,6 +236,13 @@ class ApiConfig(_Strict):
                            "are reused for this long, so polling them fast cannot starve the pipeline; 0 = off")
     shutdown_grace_s: float = Field(2.0, ge=0, le=60, description="on SIGTERM, seconds open requests get before "
                                      "they are cancelled (streams end at once); exit stays within ~5 s")
+    # Linux niceness is per thread and inherited by the threads a thread creates. The pipeline's threads
+    # (readers, detector and its torch/OpenMP threads, tracking, annotation) are started by the lifespan
+    # before this is applied, so they keep the process's nice; the event loop and the worker threads it
+    # starts later for sync endpoints get this many steps more. On a busy core the scheduler then gives
+    # the pipeline the CPU first, and an API flood slows the API rather than detection (issue 7).
+    nice: int = Field(10, ge=0, le=19, description="the HTTP server's threads run this many nice steps "
+                      "below the pipeline (capped at nice 19; raising needs no privilege); 0 = same priority")
 
 
 class TokenConfig(_Strict):
