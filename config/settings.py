@@ -237,11 +237,13 @@ class ApiConfig(_Strict):
     shutdown_grace_s: float = Field(2.0, ge=0, le=60, description="on SIGTERM, seconds open requests get before "
                                      "they are cancelled (streams end at once); exit stays within ~5 s")
     # Linux niceness is per thread and inherited by the threads a thread creates. The pipeline's threads
-    # (readers, detector and its torch/OpenMP threads, tracking, annotation) are started by the lifespan
-    # before this is applied, so they keep the process's nice; the event loop and the worker threads it
-    # starts later for sync endpoints get this many steps more. On a busy core the scheduler then gives
-    # the pipeline the CPU first, and an API flood slows the API rather than detection (issue 7).
-    nice: int = Field(10, ge=0, le=19, description="the HTTP server's threads run this many nice steps "
+    # (readers, detect and its torch threads, tracking, annotation) are started by the lifespan, and
+    # ONNX Runtime's pool when the model loads, all before this is applied, so they keep the process's
+    # nice; the event loop and the sync-endpoint worker threads it starts later get this many steps
+    # more. When both want the same core the scheduler then prefers the pipeline (issue 7, API load).
+    # Off by default: on the shared bench machine it raised no throughput ratio measurably but did raise
+    # API latency under a flood (README, "API load"); an A/B on an idle core is still to be done.
+    nice: int = Field(0, ge=0, le=19, description="the HTTP server's threads run this many nice steps "
                       "below the pipeline (capped at nice 19; raising needs no privilege); 0 = same priority")
 
 
