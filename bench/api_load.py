@@ -7,7 +7,12 @@ generator in another process sends a fixed rate of API requests (a mix of
 /health, /events, /cameras, /cameras/cam0/tracks, /metrics, /readyz over
 keep-alive connections), and prints the table:
 
-    python bench/api_load.py [--rate 500] [--seconds 20] [--service-cpus 0] [--load-cpus 1]
+    python bench/api_load.py [--rate 500] [--seconds 20] [--service-cpus 0] [--load-cpus 1] [--cycles 1]
+
+``--cycles N`` alternates N unloaded and N loaded windows (then one more unloaded),
+and also rates each loaded window against the mean of the unloaded windows just
+before and after it: on a machine shared with other jobs their load drifts over
+a minute as much as the effect measured, and bracketing cancels slow drift.
 
 ``--service-cpus`` / ``--load-cpus`` pin the two processes (taskset lists) so the
 generator does not simply take the service's CPU: what is measured is the
@@ -40,10 +45,20 @@ def processed(base: str) -> float:
                 if line.startswith('dishtrack_frames_processed_total{camera="cam0"}'))
 
 
-def measure_fps(base: str, seconds: float) -> float:
-    n0, t0 = processed(base), time.monotonic()
+def cpu_seconds(pid: int) -> float:
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, all threads
+
+
+def measure_fps(base: str, seconds: float, cpu: list[float] | None = None, pid: int | None = None) -> float:
+    """Processed frames/s over ``seconds``; the service's CPU use (cores) over it is appended to ``cpu``:
+    pinned to an otherwise idle core it is ~1.0, and less means other jobs shared that core."""
+    n0, t0, c0 = processed(base), time.monotonic(), cpu_seconds(pid) if pid else 0.0
     time.sleep(seconds)
-    return (processed(base) - n0) / (time.monotonic() - t0)
+    took = time.monotonic() - t0
+    if cpu is not None and pid:
+        cpu.append((cpu_seconds(pid) - c0) / took)
+    return (processed(base) - n0) / took
 
 
 async def _load(port: int, rate: float, seconds: float, conns: int) -> dict:
@@ -85,9 +100,7 @@ async def _load(port: int, rate: float, seconds: float, conns: int) -> dict:
     await asyncio.gather(*(worker() for _ in range(conns)))
     took = time.monotonic() - t0
     lat.sort()
-    return {"sent": total, "done": len(lat), "errors": errors, "rate": len(lat) / took, "status": status,
-            "p50_ms": 1000 * lat[len(lat) // 2] if lat else None,
-            "p99_ms": 1000 * lat[int(len(lat) * 0.99)] if lat else None}
+    return {"sent": total, "done": len(lat), "errors": errors, "seconds": took, "status": status, "lat": lat}
 
 
 def _load_proc(port: int, rate: float, seconds: float, conns: int, cpus: str | None, out) -> None:
@@ -105,6 +118,7 @@ def main() -> int:
     ap.add_argument("--load-cpus", help="CPU list for the load generator, e.g. 1")
     ap.add_argument("--python", default=sys.executable, help="python whose dishtrack is run (compare builds)")
     ap.add_argument("--config", help="extra YAML merged over the bench config (e.g. detector settings)")
+    ap.add_argument("--cycles", type=int, default=1, help="unloaded/loaded window pairs (bracketed ratio)")
     args = ap.parse_args()
 
     import yaml
@@ -135,28 +149,49 @@ def main() -> int:
                 if svc.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit(f"service did not start; see {tmp / 'service.log'}")
             time.sleep(0.5)
-        unloaded = measure_fps(base, args.seconds)
-        q: mp.Queue = mp.Queue()
-        gen = mp.Process(target=_load_proc, args=(port, args.rate, args.seconds + 4, args.conns, args.load_cpus, q))
-        gen.start()
-        time.sleep(2.0)  # let the load reach its rate
-        loaded = measure_fps(base, args.seconds)
-        load = q.get(timeout=args.seconds + 120)
-        gen.join()
-        after = measure_fps(base, min(args.seconds, 10))
+        unloaded, loaded, loads = [], [], []
+        cpu_u: list[float] = []
+        cpu_l: list[float] = []
+        for _ in range(args.cycles):
+            unloaded.append(measure_fps(base, args.seconds, cpu_u, svc.pid))
+            q: mp.Queue = mp.Queue()
+            gen = mp.Process(target=_load_proc, args=(port, args.rate, args.seconds + 4, args.conns, args.load_cpus, q))
+            gen.start()
+            time.sleep(2.0)  # let the load reach its rate
+            loaded.append(measure_fps(base, args.seconds, cpu_l, svc.pid))
+            loads.append(q.get(timeout=args.seconds + 120))
+            gen.join()
+        after = measure_fps(base, min(args.seconds, 10) if args.cycles == 1 else args.seconds, cpu_u, svc.pid)
     finally:
         svc.terminate()
         svc.wait(30)
-    ratio = loaded / unloaded if unloaded else float("nan")
+    around = unloaded[1:] + [after]  # the unloaded window after each loaded one
+    bracketed = [lo / ((u0 + u1) / 2) for lo, u0, u1 in zip(loaded, unloaded, around)]
+    # one cycle: against the unloaded phase before (as before --cycles); more: bracketed, mean over cycles
+    ratio = (loaded[0] / unloaded[0] if unloaded[0] else float("nan")) if args.cycles == 1 \
+        else sum(bracketed) / len(bracketed)
+    lat = sorted(x for ld in loads for x in ld["lat"])
+    status: dict[int, int] = {}
+    for ld in loads:
+        for code, n in ld["status"].items():
+            status[code] = status.get(code, 0) + n
+    rate = sum(ld["done"] for ld in loads) / sum(ld["seconds"] for ld in loads)
     print(f"API load bench: {os.cpu_count()} CPUs, service on CPUs {args.service_cpus or 'all'}, "
-          f"load generator on CPUs {args.load_cpus or 'all'}, {args.seconds:g} s per phase")
+          f"load generator on CPUs {args.load_cpus or 'all'}, {args.seconds:g} s per window, {args.cycles} cycle(s)")
     print("| phase | pipeline fps | API req/s done | API p50 / p99 ms | API errors |")
     print("|---|---|---|---|---|")
-    print(f"| unloaded | {unloaded:.2f} | 0 | - | - |")
-    print(f"| {args.rate:g} req/s offered | {loaded:.2f} ({ratio:.0%}) | {load['rate']:.0f} | "
-          f"{load['p50_ms']:.1f} / {load['p99_ms']:.1f} | {load['errors']} |")
+    print(f"| unloaded | {sum(unloaded) / len(unloaded):.2f} | 0 | - | - |")
+    print(f"| {args.rate:g} req/s offered | {sum(loaded) / len(loaded):.2f} ({ratio:.0%}) | {rate:.0f} | "
+          f"{1000 * lat[len(lat) // 2]:.1f} / {1000 * lat[int(len(lat) * 0.99)]:.1f} | "
+          f"{sum(ld['errors'] for ld in loads)} |")
     print(f"| after the load | {after:.2f} | 0 | - | - |")
-    print("status codes:", json.dumps(load["status"]))
+    print("status codes:", json.dumps(status))
+    print("windows: unloaded", " ".join(f"{u:.2f}" for u in unloaded + [after]),
+          "| loaded", " ".join(f"{lo:.2f}" for lo in loaded))
+    print("service CPU (cores): unloaded", " ".join(f"{c:.2f}" for c in cpu_u),
+          "| loaded", " ".join(f"{c:.2f}" for c in cpu_l))
+    print("loaded / mean of the unloaded windows around it:", " ".join(f"{b:.0%}" for b in bracketed),
+          f"(mean {sum(bracketed) / len(bracketed):.0%})")
     return 0 if ratio >= 0.8 else 1
 
 

@@ -236,6 +236,15 @@ class ApiConfig(_Strict):
                            "are reused for this long, so polling them fast cannot starve the pipeline; 0 = off")
     shutdown_grace_s: float = Field(2.0, ge=0, le=60, description="on SIGTERM, seconds open requests get before "
                                      "they are cancelled (streams end at once); exit stays within ~5 s")
+    # Linux niceness is per thread and inherited by the threads a thread creates. The pipeline's threads
+    # (readers, detect and its torch threads, tracking, annotation) are started by the lifespan, and
+    # ONNX Runtime's pool when the model loads, all before this is applied, so they keep the process's
+    # nice; the event loop and the sync-endpoint worker threads it starts later get this many steps
+    # more. When both want the same core the scheduler then prefers the pipeline (issue 7, API load).
+    # Off by default: on the shared bench machine it raised no throughput ratio measurably but did raise
+    # API latency under a flood (README, "API load"); an A/B on an idle core is still to be done.
+    nice: int = Field(0, ge=0, le=19, description="the HTTP server's threads run this many nice steps "
+                      "below the pipeline (capped at nice 19; raising needs no privilege); 0 = same priority")
 
 
 class TokenConfig(_Strict):

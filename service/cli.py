@@ -40,7 +40,7 @@ def cmd_run(args) -> int:
     app = create_app(build_runtime(cfg))
     log.info("serving on http://%s:%d (cameras: %s)", cfg.api.host, cfg.api.port,
              ", ".join(c.id for c in cfg.cameras))
-    serve(app, cfg.api.host, cfg.api.port, args.log_level.lower(), cfg.api.shutdown_grace_s)
+    serve(app, cfg.api.host, cfg.api.port, args.log_level.lower(), cfg.api.shutdown_grace_s, cfg.api.nice)
     return 0
 
 

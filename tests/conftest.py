@@ -109,7 +109,8 @@ def rtsp_server(tmp_path, sample_mkv):
 class ServiceProcess:
     """``dishtrack run`` in a subprocess with a given config."""
 
-    def __init__(self, cfg: dict, tmp: Path) -> None:
+    def __init__(self, cfg: dict, tmp: Path, nice: int | None = None) -> None:
+        """``nice``: the service's niceness (default: this process's; below it needs root)."""
         self.port = free_port()
         cfg.setdefault("api", {})["port"] = self.port
         cfg.setdefault("storage", {"sqlite_path": str(tmp / "events.sqlite3")})
@@ -118,7 +119,8 @@ class ServiceProcess:
         self.log_path = tmp / "service.log"
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(["dishtrack", "run", "--config", str(self.cfg_path)],
-                                     stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT)
+                                     stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
+                                     preexec_fn=None if nice is None else lambda: os.setpriority(os.PRIO_PROCESS, 0, nice))
         try:
             wait_until(self._ready, 90, what=f"service on {self.base} (log {self.log_path})")
         except BaseException:  # never leave a service running behind a failed start (it would load the CPU)
@@ -151,8 +153,8 @@ class ServiceProcess:
 def service(tmp_path):
     procs: list[ServiceProcess] = []
 
-    def start(cfg: dict) -> ServiceProcess:
-        p = ServiceProcess(cfg, tmp_path)
+    def start(cfg: dict, nice: int | None = None) -> ServiceProcess:
+        p = ServiceProcess(cfg, tmp_path, nice)
         procs.append(p)
         return p
 
