@@ -3,7 +3,10 @@
 Simulated on the kiosk photos: start with 5 labelled training trays (random), then rounds of 5
 more chosen by (a) random, (b) diversity: greedy k-center on tray embeddings (mean of the
 detector trunk's embeddings of the localiser's boxes on the tray's photos), (c) diversity x
-(1 + uncertainty): the current classifier's mean normalised entropy on the tray's boxes. After
+(1 + uncertainty): the current classifier's mean normalised entropy on the tray's boxes, (d)
+coverage: greedy facility location on the dishes' embeddings (the tray whose dishes bring the
+most unlabelled pool dishes closer to a labelled one), (e) coverage with each pool dish weighted
+by 1 + its entropy. After
 each round the classifier head is refit on the labelled trays and scored on the fixed tray-split
 validation (mAP@0.5, exact receipts per photo and per photo-voted tray). Seeds averaged.
 
@@ -39,7 +42,7 @@ from dishtrack.models.train import split_by_group
 from dishtrack.models.augment import letterbox
 
 log = logging.getLogger("learning_curve")
-STRATEGIES = ("random", "diversity", "diversity+uncertainty")
+STRATEGIES = ("random", "diversity", "diversity+uncertainty", "coverage", "coverage+uncertainty")
 
 
 @torch.inference_mode()
@@ -105,6 +108,45 @@ def pick(strategy: str, pool: list[str], labelled: list[str], feats: dict[str, n
     return out
 
 
+def box_uncertainty(preds: list[dict]) -> np.ndarray:
+    """Normalised entropy of every pool box's dish probabilities, in photo then box order."""
+    out = []
+    for p in preds:
+        q = p["probs"]
+        if len(q):
+            out.append(-(q * np.log(q.clip(1e-9))).sum(1) / np.log(q.shape[1]))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def pick_coverage(pool: list[str], labelled: list[str], sim: np.ndarray, box_tray: np.ndarray, n: int,
+                  weight: np.ndarray | None) -> list[str]:
+    """Next ``n`` trays by greedy facility location on dish embeddings: the tray whose dishes most
+    reduce the (weighted) distance of every unlabelled pool dish to its nearest labelled dish.
+    Unlike k-center on tray means it favours trays that stand for many dishes, not outliers."""
+    w = np.ones(len(box_tray)) if weight is None else 1.0 + weight
+    lab = np.isin(box_tray, labelled)
+    dmin = (1.0 - sim[:, lab].max(1)) if lab.any() else np.ones(len(box_tray))
+    left = [t for t in pool if t not in labelled]
+    out = []
+    for _ in range(min(n, len(left))):
+        best, best_gain, best_d = None, -1.0, None
+        for t in left:
+            if t in out:
+                continue
+            m = box_tray == t
+            if not m.any():
+                continue
+            d = np.minimum(dmin, 1.0 - sim[:, m].max(1))
+            gain = float((w * (dmin - d)).sum())
+            if gain > best_gain:
+                best, best_gain, best_d = t, gain, d
+        if best is None:
+            break
+        out.append(best)
+        dmin = best_d
+    return out
+
+
 def subset(data: EmbeddedCrops, photos: set[int]) -> EmbeddedCrops:
     m = torch.tensor([int(o) in photos for o in data.owner])
     return EmbeddedCrops(data.emb[m], data.geo[m], data.y[m], data.owner[m])
@@ -152,6 +194,10 @@ def main() -> None:
                        if pt == t and len(b)]).mean(0)
         feats[t] = F.normalize(e, dim=0).numpy()
 
+    box_emb = torch.cat([F.normalize(emb, dim=1) for (b, sc, emb, geo) in pool_loc if len(b)]).numpy()
+    box_tray = np.array([pt for (b, *_), pt in zip(pool_loc, photo_tray) for _ in range(len(b))])
+    sim = box_emb @ box_emb.T
+
     def fit_and_score(labelled: list[str], seed: int):
         photos = {i for i, t in enumerate(photo_tray) if t in labelled}
         torch.manual_seed(seed)
@@ -167,7 +213,7 @@ def main() -> None:
         thr = choose_thresholds(gt, [(p["boxes"], p["scores"], p["class_ids"]) for p in preds], classes)
         rep = evaluate_predictions(va_c, classes, preds, thr)
         pool_preds = predictions(clf, pool_loc, len(classes))
-        return rep, tray_uncertainty(pool_preds, photo_tray)
+        return rep, (tray_uncertainty(pool_preds, photo_tray), box_uncertainty(pool_preds))
 
     budgets = list(range(args.start, len(trays), args.step)) + [len(trays)]
     results = {s: {b: [] for b in budgets} for s in STRATEGIES}
@@ -177,8 +223,11 @@ def main() -> None:
             rng = random.Random(seed)
             labelled = list(init)
             for b in budgets:
-                if len(labelled) < b:
-                    labelled += pick(strat, trays, labelled, feats, unc, b - len(labelled), rng)
+                if len(labelled) < b and strat.startswith("coverage"):
+                    labelled += pick_coverage(trays, labelled, sim, box_tray, b - len(labelled),
+                                              unc[1] if strat.endswith("uncertainty") else None)
+                elif len(labelled) < b:
+                    labelled += pick(strat, trays, labelled, feats, unc[0], b - len(labelled), rng)
                 rep, unc = fit_and_score(labelled, seed)
                 results[strat][b].append({k: rep[k] for k in ("map50", "receipt_exact_photo", "receipt_exact_tray")})
                 log.info("seed %d %-22s %2d trays: mAP %.3f photos %.3f trays %.3f", seed, strat, b, rep["map50"],
@@ -206,7 +255,7 @@ def plot(mean, budgets, full, path, n_trays) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, (k, name) in zip(axes, [("receipt_exact_photo", "exact receipts, photos"),
                                     ("receipt_exact_tray", "exact receipts, trays (photos voted)"),
                                     ("map50", "mAP@0.5")]):

@@ -4,10 +4,12 @@ Labels are cheapest where they teach the most: frames unlike the ones already pi
 and frames the model is unsure about (uncertainty). Each candidate frame is described by the dish
 classifier's own embedding (the trunk the model learns with) of the whole frame and of the mean of
 its detections; uncertainty is the lowest class margin (top-1 minus top-2 probability) among its
-detections. Selection is greedy k-center on cosine distance, each candidate's distance to the
-picked set weighted by (1 + ``uncertainty_weight`` x uncertainty), starting from the most uncertain
-frame; a candidate closer than ``dedup_distance`` to a picked frame is a near-duplicate and never
-picked.
+detections. Selection is greedy facility location on cosine distance: each pick is the frame that
+brings the most candidate frames closer to a picked one, each frame counted with weight
+(1 + ``uncertainty_weight`` x uncertainty); a candidate closer than ``dedup_distance`` to a picked
+frame is a near-duplicate and never picked. Measured on tray photos (``bench/learning_curve.py``),
+k-center — the farthest frame next — labels outliers first and did worse than random choice;
+facility location picks frames that stand for many others and did better at every budget.
 """
 from __future__ import annotations
 
@@ -83,23 +85,24 @@ def frame_feature(det: DishDetector, image_bgr: np.ndarray, min_confidence: floa
 
 def select(cands: list[Candidate], n: int, uncertainty_weight: float = 1.0,
            dedup_distance: float = 0.02) -> list[tuple[int, float]]:
-    """Greedy uncertainty-weighted k-center: indices into ``cands`` with their novelty, in pick order."""
+    """Greedy uncertainty-weighted facility location: indices into ``cands`` with their novelty
+    (cosine distance to the nearest frame picked before, 1.0 for the first), in pick order."""
     if not cands or n <= 0:
         return []
-    x = np.stack([c.feature for c in cands])
-    u = np.array([c.uncertainty for c in cands], np.float64)
-    first = int(np.argmax(u))  # ties: the earliest frame
-    picked = [(first, 1.0)]
-    dmin = 1.0 - x @ x[first]
-    while len(picked) < n:
-        score = np.where(dmin >= dedup_distance, dmin * (1.0 + uncertainty_weight * u), -1.0)
-        for i, _ in picked:
-            score[i] = -1.0
-        k = int(np.argmax(score))
-        if score[k] < 0:
-            break  # everything left is a near-duplicate of a picked frame
-        picked.append((k, float(dmin[k])))
-        dmin = np.minimum(dmin, 1.0 - x @ x[k])
+    x = np.stack([c.feature for c in cands]).astype(np.float32)
+    w = 1.0 + uncertainty_weight * np.array([c.uncertainty for c in cands], np.float32)
+    d = np.clip(1.0 - x @ x.T, 0.0, None)  # embeddings are non-negative (pooled ReLU6): distances in [0, 1]
+    cover = np.ones(len(cands), np.float32)  # each frame's distance to its nearest pick (none yet: the maximum)
+    allowed = np.ones(len(cands), bool)
+    picked: list[tuple[int, float]] = []
+    while len(picked) < n and allowed.any():
+        gain = (np.maximum(cover[None, :] - d, 0.0) * w[None, :]).sum(axis=1)
+        gain[~allowed] = -1.0
+        k = int(np.argmax(gain))  # ties: the earliest frame
+        picked.append((k, 1.0 if not picked else float(cover[k])))
+        cover = np.minimum(cover, d[k])
+        allowed &= d[k] >= dedup_distance  # near-duplicates of the pick, and the pick itself
+        allowed[k] = False
     return picked
 
 
