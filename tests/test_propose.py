@@ -51,9 +51,11 @@ def test_propose_round_trip(fmt, atol, photos, dish_detector, tmp_path):
     from dishtrack.models.importers import load_dataset
     from dishtrack.models.propose import propose
 
-    res = propose(dish_detector, photos, tmp_path / "out", fmt, min_score=0.3, progress=False)
+    # a low cut: the round trip is about the file formats, so carry many boxes (the tests' 2-epoch model
+    # found 5-8 at 0.3 depending on the run)
+    res = propose(dish_detector, photos, tmp_path / "out", fmt, min_score=0.1, progress=False)
     assert len(res.proposals) == 6
-    assert sum(len(p.labels) for p in res.proposals) >= 6  # the tiny model still finds dishes
+    assert sum(len(p.labels) for p in res.proposals) >= 6
     data = load_dataset(tmp_path / "out", classes=dish_detector.labels)
     assert data.format == fmt and not data.problems, [str(x) for x in data.problems]
     _same(res.proposals, data.samples, atol)
