@@ -422,7 +422,7 @@ def test_kill_9_repeatedly_loses_no_published_event_and_stores_none_twice(servic
     SIGKILL; restarts on the same database never store an event twice and the file stays sound."""
     db = tmp_path / "events.sqlite3"
     seen: dict[str, int] = {}
-    for cycle in range(4):
+    for cycle in range(10):  # the issue's scenario: kill -9 ten times
         cfg = busy_checkout()
         cfg["storage"] = {"sqlite_path": str(db)}
         svc = service(cfg)
