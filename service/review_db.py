@@ -122,6 +122,17 @@ class ReviewDb(Protocol):
     def close(self) -> None: ...
 
 
+def event_filter(since: float | None, until: float | None, camera: str | None, mark: str) -> tuple[str, tuple]:
+    """SQL condition on events ``e`` that ended in [since, until), of one camera if given, and its
+    arguments; ``mark``: the driver's placeholder (``?`` sqlite3, ``%s`` psycopg)."""
+    clauses, args = ["1 = 1"], []
+    for column, op, value in (("ended_at", ">=", since), ("ended_at", "<", until), ("camera_id", "=", camera)):
+        if value is not None:
+            clauses.append(f"e.{column} {op} {mark}")
+            args.append(value)
+    return " AND ".join(clauses), tuple(args)
+
+
 def open_review_db(store) -> ReviewDb:
     """The review database living in ``store`` (tables migrated on open)."""
     from .store import EventStore

@@ -15,18 +15,10 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from .evidence import EvidenceUnit
-from .review_db import AnalyticsRows, EvidenceRow, NewRevision, Revision, RevisionConflict, StoredCrop
+from .review_db import (AnalyticsRows, EvidenceRow, NewRevision, Revision, RevisionConflict, StoredCrop,
+                        event_filter)
 from .store import _record
 from .store_pg import CHANNEL, REVISION_LOCK, PgEventStore, _Conn
-
-
-def _where(since: float | None, until: float | None, camera: str | None) -> tuple[str, tuple]:
-    clauses, args = ["TRUE"], []
-    for clause, value in (("e.ended_at >= %s", since), ("e.ended_at < %s", until), ("e.camera_id = %s", camera)):
-        if value is not None:
-            clauses.append(clause)
-            args.append(value)
-    return " AND ".join(clauses), tuple(args)
 
 
 def _rows(cur) -> list[dict]:
@@ -141,7 +133,7 @@ class PgReviewDb:
 
     def analytics(self, since: float | None, until: float | None, camera: str | None, bucket_s: int,
                   top_pairs: int) -> AnalyticsRows:
-        where, args = _where(since, until, camera)
+        where, args = event_filter(since, until, camera, "%s")
         b = int(bucket_s)
         with self._r.use() as c:
             def q(sql: str, a: tuple = args) -> list[dict]:

@@ -8,7 +8,8 @@ import json
 import sqlite3
 
 from .evidence import EvidenceUnit
-from .review_db import AnalyticsRows, EvidenceRow, NewRevision, Revision, RevisionConflict, StoredCrop
+from .review_db import (AnalyticsRows, EvidenceRow, NewRevision, Revision, RevisionConflict, StoredCrop,
+                        event_filter)
 from .store import EventStore
 
 CORRECTIONS_MIGRATION = """
@@ -71,15 +72,6 @@ def _statements(script: str) -> list[str]:
 def _revision(r: sqlite3.Row) -> Revision:
     return Revision(r["revision"], json.loads(r["payload"]), json.loads(r["units"]), json.loads(r["changes"]),
                     r["corrected_by"], r["corrected_at"])
-
-
-def _where(since: float | None, until: float | None, camera: str | None) -> tuple[str, tuple]:
-    clauses, args = ["1"], []
-    for clause, value in (("e.ended_at >= ?", since), ("e.ended_at < ?", until), ("e.camera_id = ?", camera)):
-        if value is not None:
-            clauses.append(clause)
-            args.append(value)
-    return " AND ".join(clauses), tuple(args)
 
 
 class SqliteReviewDb:
@@ -150,7 +142,7 @@ class SqliteReviewDb:
 
     def analytics(self, since: float | None, until: float | None, camera: str | None, bucket_s: int,
                   top_pairs: int) -> AnalyticsRows:
-        where, args = _where(since, until, camera)
+        where, args = event_filter(since, until, camera, "?")
         q = self.store.query
         b = int(bucket_s)
         per_hour = [dict(r) for r in q(
