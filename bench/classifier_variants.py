@@ -14,15 +14,14 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dishtrack.models.dish_classifier import DishClassifier
 from dishtrack.models.dish_detector import DishDetector, DishModelSpec, load_dish_checkpoint, save_dish_checkpoint
-from dishtrack.models.evaluate import choose_thresholds, evaluate_predictions
+from dishtrack.models.evaluate import evaluate_predictions
 from dishtrack.models.importers import load_dataset
 from dishtrack.models.localiser import ImageCache
-from dishtrack.models.train import RunState, predict_samples, split_by_group, train_classifier
+from dishtrack.models.train import RunState, split_by_group, train_classifier, validation_thresholds
 from dishtrack.models.train_settings import TrainSettings
 
 log = logging.getLogger("classifier_variants")
@@ -60,9 +59,7 @@ def main() -> None:
         lab = lambda xs: [[cidx[lb] for lb in x.labels] for x in xs]  # noqa: E731
         train_classifier(s, model, classes, ImageCache(tr, long_side), lab(tr), ImageCache(va, long_side), lab(va),
                          RunState(work / f"{tag}.state", s, False))
-        preds = predict_samples(DishDetector(model, "cpu"), va, False)
-        gt = [(np.asarray(x.boxes, np.float32).reshape(-1, 4), np.asarray(lb)) for x, lb in zip(va, lab(va))]
-        thr = choose_thresholds(gt, [(p["boxes"], p["scores"], p["class_ids"]) for p in preds], classes)
+        preds, thr = validation_thresholds(DishDetector(model, "cpu"), va, lab(va), classes, False)
         model.spec = DishModelSpec(**{**model.spec.__dict__, "thresholds": thr})
         rep = evaluate_predictions(va, classes, preds, thr, confusion_png=work / f"{tag}_confusion.png")
         save_dish_checkpoint(work / f"{tag}.pt", model)

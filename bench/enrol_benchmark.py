@@ -29,10 +29,11 @@ import torch
 from dishtrack.models.dish_classifier import DishClassifier
 from dishtrack.models.dish_detector import DishDetector, DishModelSpec, load_dish_checkpoint, save_dish_checkpoint
 from dishtrack.models.enrol import enrol_model
-from dishtrack.models.evaluate import choose_thresholds, evaluate_predictions
+from dishtrack.models.evaluate import evaluate_predictions
 from dishtrack.models.importers import load_dataset
 from dishtrack.models.localiser import ImageCache
-from dishtrack.models.train import RunState, predict_samples, split_by_group, train_classifier
+from dishtrack.models.train import (RunState, predict_samples, split_by_group, train_classifier,
+                                    validation_thresholds)
 from dishtrack.models.train_settings import TrainSettings
 
 log = logging.getLogger("enrol_benchmark")
@@ -90,12 +91,8 @@ def main() -> None:
             long_side = max(s.loc_size, s.crop_long_side)
             train_classifier(s, model, classes, ImageCache(tr, long_side), lab(tr), ImageCache(va, long_side), lab(va),
                              RunState(work / f"base_{dish}.state", s, False))
-            det = DishDetector(model, "cpu")
-            preds = predict_samples(det, va, False)
-            gt = [(np.asarray(x.boxes, np.float32).reshape(-1, 4), np.asarray(lb)) for x, lb in zip(va, lab(va))]
-            gt = [(b[c >= 0], c[c >= 0]) for b, c in gt]
-            model.spec = DishModelSpec(**{**model.spec.__dict__, "thresholds": choose_thresholds(
-                gt, [(p["boxes"], p["scores"], p["class_ids"]) for p in preds], classes)})
+            _, thr = validation_thresholds(DishDetector(model, "cpu"), va, lab(va), classes, False)
+            model.spec = DishModelSpec(**{**model.spec.__dict__, "thresholds": thr})
             save_dish_checkpoint(base_path, model)
         base_s = time.time() - t0
         # the corrections: the first boxes of the dish met in the training trays, in a random tray order

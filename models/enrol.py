@@ -22,11 +22,11 @@ from torch import nn
 
 from .dish_classifier import DishClassifier
 from .dish_detector import DishDetector, DishModel, DishModelSpec, load_dish_checkpoint, save_dish_checkpoint
-from .evaluate import choose_thresholds, evaluate_predictions
+from .evaluate import evaluate_predictions
 from .importers import DatasetError, LabelledData, load_dataset
 from .localiser import ImageCache
 from .sample import Sample
-from .train import CropViews, class_weights, localiser_proposals, predict_samples, split_by_group
+from .train import CropViews, class_weights, localiser_proposals, split_by_group, validation_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -190,11 +190,8 @@ def thresholds_for(model: DishModel, val_s: Sequence[Sample], val_labels, old: d
     default = float(np.median(list(old.values()))) if old else 0.3
     if not val_s:
         return {c: old.get(c, default) for c in classes}, []
-    det = DishDetector(model, "cpu")
-    preds = predict_samples(det, list(val_s), progress)
-    gt = [(np.asarray(x.boxes, np.float32).reshape(-1, 4), np.asarray(lb, np.int64)) for x, lb in zip(val_s, val_labels)]
-    chosen = choose_thresholds(gt, [(p["boxes"], p["scores"], p["class_ids"]) for p in preds], classes)
-    seen = {classes[k] for _, g in gt for k in g}
+    preds, chosen = validation_thresholds(DishDetector(model, "cpu"), list(val_s), val_labels, classes, progress)
+    seen = {classes[k] for lb in val_labels for k in lb}
     return {c: (chosen[c] if c in seen else old.get(c, default)) for c in classes}, preds
 
 

@@ -547,10 +547,7 @@ def train(s: TrainSettings) -> dict:
     history += train_classifier(s, model, classes, train_c, train_labels, val_c, val_labels, state)
 
     # thresholds per dish on validation trays, then the validation report with them
-    det = DishDetector(model, device)
-    preds = predict_samples(det, val_s, s.progress)
-    gt = [(np.asarray(x.boxes, np.float32).reshape(-1, 4), np.array(lbls, np.int64)) for x, lbls in zip(val_s, val_labels)]
-    thresholds = choose_thresholds(gt, [(p["boxes"], p["scores"], p["class_ids"]) for p in preds], classes)
+    preds, thresholds = validation_thresholds(DishDetector(model, device), val_s, val_labels, classes, s.progress)
     model.spec = DishModelSpec(**{**spec.__dict__, "thresholds": thresholds})
     report = evaluate_predictions(val_s, classes, preds, thresholds,
                                   confusion_png=out.with_name(out.stem + "_confusion.png"))
@@ -567,6 +564,18 @@ def train(s: TrainSettings) -> dict:
     log.info("wrote %s (curves %s) in %.0fs: val mAP@0.5 %.3f, exact receipts %.1f%% of trays",
              out, curves, meta["seconds"], report["map50"], 100 * report["receipt_exact_tray"])
     return {"checkpoint": str(out), "curves": str(curves), **meta}
+
+
+def validation_thresholds(det: DishDetector, samples: list[Sample], labels, classes: tuple[str, ...],
+                          progress: bool = True) -> tuple[list[dict], dict[str, float]]:
+    """The detector's predictions on labelled validation photos and each dish's score threshold chosen
+    on them (``evaluate.choose_thresholds``); labels < 0 (a dish held out) are left out."""
+    preds = predict_samples(det, samples, progress)
+    gt = []
+    for x, lb in zip(samples, labels):
+        b, c = np.asarray(x.boxes, np.float32).reshape(-1, 4), np.asarray(lb, np.int64)
+        gt.append((b[c >= 0], c[c >= 0]))
+    return preds, choose_thresholds(gt, [(p["boxes"], p["scores"], p["class_ids"]) for p in preds], classes)
 
 
 def predict_samples(det: DishDetector, samples: list[Sample], progress: bool = True) -> list[dict]:
