@@ -38,6 +38,7 @@ from dishtrack.models.evaluate import choose_thresholds, evaluate_predictions
 from dishtrack.models.importers import load_dataset
 from dishtrack.models.localiser import ImageCache
 from dishtrack.models.sample import Sample
+from dishtrack.models.shots import greedy_coverage
 from dishtrack.models.train import split_by_group
 from dishtrack.models.augment import letterbox
 
@@ -120,31 +121,17 @@ def box_uncertainty(preds: list[dict]) -> np.ndarray:
 
 def pick_coverage(pool: list[str], labelled: list[str], sim: np.ndarray, box_tray: np.ndarray, n: int,
                   weight: np.ndarray | None) -> list[str]:
-    """Next ``n`` trays by greedy facility location on dish embeddings: the tray whose dishes most
-    reduce the (weighted) distance of every unlabelled pool dish to its nearest labelled dish.
-    Unlike k-center on tray means it favours trays that stand for many dishes, not outliers."""
-    w = np.ones(len(box_tray)) if weight is None else 1.0 + weight
+    """Next ``n`` trays by greedy facility location on dish embeddings (``shots.greedy_coverage``, what
+    ``dishtrack shots`` does with frames): the tray whose dishes most reduce the (weighted) distance
+    of every pool dish to its nearest labelled dish. Unlike k-center on tray means it favours trays
+    that stand for many dishes, not outliers."""
     lab = np.isin(box_tray, labelled)
-    dmin = (1.0 - sim[:, lab].max(1)) if lab.any() else np.ones(len(box_tray))
-    left = [t for t in pool if t not in labelled]
-    out = []
-    for _ in range(min(n, len(left))):
-        best, best_gain, best_d = None, -1.0, None
-        for t in left:
-            if t in out:
-                continue
-            m = box_tray == t
-            if not m.any():
-                continue
-            d = np.minimum(dmin, 1.0 - sim[:, m].max(1))
-            gain = float((w * (dmin - d)).sum())
-            if gain > best_gain:
-                best, best_gain, best_d = t, gain, d
-        if best is None:
-            break
-        out.append(best)
-        dmin = best_d
-    return out
+    cover = (1.0 - sim[:, lab].max(1)) if lab.any() else None
+    left = [t for t in pool if t not in labelled and (box_tray == t).any()]
+    if not left:
+        return []
+    dist = np.stack([1.0 - sim[:, box_tray == t].max(1) for t in left])  # tray -> every pool dish
+    return [left[k] for k in greedy_coverage(dist, n, None if weight is None else 1.0 + weight, cover)]
 
 
 def subset(data: EmbeddedCrops, photos: set[int]) -> EmbeddedCrops:

@@ -83,27 +83,40 @@ def frame_feature(det: DishDetector, image_bgr: np.ndarray, min_confidence: floa
     return Candidate(-1, 0.0, feat, unc, int(keep.sum()), labels)
 
 
+def greedy_coverage(dist: np.ndarray, n: int, weight: np.ndarray | None = None, cover: np.ndarray | None = None,
+                    dedup_distance: float | None = None) -> list[int]:
+    """Greedy weighted facility location: ``dist`` (candidates, points) distances in [0, 1]; each pick
+    is the candidate that most lowers the weighted distance of every point to its nearest pick
+    (``cover``: the points' distances to what is already chosen; default 1, none). With
+    ``dedup_distance`` the candidates are the points themselves (square ``dist``) and one closer
+    than that to a pick is never picked. Returns candidate indices in pick order (ties: earliest)."""
+    w = np.ones(dist.shape[1], np.float32) if weight is None else weight
+    cover = np.ones(dist.shape[1], np.float32) if cover is None else cover
+    allowed = np.ones(dist.shape[0], bool)
+    picked: list[int] = []
+    while len(picked) < n and allowed.any():
+        gain = (np.maximum(cover[None, :] - dist, 0.0) * w[None, :]).sum(axis=1)
+        gain[~allowed] = -1.0
+        k = int(np.argmax(gain))
+        picked.append(k)
+        cover = np.minimum(cover, dist[k])
+        if dedup_distance is not None:
+            allowed &= dist[k] >= dedup_distance  # near-duplicates of the pick
+        allowed[k] = False
+    return picked
+
+
 def select(cands: list[Candidate], n: int, uncertainty_weight: float = 1.0,
            dedup_distance: float = 0.02) -> list[tuple[int, float]]:
-    """Greedy uncertainty-weighted facility location: indices into ``cands`` with their novelty
-    (cosine distance to the nearest frame picked before, 1.0 for the first), in pick order."""
+    """Greedy uncertainty-weighted facility location over the frames: indices into ``cands`` with
+    their novelty (cosine distance to the nearest frame picked before, 1.0 for the first), in pick order."""
     if not cands or n <= 0:
         return []
     x = np.stack([c.feature for c in cands]).astype(np.float32)
     w = 1.0 + uncertainty_weight * np.array([c.uncertainty for c in cands], np.float32)
     d = np.clip(1.0 - x @ x.T, 0.0, None)  # embeddings are non-negative (pooled ReLU6): distances in [0, 1]
-    cover = np.ones(len(cands), np.float32)  # each frame's distance to its nearest pick (none yet: the maximum)
-    allowed = np.ones(len(cands), bool)
-    picked: list[tuple[int, float]] = []
-    while len(picked) < n and allowed.any():
-        gain = (np.maximum(cover[None, :] - d, 0.0) * w[None, :]).sum(axis=1)
-        gain[~allowed] = -1.0
-        k = int(np.argmax(gain))  # ties: the earliest frame
-        picked.append((k, 1.0 if not picked else float(cover[k])))
-        cover = np.minimum(cover, d[k])
-        allowed &= d[k] >= dedup_distance  # near-duplicates of the pick, and the pick itself
-        allowed[k] = False
-    return picked
+    picks = greedy_coverage(d, n, w, dedup_distance=dedup_distance)
+    return [(k, 1.0 if j == 0 else float(min(1.0, d[k, picks[:j]].min()))) for j, k in enumerate(picks)]
 
 
 def pick_shots(det: DishDetector, source: str, out: str | Path, n: int, every: int = 5, max_frames: int = 2000,
