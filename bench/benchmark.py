@@ -137,6 +137,8 @@ def bench_cameras(det: Detector, video: Path, n_cams: int, seconds: float, batch
     ages = np.concatenate([np.array(p.metrics._ages[c])[n0[c]:] for c in p.readers])
     fps = [(len(p.metrics._ages[c]) - n0[c]) / (w1 - w0) for c in p.readers]
     ks = [d.k for d in p.stride.history] if p.stride is not None else []
+    if p._async is not None:  # asynchronous detection: the frames between two detections it got, per camera
+        ks = list(p._async.gap.values())
     p.stop()
     shutil.rmtree(tmp, ignore_errors=True)
     n_batches = b1[1] - b0[1]
@@ -149,7 +151,7 @@ def bench_cameras(det: Detector, video: Path, n_cams: int, seconds: float, batch
             "frame_ms": 1000 * (b1[0] - b0[0]) / max(frames, 1), "batch": frames / max(n_batches, 1),
             "dropped_read": sum(r.status().frames_dropped for r in p.readers.values()),
             "dropped_stream": p._annotate.dropped,
-            "k": p.stride.k if p.stride is not None else 1, "k_mean": float(np.mean(ks)) if ks else float("nan")}
+            "k": p.stride.k if p.stride is not None else (round(float(np.mean(ks))) if ks else 1), "k_mean": float(np.mean(ks)) if ks else float("nan")}
 
 
 def detector_mota(det: Detector, shared: Path) -> tuple[float, float]:
@@ -182,16 +184,17 @@ def person_detections(det: Detector, video: Path, k: int = 1) -> np.ndarray:
     return np.array(rows, dtype=np.float64).reshape(-1, 7)
 
 
-def detector_mota_strided(det: Detector, shared: Path, k: int) -> tuple[float, float]:
+def detector_mota_strided(det: Detector, shared: Path, k: int, latency: int = 0) -> tuple[float, float]:
     """As ``detector_mota`` with a detection stride: the detector runs on every k-th frame of
     the TUD-Campus video, tracks move by Kalman prediction + optical flow between (the
-    pipeline's ``service.motion``). k = 1 is ``detector_mota`` exactly."""
+    pipeline's ``service.motion``). k = 1 is ``detector_mota`` exactly. ``latency`` > 0:
+    asynchronous detection whose detections arrive ``latency`` frames late."""
     from eval_mot15 import evaluate, track_video_strided
 
     gt = read_mot(shared / "data/motmetrics_pkg_data/motmetrics/data/TUD-Campus/gt.txt")
     video = shared / "data/video/tud_campus_640x480_25fps_h264.mp4"
-    dets = person_detections(det, video, k)
-    m = evaluate(dets, gt, result=track_video_strided(dets, video, k))
+    dets = person_detections(det, video, 1 if latency else k)
+    m = evaluate(dets, gt, result=track_video_strided(dets, video, 1 if latency else k, latency=latency))
     return 100 * m["mota"], 100 * m["idf1"]
 
 
@@ -200,21 +203,30 @@ def bench_strides(args, shared: Path, video: Path) -> None:
     backend: processed fps per camera, frame age, detector ms, and MOTA / IDF1 on TUD-Campus
     with the same stride (adaptive: at the k its run ended on)."""
     name = args.backends.split(",")[0]
-    det = make_detector(name, args.device, args.input_size, calibration_folder(video), args.cache_dir)
-    acc: dict[int, tuple[float, float]] = {}
+    if args.checkpoint:  # a dish checkpoint on a checkout video: speed only (accuracy: checkout_video_eval.py)
+        from dishtrack.models.detector import load_detector
+
+        det = load_detector(DetectorConfig(kind="checkpoint", checkpoint=args.checkpoint, backend=name,
+                                           device=args.device, cache_dir=args.cache_dir))
+        video = Path(args.video or video)
+    else:
+        det = make_detector(name, args.device, args.input_size, calibration_folder(video), args.cache_dir)
+    acc: dict[tuple[int, int], tuple[float, float]] = {}
     rows = []
     for label in args.strides.split(","):
-        stride = {"adaptive": True, "k_max": 4} if label == "adaptive" else {"k": int(label)}
+        stride = ({"adaptive": True, "k_max": 4} if label == "adaptive" else {"detect_async": True}
+                  if label == "async" else {"k": int(label)})
         for n in (int(c) for c in args.cameras.split(",")):
             r = bench_cameras(det, video, n, args.seconds, stride=stride)
-            k = r["k"]
-            if k not in acc:
-                acc[k] = detector_mota_strided(det, shared, k)
-            r.update(stride=label, mota=acc[k][0], idf1=acc[k][1])
+            # async: accuracy with detections arriving as many frames late as the run's detector was slow
+            key = (r["k"], r["k"] if label == "async" else 0)
+            if key not in acc:
+                acc[key] = (float("nan"),) * 2 if args.checkpoint else detector_mota_strided(det, shared, *key)
+            r.update(stride=label, mota=acc[key][0], idf1=acc[key][1])
             rows.append(r)
             log.info("stride %s x %d cams: %.1f fps/cam, age p50 %.0f p95 %.0f ms, cpu %.0f%%, det %.0f ms/batch, "
                      "k end %d (mean %.1f)", label, n, r["fps"], r["age_p50"], r["age_p95"], r["cpu"], r["batch_ms"],
-                     k, r["k_mean"])
+                     r["k"], r["k_mean"])
     log.info("\n| stride k (%s) | cams | fps/cam (min) | frame age p50 / p95 ms | CPU %% | detector ms/batch | "
              "frames dropped at read | k at end (mean) | MOTA / IDF1 TUD-Campus |", name)
     log.info("|---|---|---|---|---|---|---|---|---|")
@@ -347,8 +359,11 @@ def main() -> None:
     ap.add_argument("--input-size", type=int, default=None, help="detector input side (default 512)")
     ap.add_argument("--cache-dir", default=None, help="ONNX export cache (default: the user cache dir)")
     ap.add_argument("--skip-live", action="store_true", help="no live RTSP latency run")
-    ap.add_argument("--strides", default=None, help="only the detection-stride table, e.g. 1,2,3,adaptive "
+    ap.add_argument("--strides", default=None, help="only the detection-stride table, e.g. 1,2,3,adaptive,async "
                     "(first of --backends, --cameras)")
+    ap.add_argument("--checkpoint", help="stride table: a `dishtrack train` checkpoint instead of the bundled "
+                    "detector (speed only; its accuracy on video: bench/checkout_video_eval.py --stride/--latency)")
+    ap.add_argument("--video", help="stride table with --checkpoint: the cameras' video (e.g. a make-video output)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("dishtrack").setLevel(logging.WARNING)

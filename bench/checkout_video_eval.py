@@ -168,10 +168,14 @@ def run_pipeline(cfg: AppConfig, detector, db: Path, timeout_s: float) -> tuple[
     return events, clock
 
 
-def run_direct(cfg: AppConfig, detector, video: Path, fps: float) -> list[dict]:
+def run_direct(cfg: AppConfig, detector, video: Path, fps: float, latency: int = 0) -> list[dict]:
+    """Frame by frame without threads (reproducible). ``latency`` > 0: asynchronous detection
+    (``detector.stride.detect_async``) with a detector that takes ``latency`` frames: it starts
+    on frame s, its detections arrive with frame s + latency (moved onto it by flow), and it
+    starts again on that frame."""
     import cv2
 
-    from dishtrack.service.motion import FlowParams, FlowPropagator, track_frame
+    from dishtrack.service.motion import FlowParams, FlowPropagator, LateDetections, track_frame
     from dishtrack.tracking.checkout import CheckoutAssembler, LineCrossingCounter, LineSpec, TrayParams
     from dishtrack.tracking.tracker import Tracker, TrackerParams
 
@@ -182,16 +186,22 @@ def run_direct(cfg: AppConfig, detector, video: Path, fps: float) -> list[dict]:
               CheckoutAssembler(z.id, cam, params=TrayParams.from_config(z))) for z in cfg.zones]
     events = []
     scfg = cfg.detector.stride  # fixed k here (no load to adapt to): detect frames 0, k, 2k, ...
-    flow = FlowPropagator(FlowParams.from_config(scfg)) if scfg.k > 1 and scfg.flow else None
+    flow = FlowPropagator(FlowParams.from_config(scfg)) if (scfg.k > 1 or latency) and scfg.flow else None
     cap = cv2.VideoCapture(str(video))
-    idx, upd = 0, None
+    idx, upd, running = 0, None, None
     while True:
         ok, img = cap.read()
         if not ok:
             break
         ts = idx / fps
         frame = Frame(cam, idx, ts, img)
-        det = detector.detect([frame])[0] if idx % scfg.k == 0 else None
+        if latency:
+            det = None
+            if running is not None and idx - running.index >= latency:
+                det, running = LateDetections(detector.detect([running])[0], running), None
+            running = running or frame
+        else:
+            det = detector.detect([frame])[0] if idx % scfg.k == 0 else None
         upd = track_frame(tracker, frame, det, flow, upd, scfg.flow_noise)
         for counter, asm in zones:
             events += [e.to_dict() for e in asm.assemble(counter.count(upd), now=ts, update=upd)]
@@ -223,7 +233,7 @@ def evaluate(args) -> dict:
             raw, clock = run_pipeline(cfg, detector, Path(tmp) / "events.sqlite3", args.timeout)
         to_video_s = lambda ts: clock.frame_at(ts) / fps  # noqa: E731
     else:
-        raw = run_direct(cfg, detector, video, fps)
+        raw = run_direct(cfg, detector, video, fps, getattr(args, "latency", 0))
         to_video_s = lambda ts: ts  # noqa: E731
     wall = time.perf_counter() - t0
     if isinstance(detector, CachedPredictions):
@@ -281,6 +291,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", help="write the scores here")
     p.add_argument("--predictions", help="dish checkpoint: store raw per-frame predictions here, or replay them "
                    "if the file exists (compare tracker/checkout settings without running the network again)")
+    p.add_argument("--latency", type=int, default=0, help="direct mode: asynchronous detection whose detections "
+                   "arrive this many frames late, moved onto the frame by optical flow (detector.stride.detect_async)")
     p.add_argument("--stride", type=int, default=None, help="detection stride k: the detector runs on every k-th "
                    "frame, tracks move by optical flow in between (overrides detector.stride.k)")
     p.add_argument("--tracker", help="JSON object of tracker settings to override, e.g. '{\"high_score\": 0.5}'")

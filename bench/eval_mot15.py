@@ -46,14 +46,18 @@ def evaluate(dets: np.ndarray, gt: np.ndarray, params: TrackerParams | None = No
 
 def track_video_strided(dets: np.ndarray, video: Path, k: int, params: TrackerParams | None = None,
                         fps: float = 25.0, flow: bool = True, noise_scale: float = 4.0,
-                        max_frames: int | None = None) -> np.ndarray:
+                        max_frames: int | None = None, latency: int = 0) -> np.ndarray:
     """Detection stride on precomputed detections: the tracker gets frame f's detections
     only when (f - 1) % k == 0; on the frames between, tracks move by Kalman prediction
     corrected with optical flow measured on the sequence's real video frames
-    (``service.motion``, as the pipeline does). Rows frame,id,x,y,w,h of confirmed tracks."""
+    (``service.motion``, as the pipeline does). ``latency`` > 0: asynchronous detection
+    (``detector.stride.detect_async``) with a detector that takes ``latency`` frames: it
+    starts on frame s, its detections arrive with frame s + latency (moved onto it by
+    flow), and it starts again on that frame (at most every k-th). Rows frame,id,x,y,w,h
+    of confirmed tracks."""
     import cv2
 
-    from dishtrack.service.motion import FlowPropagator, track_frame
+    from dishtrack.service.motion import FlowPropagator, LateDetections, track_frame
     from dishtrack.tracking import Detections, Frame
     from dishtrack.tracking.mot import PERSON
     from dishtrack.tracking.tracker import Tracker
@@ -62,7 +66,14 @@ def track_video_strided(dets: np.ndarray, video: Path, k: int, params: TrackerPa
     tracker = Tracker("mot", params)
     prop = FlowPropagator() if flow else None
     cap = cv2.VideoCapture(str(video))
+
+    def detections(fr):
+        d = dets[dets[:, 0] == fr.index]
+        return Detections("mot", fr.index, fr.timestamp, np.c_[d[:, 2:4], d[:, 2:4] + d[:, 4:6]].astype(np.float32),
+                          d[:, 6].astype(np.float32), np.zeros(len(d), np.int64), PERSON, fr.size)
+
     out, prev, f = [], None, 0
+    running, started = None, -k  # asynchronous: the frame the detector works on, the last one it started on
     while max_frames is None or f < max_frames:
         ok, img = cap.read()
         if not ok:
@@ -70,10 +81,13 @@ def track_video_strided(dets: np.ndarray, video: Path, k: int, params: TrackerPa
         f += 1
         frame = Frame("mot", f, f / fps, img)
         det = None
-        if (f - 1) % k == 0:
-            d = dets[dets[:, 0] == f]
-            det = Detections("mot", f, f / fps, np.c_[d[:, 2:4], d[:, 2:4] + d[:, 4:6]].astype(np.float32),
-                             d[:, 6].astype(np.float32), np.zeros(len(d), np.int64), PERSON, frame.size)
+        if latency > 0:
+            if running is not None and f - running.index >= latency:
+                det, running = LateDetections(detections(running), running), None
+            if running is None and f - started >= k:
+                running, started = frame, f
+        elif (f - 1) % k == 0:
+            det = detections(frame)
         prev = track_frame(tracker, frame, det, prop, prev, noise_scale)
         for t in prev.tracks:
             if t.state is TrackState.CONFIRMED:

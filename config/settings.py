@@ -49,6 +49,10 @@ class StrideConfig(_Strict):
     k: int = Field(1, ge=1, le=30, description="detect every k-th frame (1 = every frame); the start value "
                    "when adaptive")
     adaptive: bool = Field(False, description="adapt k to load between k_min and k_max")
+    detect_async: bool = Field(False, description="the detector runs beside the frames, on the newest frame "
+                               "of each camera whenever it is free (at most every k-th): every frame is "
+                               "tracked at once by flow, and detections are moved by flow onto the frame "
+                               "they arrive with (service/async_detect.py); excludes adaptive")
     k_min: int = Field(1, ge=1, le=30)
     k_max: int = Field(4, ge=1, le=30)
     target_age_ms: float = Field(250.0, gt=0, description="adaptive: frame age (read -> detected) p90 above "
@@ -68,6 +72,12 @@ class StrideConfig(_Strict):
     def _bounds(self) -> "StrideConfig":
         if self.k_max < self.k_min:
             raise ValueError("stride.k_max must be >= stride.k_min")
+        if self.detect_async and self.adaptive:
+            raise ValueError("stride.detect_async and stride.adaptive exclude each other: asynchronous detection "
+                             "adapts by itself (the detector takes the newest frame whenever it is free)")
+        if self.detect_async and not self.flow:
+            raise ValueError("stride.detect_async needs stride.flow: detections arrive frames late and are moved "
+                             "onto the current frame by optical flow")
         if self.adaptive and not self.k_min <= self.k <= self.k_max:
             raise ValueError("adaptive stride: k must lie within k_min..k_max")
         return self

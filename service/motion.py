@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -34,6 +34,19 @@ class FlowParams:
         return cls(max_points=scfg.flow_points, min_points=scfg.flow_min_points, fb_max_px=scfg.flow_fb_px)
 
 
+@dataclass(frozen=True, slots=True)
+class LateDetections:
+    """Asynchronous detection (``detector.stride.detect_async``): detections made on
+    ``source``, an earlier frame of the camera, handed to the tracking stage with a later
+    frame; ``FlowPropagator.catch_up`` moves them onto that frame."""
+
+    detections: Detections
+    source: Frame
+
+    def __len__(self) -> int:
+        return len(self.detections)
+
+
 class FlowPropagator:
     """One camera's flow measurement. ``measure`` is called on every frame in
     order (detected or not): it keeps that frame's grey image and, given the
@@ -48,50 +61,79 @@ class FlowPropagator:
     def measure(self, frame: Frame, tracks: Sequence[Track] = ()) -> dict[int, np.ndarray]:
         """Track id -> moved xyxy box for the ``tracks`` (boxes on the previous
         frame) that had enough consistent points; the others are left out."""
-        img = frame.image
+        gray, f = self._gray(frame.image)
+        prev, self._prev = self._prev, gray
+        todo = [t for t in tracks if t.state is not TrackState.OCCLUDED]
+        if prev is None or prev.shape != gray.shape or not todo:
+            return {}
+        moved = self._move(prev, gray, [t.box for t in todo], f, self.params.levels)
+        return {t.track_id: b for t, b in zip(todo, moved) if b is not None}
+
+    def catch_up(self, late: "LateDetections", frame: Frame) -> Detections:
+        """Detections the detector made on an earlier frame (``late.source``) -> the same
+        detections on ``frame``, each box moved by the flow between the two images (one
+        pyramid level more than frame to frame, for the larger motion); a box without enough
+        consistent points keeps its place, and the tracker's gate decides. (Moving them as
+        the overlapping tracks moved since was tried: no better on checkout video, worse on
+        walkers; README "Detection stride".)"""
+        d = late.detections
+        boxes = np.array(d.boxes, np.float32).reshape(-1, 4)
+        src, f = self._gray(late.source.image)
+        dst, _ = self._gray(frame.image)
+        if len(boxes) and late.source.index != frame.index and src.shape == dst.shape:
+            for j, m in enumerate(self._move(src, dst, list(boxes), f, self.params.levels + 1)):
+                if m is not None:
+                    boxes[j] = m
+        return replace(d, frame_index=frame.index, timestamp=frame.timestamp, boxes=boxes, image_size=frame.size)
+
+    def _gray(self, img: np.ndarray) -> tuple[np.ndarray, float]:
+        """Grey image, halved (pyrDown) up to ``downscale`` times while it stays >= 320 wide; its factor."""
         gray = img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
         f = 1.0
         for _ in range(self.params.downscale):
             if gray.shape[1] < 640:  # stays >= 320 wide
                 break
             gray, f = cv2.pyrDown(gray), f * 2.0
-        prev, self._prev = self._prev, gray
-        todo = [t for t in tracks if t.state is not TrackState.OCCLUDED]
-        if prev is None or prev.shape != gray.shape or not todo:
-            return {}
-        pts, owner = self._corners(prev, todo, f)
+        return gray, f
+
+    def _move(self, prev: np.ndarray, gray: np.ndarray, boxes: Sequence, f: float,
+              levels: int) -> list[np.ndarray | None]:
+        """Boxes (full-image xyxy) on ``prev`` -> their boxes on ``gray`` (None: too few
+        consistent points): median point displacement, scaled by the median change of
+        point-pair distances."""
+        out: list[np.ndarray | None] = [None] * len(boxes)
+        pts, owner = self._corners(prev, boxes, f)
         if not len(pts):
-            return {}
+            return out
         p = self.params
-        lk = dict(winSize=(p.win, p.win), maxLevel=p.levels,
+        lk = dict(winSize=(p.win, p.win), maxLevel=levels,
                   criteria=(cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 20, 0.03))
         nxt, st, _ = cv2.calcOpticalFlowPyrLK(prev, gray, pts, None, **lk)
         back, st_b, _ = cv2.calcOpticalFlowPyrLK(gray, prev, nxt, None, **lk)
         fb = np.linalg.norm(back.reshape(-1, 2) - pts.reshape(-1, 2), axis=1)
         good = (st.reshape(-1) == 1) & (st_b.reshape(-1) == 1) & (fb <= p.fb_max_px)
         p0, p1 = pts.reshape(-1, 2), nxt.reshape(-1, 2)
-        out: dict[int, np.ndarray] = {}
-        for j, t in enumerate(todo):
+        for j, box in enumerate(boxes):
             sel = good & (owner == j)
             if sel.sum() < p.min_points:
                 continue
             a, b = p0[sel], p1[sel]
             d = np.median(b - a, axis=0) * f
             scale = _scale_change(a, b)
-            x1, y1, x2, y2 = t.box
+            x1, y1, x2, y2 = box
             cx, cy = (x1 + x2) / 2 + d[0], (y1 + y2) / 2 + d[1]
             hw, hh = (x2 - x1) * scale / 2, (y2 - y1) * scale / 2
-            out[t.track_id] = np.array([cx - hw, cy - hh, cx + hw, cy + hh])
+            out[j] = np.array([cx - hw, cy - hh, cx + hw, cy + hh])
         return out
 
-    def _corners(self, prev: np.ndarray, tracks: Sequence[Track], f: float) -> tuple[np.ndarray, np.ndarray]:
+    def _corners(self, prev: np.ndarray, boxes: Sequence, f: float) -> tuple[np.ndarray, np.ndarray]:
         """Corners inside each box (trimmed by ``margin``; boxes in full-image pixels, ``prev``
         downscaled by ``f``): (M,1,2) float32 points, (M,) owner index."""
         p = self.params
         h, w = prev.shape[:2]
         pts, owner = [], []
-        for j, t in enumerate(tracks):
-            x1, y1, x2, y2 = (v / f for v in t.box)
+        for j, box in enumerate(boxes):
+            x1, y1, x2, y2 = (v / f for v in box)
             mx, my = (x2 - x1) * p.margin, (y2 - y1) * p.margin
             ix1, iy1 = max(int(x1 + mx), 0), max(int(y1 + my), 0)
             ix2, iy2 = min(int(x2 - mx), w), min(int(y2 - my), h)
@@ -123,12 +165,17 @@ def _scale_change(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.clip(np.median(db[ok] / da[ok]), 0.9, 1.1))
 
 
-def track_frame(tracker: Tracker, frame: Frame, dets: Detections | None, flow: FlowPropagator | None,
-                previous: TrackUpdate | None, noise_scale: float = 4.0) -> TrackUpdate:
+def track_frame(tracker: Tracker, frame: Frame, dets: Detections | LateDetections | None,
+                flow: FlowPropagator | None, previous: TrackUpdate | None, noise_scale: float = 4.0) -> TrackUpdate:
     """One frame of a camera under a detection stride: ``dets`` (detector ran) ->
     ``Tracker.update``; None (skipped) -> ``Tracker.propagate`` with the boxes the flow
-    moved (no flow: Kalman prediction only). The flow sees every frame, so it always
-    has the previous image."""
+    moved (no flow: Kalman prediction only); ``LateDetections`` (made on an earlier frame,
+    asynchronous detection) -> moved onto this frame by the flow, then ``Tracker.update``
+    (no flow: restamped where they were). The flow sees every frame, so it always has the
+    previous image."""
+    if isinstance(dets, LateDetections):
+        dets = (flow.catch_up(dets, frame) if flow is not None
+                else replace(dets.detections, frame_index=frame.index, timestamp=frame.timestamp))
     if dets is not None:
         if flow is not None:
             flow.measure(frame)  # remember the image for the next skipped frame

@@ -17,6 +17,7 @@ from dishtrack.tracking.tracker import Tracker, TrackerParams, TrackUpdate
 from dishtrack.tracking.types import CheckoutEvent
 
 from .annotate import Annotator
+from .async_detect import AsyncDetection
 from .evidence import EvidenceKeeper
 from .hub import EventHub
 from .ingest import CameraReader, LatestFrameSlot, SourceState, is_stream
@@ -85,7 +86,11 @@ class Pipeline:
         self.retention = Retention(store, cfg.storage.retention, metrics)
         # detection stride (detector.stride): None at k = 1, not adaptive (every frame detected)
         scfg = cfg.detector.stride
-        self.stride = StrideController(scfg, time.time()) if scfg.k > 1 or scfg.adaptive else None
+        self.stride = (StrideController(scfg, time.time()) if (scfg.k > 1 or scfg.adaptive) and not scfg.detect_async
+                       else None)
+        # asynchronous detection: the detector beside the frames, its detections moved onto later frames by flow
+        self._async = (AsyncDetection(detector.detect, scfg.k, self._observe_batch, metrics.pipeline_errors.inc)
+                       if scfg.detect_async else None)
         self._flow = {c.id: self._new_flow() for c in cfg.cameras}
         # evidence crops (tracking stage, off the detector's path) stored with each event for review
         self.corrections = corrections
@@ -98,7 +103,13 @@ class Pipeline:
 
     def _new_flow(self):
         scfg = self.cfg.detector.stride
-        return FlowPropagator(FlowParams.from_config(scfg)) if self.stride and scfg.flow else None
+        striding = self.stride is not None or self._async is not None
+        return FlowPropagator(FlowParams.from_config(scfg)) if striding and scfg.flow else None
+
+    def _observe_batch(self, seconds: float, frames: int) -> None:
+        self.metrics.batch_seconds.observe(seconds)
+        self.metrics.batch_size.observe(frames)
+        self.metrics.frame_detect_seconds.observe(seconds / frames)
 
     _RETRY_S = 1.0
 
@@ -140,6 +151,8 @@ class Pipeline:
         for r in self.readers.values():
             r.request_stop()  # all at once: a reader blocked on a frozen camera must not delay the others
         self._detect_thread.join(timeout=max(0.1, deadline - time.monotonic()))
+        if self._async is not None:
+            self._async.close(timeout=max(0.1, deadline - time.monotonic()))
         self._thread.join(timeout=max(0.1, deadline - time.monotonic()))
         if self._thread.is_alive() or self._detect_thread.is_alive():
             log.warning("pipeline loop did not stop within %.1fs (detector busy); flushing trays anyway", timeout)
@@ -224,6 +237,12 @@ class Pipeline:
                     return
                 self._arrived.wait(0.05)  # woken by any camera's next frame
                 continue
+            if self._async is not None:
+                dets = self._async.step(frames)
+                if self._async.gap:
+                    self.metrics.detection_stride.set(sum(self._async.gap.values()) / len(self._async.gap))
+                self._tracks.put((frames, dets), block=self._offline, abort=self._stop)
+                continue
             try:
                 t0 = time.perf_counter()
                 todo = frames if self.stride is None else [f for f in frames if self.stride.due(f.camera_id)]
@@ -255,7 +274,7 @@ class Pipeline:
     def _track(self, frame, det):
         """Tracker step of one camera frame; ``det`` None: a frame the detector skipped."""
         cam = frame.camera_id
-        if self.stride is None:
+        if self.stride is None and self._async is None:
             return self.trackers[cam].update(det)
         return track_frame(self.trackers[cam], frame, det, self._flow[cam], self.last_update.get(cam),
                            self.cfg.detector.stride.flow_noise)

@@ -12,13 +12,14 @@ from conftest import MOT_DETS, MOT_GT, VIDEO, wait_until
 from dishtrack.config import AppConfig, DetectorConfig, StrideConfig
 from dishtrack.service.hub import EventHub
 from dishtrack.service.metrics import Metrics
-from dishtrack.service.motion import FlowPropagator
+from dishtrack.service.motion import FlowPropagator, LateDetections
 from dishtrack.service.pipeline import Pipeline
 from dishtrack.service.store import EventStore
 from dishtrack.service.stride import StrideController
 from dishtrack.tracking import Detections, Frame
 from dishtrack.tracking.mot import PERSON, read_mot, track_sequence
 from dishtrack.tracking.tracker import Tracker
+from dishtrack.tracking.geometry import iou_matrix
 from dishtrack.tracking.types import Track, TrackState
 from eval_mot15 import evaluate, track_video_strided
 
@@ -216,3 +217,65 @@ def test_adaptive_stride_rises_under_a_slow_detector_and_falls_back(tmp_path, tu
         p.stop()
     ks = [d.k for d in p.stride.history]
     assert max(ks) >= 3 and ks[-1] == 1
+
+
+# -- asynchronous detection (detector.stride.detect_async)
+
+def test_late_detections_move_onto_the_frame_they_arrive_with(tud_frames, tud):
+    """Walkers' boxes detected on frame s, handed over with frame s + 3 (a detector three frames
+    slow): moved by the flow between the two real images they overlap the walkers' true boxes
+    on s + 3 far better than left where they were."""
+    _, gt = tud
+    fp = FlowPropagator()
+
+    def boxes(f):
+        g = gt[(gt[:, 0] == f) & (gt[:, 6] != 0)]
+        return {int(r[1]): np.array([r[2], r[3], r[2] + r[4], r[3] + r[5]], np.float32) for r in g}
+
+    moved_iou, still_iou = [], []
+    for s in range(5, 60, 5):
+        b0, b1 = boxes(s), boxes(s + 3)
+        ids = sorted(set(b0) & set(b1))
+        d = Detections("mot", s, s / 25, np.array([b0[i] for i in ids]), np.ones(len(ids), np.float32),
+                       np.zeros(len(ids), np.int64), PERSON, (640, 480))
+        late = LateDetections(d, Frame("mot", s, s / 25, tud_frames[s - 1]))
+        out = fp.catch_up(late, Frame("mot", s + 3, (s + 3) / 25, tud_frames[s + 2]))
+        assert out.frame_index == s + 3 and out.timestamp == (s + 3) / 25 and len(out) == len(ids)
+        truth = np.array([b1[i] for i in ids])
+        moved_iou += list(np.diag(iou_matrix(out.boxes, truth)))
+        still_iou += list(np.diag(iou_matrix(d.boxes, truth)))
+    assert np.mean(moved_iou) > np.mean(still_iou) + 0.1, (np.mean(moved_iou), np.mean(still_iou))
+
+
+def test_async_detection_tracks_every_frame_behind_a_slow_detector(tmp_path, tud):
+    """The real pipeline on the real video at 25 fps with a 150 ms detector (about a sixth of
+    the frames it could see): with asynchronous detection the tracking stage still takes
+    nearly every frame, the detector runs beside it on a fraction of them, and the walkers are
+    tracked with detections moved onto later frames."""
+    dets, _ = tud
+    det = SlowMotDetector(dets)
+    det.delay = 0.15
+    cfg = AppConfig.model_validate({
+        "cameras": [{"id": "cam", "source": str(VIDEO), "loop": True, "realtime": True}],
+        "detector": {"stride": {"detect_async": True}}})
+    p = Pipeline(cfg, det, EventStore(os.path.join(tmp_path, "e.sqlite3")), EventHub(), Metrics())
+    p.start()
+    try:
+        wait_until(lambda: p.last_update.get("cam") and p.last_update["cam"].frame_index >= 75, 20.0, 0.05,
+                   "three seconds of video tracked")
+        wait_until(lambda: len(p.last_update["cam"].confirmed) >= 3, 5.0, 0.05, "confirmed walkers")
+        status = p.readers["cam"].status()
+        tracked = p.metrics.frames.labels("cam")._value.get()
+    finally:
+        p.stop()
+    assert tracked >= 0.8 * status.frames_read, (tracked, status.frames_read, status.frames_dropped)
+    assert det.calls <= 0.5 * tracked, (det.calls, tracked)
+    assert p._async.gap.get("cam", 0) >= 2  # the stride it got: frames between two detections
+
+
+def test_async_detection_config_rules():
+    assert StrideConfig(detect_async=True).detect_async
+    with pytest.raises(ValidationError, match="exclude each other"):
+        StrideConfig(detect_async=True, adaptive=True)
+    with pytest.raises(ValidationError, match="needs stride.flow"):
+        StrideConfig(detect_async=True, flow=False)
