@@ -52,7 +52,8 @@ class StrideConfig(_Strict):
     detect_async: bool = Field(False, description="the detector runs beside the frames, on the newest frame "
                                "of each camera whenever it is free (at most every k-th): every frame is "
                                "tracked at once by flow, and detections are moved by flow onto the frame "
-                               "they arrive with (service/async_detect.py); excludes adaptive")
+                               "they arrive with (service/async_detect.py); excludes adaptive. For live cameras "
+                               "and realtime files: a file read as fast as possible would outrun the detector")
     k_min: int = Field(1, ge=1, le=30)
     k_max: int = Field(4, ge=1, le=30)
     target_age_ms: float = Field(250.0, gt=0, description="adaptive: frame age (read -> detected) p90 above "

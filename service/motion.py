@@ -69,7 +69,7 @@ class FlowPropagator:
         moved = self._move(prev, gray, [t.box for t in todo], f, self.params.levels)
         return {t.track_id: b for t, b in zip(todo, moved) if b is not None}
 
-    def catch_up(self, late: "LateDetections", frame: Frame) -> Detections:
+    def catch_up(self, late: LateDetections, frame: Frame) -> Detections:
         """Detections the detector made on an earlier frame (``late.source``) -> the same
         detections on ``frame``, each box moved by the flow between the two images (one
         pyramid level more than frame to frame, for the larger motion); a box without enough
@@ -78,9 +78,12 @@ class FlowPropagator:
         walkers; README "Detection stride".)"""
         d = late.detections
         boxes = np.array(d.boxes, np.float32).reshape(-1, 4)
-        src, f = self._gray(late.source.image)
-        dst, _ = self._gray(frame.image)
-        if len(boxes) and late.source.index != frame.index and src.shape == dst.shape:
+        (sw, sh), (w, h) = late.source.size, frame.size
+        if (sw, sh) != (w, h):  # the stream changed resolution in between: same place, new pixels
+            boxes *= np.array([w / sw, h / sh, w / sw, h / sh], np.float32)
+        elif len(boxes) and late.source.index != frame.index:
+            src, f = self._gray(late.source.image)
+            dst, _ = self._gray(frame.image)
             for j, m in enumerate(self._move(src, dst, list(boxes), f, self.params.levels + 1)):
                 if m is not None:
                     boxes[j] = m

@@ -22,7 +22,7 @@ from .evidence import EvidenceKeeper
 from .hub import EventHub
 from .ingest import CameraReader, LatestFrameSlot, SourceState, is_stream
 from .metrics import Metrics
-from .motion import FlowParams, FlowPropagator, track_frame
+from .motion import FlowParams, FlowPropagator, LateDetections, track_frame
 from .retention import Retention
 from .stages import IDLE_JPEG_FPS, AnnotateJob, AnnotateStage, DropQueue, JpegSlot
 from .store import EventStore
@@ -91,6 +91,9 @@ class Pipeline:
         # asynchronous detection: the detector beside the frames, its detections moved onto later frames by flow
         self._async = (AsyncDetection(detector.detect, scfg.k, self._observe_batch, metrics.pipeline_errors.inc)
                        if scfg.detect_async else None)
+        if self._async is not None and any(not is_stream(c.source) and not c.realtime for c in cfg.cameras):
+            log.warning("detector.stride.detect_async with a file read as fast as possible (realtime: false): "
+                        "tracking outruns the detector, results depend on this machine's speed")
         self._flow = {c.id: self._new_flow() for c in cfg.cameras}
         # evidence crops (tracking stage, off the detector's path) stored with each event for review
         self.corrections = corrections
@@ -100,6 +103,7 @@ class Pipeline:
         # its frames are dropped; None: every camera is local (SQLite, one node)
         self.fence = None
         self._released: collections.deque = collections.deque()  # cameras whose trays to flush, state to reset
+        self._reset_at: dict[str, float] = {}  # camera -> wall clock its tracking state was last reset
 
     def _new_flow(self):
         scfg = self.cfg.detector.stride
@@ -125,6 +129,8 @@ class Pipeline:
         stamps = [self._track_at]
         if self._detect_thread.is_alive():
             stamps.append(self._detect_at)
+            if self._async is not None:  # the stage loop runs on; a hung forward pass must still show
+                stamps.append(self._async.busy_since)
         stamps = [t for t in stamps if t is not None]
         return min(stamps) if stamps else None
 
@@ -151,8 +157,8 @@ class Pipeline:
         for r in self.readers.values():
             r.request_stop()  # all at once: a reader blocked on a frozen camera must not delay the others
         self._detect_thread.join(timeout=max(0.1, deadline - time.monotonic()))
-        if self._async is not None:
-            self._async.close(timeout=max(0.1, deadline - time.monotonic()))
+        if self._async is not None:  # a running batch gets a share of the deadline, not all of it
+            self._async.close(timeout=min(1.0, max(0.0, deadline - time.monotonic()) / 2))
         self._thread.join(timeout=max(0.1, deadline - time.monotonic()))
         if self._thread.is_alive() or self._detect_thread.is_alive():
             log.warning("pipeline loop did not stop within %.1fs (detector busy); flushing trays anyway", timeout)
@@ -194,6 +200,7 @@ class Pipeline:
             self.trackers[cam] = Tracker(cam, TrackerParams.from_config(self.cfg.tracker))
             self.zones[cam] = [_Zone(z.cfg, cam) for z in self.zones[cam]]
             self._flow[cam] = self._new_flow()
+            self._reset_at[cam] = time.time()
             self._clock.pop(cam, None)
             self.last_update.pop(cam, None)
 
@@ -310,6 +317,9 @@ class Pipeline:
             cam = frame.camera_id
             if self.fence is not None and not self.fence(cam):
                 continue  # lease lost (or paused past it): another node may be reading this camera now
+            if isinstance(det, LateDetections) and (det.source.read_time < self._reset_at.get(cam, 0.0)
+                                                    or det.source.index >= frame.index):
+                det = None  # detected before the camera's state was reset (lease released, camera restarted)
             t1 = time.perf_counter()
             upd = self._track(frame, det)
             self.metrics.tracker_seconds.observe(time.perf_counter() - t1)

@@ -279,3 +279,58 @@ def test_async_detection_config_rules():
         StrideConfig(detect_async=True, adaptive=True)
     with pytest.raises(ValidationError, match="needs stride.flow"):
         StrideConfig(detect_async=True, flow=False)
+
+
+def test_async_detector_errors_back_off_and_later_batches_still_arrive(tud, tud_frames):
+    """A detector that raises once: the error is counted, the next batch (after a short
+    back-off) is detected and handed over with a later frame; the worker is a daemon thread,
+    so a hung forward pass cannot keep the process alive past SIGTERM."""
+    from dishtrack.service.async_detect import AsyncDetection
+
+    dets, _ = tud
+    real = SlowMotDetector(dets)
+    calls, errors = [], []
+
+    def detect(frames):
+        calls.append([f.index for f in frames])
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory (the test's)")
+        return real.detect(frames)
+
+    a = AsyncDetection(detect, on_error=lambda: errors.append(1))
+    assert a._thread.daemon
+    got, i = [], 0
+    try:
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            i += 1
+            out = a.step([Frame("cam", i, i / 25, tud_frames[i % 71])])
+            got = [x for x in out if x is not None]
+            time.sleep(0.01)
+    finally:
+        a.close()
+    assert errors == [1] and len(calls) >= 2
+    late = got[0]
+    assert late.source.index == calls[1][0] < i and len(late) > 0  # the first batch after the error
+
+
+def test_late_detections_from_before_a_camera_reset_are_dropped(tmp_path, tud, tud_frames):
+    """A lease released and won back (or a camera restarted) resets its tracker: detections
+    the detector made on a frame read before that must not start tracks in the new session
+    (its frame indices restart at 0); detections of the new session do."""
+    dets, _ = tud
+    cfg = AppConfig.model_validate({"cameras": [{"id": "cam", "source": str(VIDEO), "realtime": True}],
+                                    "detector": {"stride": {"detect_async": True}}})
+    det = SlowMotDetector(dets)
+    p = Pipeline(cfg, det, EventStore(os.path.join(tmp_path, "e.sqlite3")), EventHub(), Metrics())
+    before = Frame("cam", 105, time.time() - 5, tud_frames[33])
+    stale = LateDetections(det.detect([before])[0], before)
+    assert len(stale) > 0
+    p._released.append("cam")
+    p._apply_released()  # what the tracking stage does after stop_camera
+    now = time.time()
+    p._process([Frame("cam", 0, now, tud_frames[0])], [stale])
+    assert p.last_update["cam"].tracks == ()
+    src = Frame("cam", 1, now + 0.04, tud_frames[1])
+    p._process([Frame("cam", 3, now + 0.12, tud_frames[3])], [LateDetections(det.detect([src])[0], src)])
+    assert len(p.last_update["cam"].tracks) > 0
