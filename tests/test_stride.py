@@ -334,3 +334,36 @@ def test_late_detections_from_before_a_camera_reset_are_dropped(tmp_path, tud, t
     src = Frame("cam", 1, now + 0.04, tud_frames[1])
     p._process([Frame("cam", 3, now + 0.12, tud_frames[3])], [LateDetections(det.detect([src])[0], src)])
     assert len(p.last_update["cam"].tracks) > 0
+
+
+def test_a_hung_async_detector_shows_as_a_stuck_stage(tmp_path, tud):
+    """With asynchronous detection the detector stage's loop keeps running while the forward
+    pass hangs; the pipeline's ``loop_at`` (what /health compares with its stall limit) must
+    still report the hung batch's start, not the loop's latest turn."""
+    import threading
+
+    dets, _ = tud
+    gate = threading.Event()
+    inner = SlowMotDetector(dets)
+
+    class Hung:
+        labels = PERSON
+
+        def detect(self, frames):
+            gate.wait(30)
+            return inner.detect(frames)
+
+    cfg = AppConfig.model_validate({
+        "cameras": [{"id": "cam", "source": str(VIDEO), "loop": True, "realtime": True}],
+        "detector": {"stride": {"detect_async": True}}})
+    p = Pipeline(cfg, Hung(), EventStore(os.path.join(tmp_path, "e.sqlite3")), EventHub(), Metrics())
+    p.start()
+    try:
+        wait_until(lambda: p._async.busy_since is not None, 10.0, 0.02, "the detector to start a batch")
+        started = p._async.busy_since
+        wait_until(lambda: p.last_update.get("cam") and p.last_update["cam"].frame_index >= 10, 10.0, 0.02,
+                   "frames tracked meanwhile")
+        assert p.loop_at <= started  # frames flow, yet health sees the batch that never ends
+    finally:
+        gate.set()
+        p.stop()
