@@ -151,7 +151,8 @@ def bench_cameras(det: Detector, video: Path, n_cams: int, seconds: float, batch
             "frame_ms": 1000 * (b1[0] - b0[0]) / max(frames, 1), "batch": frames / max(n_batches, 1),
             "dropped_read": sum(r.status().frames_dropped for r in p.readers.values()),
             "dropped_stream": p._annotate.dropped,
-            "k": p.stride.k if p.stride is not None else (round(float(np.mean(ks))) if ks else 1), "k_mean": float(np.mean(ks)) if ks else float("nan")}
+            "k": p.stride.k if p.stride is not None else (round(float(np.mean(ks))) if ks else 1),
+            "k_mean": float(np.mean(ks)) if ks else float("nan")}
 
 
 def detector_mota(det: Detector, shared: Path) -> tuple[float, float]:

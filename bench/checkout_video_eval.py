@@ -170,12 +170,12 @@ def run_pipeline(cfg: AppConfig, detector, db: Path, timeout_s: float) -> tuple[
 
 def run_direct(cfg: AppConfig, detector, video: Path, fps: float, latency: int = 0) -> list[dict]:
     """Frame by frame without threads (reproducible). ``latency`` > 0: asynchronous detection
-    (``detector.stride.detect_async``) with a detector that takes ``latency`` frames: it starts
-    on frame s, its detections arrive with frame s + latency (moved onto it by flow), and it
-    starts again on that frame."""
+    (``detector.stride.detect_async``) with a detector that takes ``latency`` frames
+    (``eval_mot15.LatencySchedule``), its detections moved by flow onto the frame they arrive with."""
     import cv2
+    from eval_mot15 import LatencySchedule
 
-    from dishtrack.service.motion import FlowParams, FlowPropagator, LateDetections, track_frame
+    from dishtrack.service.motion import FlowParams, FlowPropagator, track_frame
     from dishtrack.tracking.checkout import CheckoutAssembler, LineCrossingCounter, LineSpec, TrayParams
     from dishtrack.tracking.tracker import Tracker, TrackerParams
 
@@ -188,18 +188,16 @@ def run_direct(cfg: AppConfig, detector, video: Path, fps: float, latency: int =
     scfg = cfg.detector.stride  # fixed k here (no load to adapt to): detect frames 0, k, 2k, ...
     flow = FlowPropagator(FlowParams.from_config(scfg)) if (scfg.k > 1 or latency) and scfg.flow else None
     cap = cv2.VideoCapture(str(video))
-    idx, upd, running = 0, None, None
+    idx, upd = 0, None
+    schedule = LatencySchedule(latency) if latency else None
     while True:
         ok, img = cap.read()
         if not ok:
             break
         ts = idx / fps
         frame = Frame(cam, idx, ts, img)
-        if latency:
-            det = None
-            if running is not None and idx - running.index >= latency:
-                det, running = LateDetections(detector.detect([running])[0], running), None
-            running = running or frame
+        if schedule is not None:
+            det = schedule.step(frame, lambda fr: detector.detect([fr])[0])
         else:
             det = detector.detect([frame])[0] if idx % scfg.k == 0 else None
         upd = track_frame(tracker, frame, det, flow, upd, scfg.flow_noise)

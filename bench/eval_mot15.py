@@ -44,6 +44,30 @@ def evaluate(dets: np.ndarray, gt: np.ndarray, params: TrackerParams | None = No
     return {k: float(s[k].iloc[0]) for k in s.columns}
 
 
+class LatencySchedule:
+    """Asynchronous detection (``detector.stride.detect_async``) replayed frame by frame with a
+    detector that takes ``latency`` frames: it starts on frame s, its detections arrive with
+    frame s + latency, and it starts again on that frame (at most every k-th): what the
+    pipeline's ``AsyncDetection`` does, without threads, so runs are reproducible."""
+
+    def __init__(self, latency: int, k: int = 1) -> None:
+        self.latency, self.k = latency, k
+        self.running = None  # the frame the detector works on
+        self.started = -k  # the index of the last frame it started on
+
+    def step(self, frame, detect):
+        """``frame`` arrives; ``detect(frame) -> Detections``. Returns the ``LateDetections``
+        handed over with it, or None."""
+        from dishtrack.service.motion import LateDetections
+
+        out = None
+        if self.running is not None and frame.index - self.running.index >= self.latency:
+            out, self.running = LateDetections(detect(self.running), self.running), None
+        if self.running is None and frame.index - self.started >= self.k:
+            self.running, self.started = frame, frame.index
+        return out
+
+
 def track_video_strided(dets: np.ndarray, video: Path, k: int, params: TrackerParams | None = None,
                         fps: float = 25.0, flow: bool = True, noise_scale: float = 4.0,
                         max_frames: int | None = None, latency: int = 0) -> np.ndarray:
@@ -51,13 +75,11 @@ def track_video_strided(dets: np.ndarray, video: Path, k: int, params: TrackerPa
     only when (f - 1) % k == 0; on the frames between, tracks move by Kalman prediction
     corrected with optical flow measured on the sequence's real video frames
     (``service.motion``, as the pipeline does). ``latency`` > 0: asynchronous detection
-    (``detector.stride.detect_async``) with a detector that takes ``latency`` frames: it
-    starts on frame s, its detections arrive with frame s + latency (moved onto it by
-    flow), and it starts again on that frame (at most every k-th). Rows frame,id,x,y,w,h
-    of confirmed tracks."""
+    with a detector that takes ``latency`` frames (``LatencySchedule``), its detections moved
+    by flow onto the frame they arrive with. Rows frame,id,x,y,w,h of confirmed tracks."""
     import cv2
 
-    from dishtrack.service.motion import FlowPropagator, LateDetections, track_frame
+    from dishtrack.service.motion import FlowPropagator, track_frame
     from dishtrack.tracking import Detections, Frame
     from dishtrack.tracking.mot import PERSON
     from dishtrack.tracking.tracker import Tracker
@@ -73,7 +95,7 @@ def track_video_strided(dets: np.ndarray, video: Path, k: int, params: TrackerPa
                           d[:, 6].astype(np.float32), np.zeros(len(d), np.int64), PERSON, fr.size)
 
     out, prev, f = [], None, 0
-    running, started = None, -k  # asynchronous: the frame the detector works on, the last one it started on
+    schedule = LatencySchedule(latency, k) if latency > 0 else None
     while max_frames is None or f < max_frames:
         ok, img = cap.read()
         if not ok:
@@ -81,11 +103,8 @@ def track_video_strided(dets: np.ndarray, video: Path, k: int, params: TrackerPa
         f += 1
         frame = Frame("mot", f, f / fps, img)
         det = None
-        if latency > 0:
-            if running is not None and f - running.index >= latency:
-                det, running = LateDetections(detections(running), running), None
-            if running is None and f - started >= k:
-                running, started = frame, f
+        if schedule is not None:
+            det = schedule.step(frame, detections)
         elif (f - 1) % k == 0:
             det = detections(frame)
         prev = track_frame(tracker, frame, det, prop, prev, noise_scale)

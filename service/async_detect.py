@@ -46,7 +46,10 @@ class AsyncDetection:
         self._newest: dict[str, Frame] = {}  # camera -> its newest frame not yet sent (one per camera)
         self.gap: dict[str, int] = {}  # camera -> frames between its last two detections (the stride it got)
         self._thread = threading.Thread(target=self._run, name="detector-async", daemon=True)
+
+    def start(self) -> "AsyncDetection":
         self._thread.start()
+        return self
 
     def _run(self) -> None:
         while True:

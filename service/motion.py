@@ -70,20 +70,22 @@ class FlowPropagator:
         return {t.track_id: b for t, b in zip(todo, moved) if b is not None}
 
     def catch_up(self, late: LateDetections, frame: Frame) -> Detections:
-        """Detections the detector made on an earlier frame (``late.source``) -> the same
-        detections on ``frame``, each box moved by the flow between the two images (one
-        pyramid level more than frame to frame, for the larger motion); a box without enough
-        consistent points keeps its place, and the tracker's gate decides. (Moving them as
+        """Sees ``frame`` (in place of ``measure``: its image is the next frame's previous one)
+        and moves detections the detector made on an earlier frame (``late.source``) onto it,
+        each box moved by the flow between the two images (one pyramid level more than frame
+        to frame, for the larger motion); a box without enough consistent points keeps its
+        place, and the tracker's gate decides. (Moving them as
         the overlapping tracks moved since was tried: no better on checkout video, worse on
         walkers; README "Detection stride".)"""
         d = late.detections
         boxes = np.array(d.boxes, np.float32).reshape(-1, 4)
+        dst, f = self._gray(frame.image)
+        self._prev = dst  # ``frame`` is seen here, as ``measure`` would see it
         (sw, sh), (w, h) = late.source.size, frame.size
         if (sw, sh) != (w, h):  # the stream changed resolution in between: same place, new pixels
             boxes *= np.array([w / sw, h / sh, w / sw, h / sh], np.float32)
         elif len(boxes) and late.source.index != frame.index:
-            src, f = self._gray(late.source.image)
-            dst, _ = self._gray(frame.image)
+            src, _ = self._gray(late.source.image)
             for j, m in enumerate(self._move(src, dst, list(boxes), f, self.params.levels + 1)):
                 if m is not None:
                     boxes[j] = m
@@ -177,8 +179,9 @@ def track_frame(tracker: Tracker, frame: Frame, dets: Detections | LateDetection
     (no flow: restamped where they were). The flow sees every frame, so it always has the
     previous image."""
     if isinstance(dets, LateDetections):
-        dets = (flow.catch_up(dets, frame) if flow is not None
-                else replace(dets.detections, frame_index=frame.index, timestamp=frame.timestamp))
+        if flow is not None:  # catch_up also keeps this frame's image for the next one
+            return tracker.update(flow.catch_up(dets, frame))
+        dets = replace(dets.detections, frame_index=frame.index, timestamp=frame.timestamp)
     if dets is not None:
         if flow is not None:
             flow.measure(frame)  # remember the image for the next skipped frame

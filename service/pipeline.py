@@ -143,6 +143,8 @@ class Pipeline:
             if self.fence is None:  # in a cluster cameras start as their leases are won
                 r.start()
         self._annotate.start()
+        if self._async is not None:
+            self._async.start()
         self._detect_thread.start()
         self._thread.start()
         self.retention.start()
@@ -256,9 +258,7 @@ class Pipeline:
                 dets = self.detector.detect(todo) if todo else []
                 dt = time.perf_counter() - t0
                 if todo:
-                    self.metrics.batch_seconds.observe(dt)
-                    self.metrics.batch_size.observe(len(todo))
-                    self.metrics.frame_detect_seconds.observe(dt / len(todo))
+                    self._observe_batch(dt, len(todo))
                 if self.stride is not None:
                     dets = self._stride_step(frames, todo, dets, dt)
             except Exception:  # noqa: BLE001 - one bad batch must not stop the service

@@ -297,7 +297,7 @@ def test_async_detector_errors_back_off_and_later_batches_still_arrive(tud, tud_
             raise RuntimeError("CUDA out of memory (the test's)")
         return real.detect(frames)
 
-    a = AsyncDetection(detect, on_error=lambda: errors.append(1))
+    a = AsyncDetection(detect, on_error=lambda: errors.append(1)).start()
     assert a._thread.daemon
     got, i = [], 0
     try:
