@@ -366,6 +366,14 @@ def main() -> None:
                     "detector (speed only; its accuracy on video: bench/checkout_video_eval.py --stride/--latency)")
     ap.add_argument("--video", help="stride table with --checkpoint: the cameras' video (e.g. a make-video output)")
     args = ap.parse_args()
+    if args.strides:
+        bad = [x for x in args.strides.split(",") if x not in ("adaptive", "async") and not (x.isdigit() and int(x) >= 1)]
+        if bad:
+            ap.error(f"--strides {','.join(bad)}: each is a k (1, 2, ...), adaptive or async")
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        ap.error(f"--checkpoint {args.checkpoint}: no such file")
+    if args.video and not Path(args.video).is_file():
+        ap.error(f"--video {args.video}: no such file")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("dishtrack").setLevel(logging.WARNING)
     shared = Path(args.shared)

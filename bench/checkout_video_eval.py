@@ -299,6 +299,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give --checkpoint, --oracle or --config")
     if args.predictions and not args.checkpoint:
         p.error("--predictions stores a dish checkpoint's raw predictions: give --checkpoint")
+    if args.latency < 0:
+        p.error(f"--latency {args.latency}: frames late, 0 or more")
+    if args.latency and args.mode != "direct":
+        p.error("--latency replays asynchronous detection frame by frame: use it with --mode direct")
     return args
 
 
