@@ -12,18 +12,27 @@ expiry."""
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from dishtrack.config import AppConfig
 
-from .leases import CameraLeases, LeaseChange, default_node_id
+if TYPE_CHECKING:  # leases.py needs psycopg: imported only when storage.url names a PostgreSQL server
+    from .leases import CameraLeases, LeaseChange
 
 log = logging.getLogger(__name__)
 
 
 def node_id(cfg: AppConfig) -> str:
     return cfg.cluster.node_id or default_node_id()
+
+
+def default_node_id() -> str:
+    """hostname-pid: unique per process, readable in ``/cameras``."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 class ClusterMember:
@@ -43,6 +52,8 @@ class ClusterMember:
     def for_config(cls, cfg: AppConfig, pipeline) -> "ClusterMember | None":
         if not cfg.storage.url:
             return None
+        from .leases import CameraLeases
+
         c = cfg.cluster
         return cls(CameraLeases(cfg.storage.url, node_id(cfg), [cam.id for cam in cfg.cameras], c.lease_s,
                                 c.heartbeat_s), pipeline)

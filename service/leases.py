@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -53,11 +51,6 @@ CREATE TABLE IF NOT EXISTS cluster_nodes (
     started_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 """
-
-
-def default_node_id() -> str:
-    """hostname-pid: unique per process, readable in ``/cameras``."""
-    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 @dataclass(frozen=True, slots=True)

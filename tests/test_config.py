@@ -56,3 +56,19 @@ def test_cli_exits_nonzero_naming_the_field(tmp_path):
     assert "api.port" in r.stderr
     ok = subprocess.run(["dishtrack", "check-config"], capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and '"cam0"' in ok.stdout
+
+
+def test_the_default_service_starts_without_the_postgresql_driver(tmp_path):
+    """README's first command installs the package without extras (no psycopg): the app for the
+    embedded default must build; PostgreSQL modules load only when storage.url names a server."""
+    import sys
+
+    code = ("import sys; sys.modules['psycopg'] = None\n"  # as if not installed: its import fails
+            "from dishtrack.config import AppConfig\n"
+            "from dishtrack.service.api import build_runtime, create_app\n"
+            "cfg = AppConfig.model_validate({'cameras': [{'id': 'cam0', 'source': 'builtin:sample_tud_campus.mp4'}],\n"
+            "                               'storage': {'sqlite_path': sys.argv[1]}})\n"
+            "create_app(build_runtime(cfg)); print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "e.sqlite3")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
