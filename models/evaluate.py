@@ -115,6 +115,29 @@ def choose_thresholds(gt: Sequence[tuple[np.ndarray, np.ndarray]], pred: Sequenc
     return out
 
 
+def heldout_threshold_receipts(gt: Sequence[tuple[np.ndarray, np.ndarray]],
+                               pred: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                               groups: Sequence[str | None], classes: Sequence[str]) -> dict:
+    """Receipt agreement with each tray's thresholds chosen on the *other* trays (leave one tray
+    out). When thresholds are chosen on the very photos they are scored on (``train``'s
+    validation report), the plain rate is optimistic; this one is what a new tray would get."""
+    keys = [g if g is not None else f"__photo{i}" for i, g in enumerate(groups)]
+    labels: list[list[int]] = [[] for _ in pred]
+    for tray in sorted(set(keys)):
+        others = [i for i, k in enumerate(keys) if k != tray]
+        if not others:
+            return {"receipt_exact_photo_heldout": float("nan"), "receipt_exact_tray_heldout": float("nan")}
+        chosen = choose_thresholds([gt[i] for i in others], [pred[i] for i in others], classes)
+        thr = np.array([chosen[c] for c in classes], np.float32)
+        for i, k in enumerate(keys):
+            if k == tray:
+                _, s, c = pred[i]
+                labels[i] = list(c[s >= thr[c]])
+    rep = receipt_agreement([list(c) for _, c in gt], labels, groups)
+    return {"receipt_exact_photo_heldout": rep["receipt_exact_photo"],
+            "receipt_exact_tray_heldout": rep["receipt_exact_tray"]}
+
+
 def plot_confusion(m: np.ndarray, classes: Sequence[str], path: str | Path, title: str = "") -> None:
     import matplotlib
 
@@ -140,9 +163,10 @@ def plot_confusion(m: np.ndarray, classes: Sequence[str], path: str | Path, titl
 
 
 def evaluate_predictions(samples, classes: Sequence[str], preds: Sequence[dict], thresholds: dict[str, float] | None,
-                         confusion_png: str | Path | None = None) -> dict:
+                         confusion_png: str | Path | None = None, heldout_thresholds: bool = False) -> dict:
     """Samples (labelled photos) + raw predictions (``DishDetector.predict`` dicts, in the photos'
-    pixels) -> the report dict ``dishtrack eval`` writes."""
+    pixels) -> the report dict ``dishtrack eval`` writes. ``heldout_thresholds``: ``thresholds``
+    were chosen on these photos, so also report the receipts with leave-one-tray-out thresholds."""
     cidx = {c: i for i, c in enumerate(classes)}
     gt = [(np.asarray(s.boxes, np.float32).reshape(-1, 4), np.array([cidx[lbl] for lbl in s.labels], np.int64))
           for s in samples]
@@ -153,6 +177,8 @@ def evaluate_predictions(samples, classes: Sequence[str], preds: Sequence[dict],
     rep = coco_map(gt, raw, classes, sizes)  # AP ranks all boxes: thresholds do not apply
     rep.update(receipt_agreement([list(c) for _, c in gt], [list(c) for _, _, c in kept],
                                  [s.group for s in samples]))
+    if heldout_thresholds:
+        rep.update(heldout_threshold_receipts(gt, raw, [s.group for s in samples], classes))
     conf = match_confusion(gt, kept, len(classes))
     rep["confusion"] = {"classes": list(classes) + ["(none)"], "matrix": conf.tolist()}
     rep["thresholds"] = {c: float(t) for c, t in zip(classes, thr)}

@@ -86,6 +86,10 @@ def cmd_train(args) -> int:
     print(f"validation ({report['val_photos']} photos, {len(report['val_trays'])} trays): mAP@0.5 {v['map50']:.3f}  "
           f"mAP@0.5:0.95 {v['map50_95']:.3f}  exact receipts: photos {v['receipt_exact_photo']:.1%}, "
           f"trays {v['receipt_exact_tray']:.1%}  ({report['seconds']:.0f} s)")
+    if "receipt_exact_tray_heldout" in v:
+        print(f"  thresholds were chosen on these trays; chosen leaving each tray out: photos "
+              f"{v['receipt_exact_photo_heldout']:.1%}, trays {v['receipt_exact_tray_heldout']:.1%} "
+              f"(what a new tray gets; `dishtrack eval` on other photos measures it directly)")
     return 0
 
 

@@ -2,6 +2,7 @@
 # Installs what the tests need on a fresh machine, then runs them:
 #   - Debian: GStreamer RTSP server (for ../shared/rtsp_test_server.py), gst-launch,
 #     Chromium + ChromeDriver (web page test), PostgreSQL + mosquitto (test_integrations starts its own)
+#   - PyPI label-studio in tests/.labelstudio (test_propose starts it)
 #   - the dishtrack package with its test and fast (onnxruntime, openvino) extras (torch/torchvision pinned; pip takes them from local disk)
 # Extra arguments go to pytest. Everything runs, the fault scenarios (-m faults) included; they
 # mount small tmpfs filesystems (full / read-only disk), so CI runs this as root.
@@ -23,6 +24,14 @@ if ((${#missing[@]})); then
 fi
 
 python3 -m pip install -q --disable-pip-version-check '.[test,fast]'
+# Label Studio for the propose round trip (test_propose.py), in its own virtual environment: a
+# Django application with its own pins, a tool beside the service and not a dependency of it
+LS=tests/.labelstudio
+if [ -z "${DISHTRACK_LABEL_STUDIO:-}" ] && [ ! -x "$LS/bin/label-studio" ]; then
+  echo "installing label-studio into $LS"
+  { python3 -m venv "$LS" && "$LS/bin/pip" install -q --disable-pip-version-check 'label-studio==1.23.2'; } \
+    || echo "warning: label-studio did not install; its test will be skipped" >&2
+fi
 # run from tests/ so the checkout's folders (service/, models/ ...) are never
 # mistaken for packages: what is tested is the installed dishtrack
 cd tests

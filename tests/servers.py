@@ -157,3 +157,79 @@ class Mosquitto:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+
+
+# Label Studio (PyPI ``label-studio``, pinned in tests/run.sh) lives in its own virtual environment:
+# it is a Django application with its own pins, and a labelling tool next to the service, not a
+# dependency of it.
+LABEL_STUDIO_VENV = Path(__file__).resolve().parent / ".labelstudio"
+
+
+def label_studio_exe() -> str | None:
+    """DISHTRACK_LABEL_STUDIO, else tests/.labelstudio (made by tests/run.sh), else PATH."""
+    if env := os.environ.get("DISHTRACK_LABEL_STUDIO"):
+        return env
+    venv = LABEL_STUDIO_VENV / "bin" / "label-studio"
+    return str(venv) if venv.exists() else shutil.which("label-studio")
+
+
+def label_studio_missing() -> str | None:
+    return None if label_studio_exe() else (
+        "label-studio not installed (tests/run.sh puts it in tests/.labelstudio; or set DISHTRACK_LABEL_STUDIO)")
+
+
+class LabelStudio:
+    """A real Label Studio on 127.0.0.1:<free port> with its own SQLite data folder, one admin user
+    and a fixed API token, serving local files under ``document_root`` (as the README tells an
+    operator to run it for ``dishtrack propose`` output). No network: the version check is off."""
+
+    TOKEN = "0123456789abcdef0123456789abcdef01234567"
+
+    def __init__(self, workdir: Path, document_root: Path) -> None:
+        self.dir = Path(workdir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.root = Path(document_root)
+        self.port = free_port()
+        self.log = self.dir / "label-studio.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 180) -> "LabelStudio":
+        env = {**os.environ, "LABEL_STUDIO_BASE_DATA_DIR": str(self.dir / "data"),
+               "LOCAL_FILES_SERVING_ENABLED": "true", "LOCAL_FILES_DOCUMENT_ROOT": str(self.root),
+               "LATEST_VERSION_CHECK": "false", "LABEL_STUDIO_LATEST_VERSION_CHECK": "false"}
+        self.proc = subprocess.Popen(
+            [label_studio_exe(), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(self.port),
+             "--username", "admin@example.com", "--password", "dishtrack-test", "--user-token", self.TOKEN,
+             "--enable-legacy-api-token"], env=env, stdout=open(self.log, "a"), stderr=subprocess.STDOUT)
+        import httpx
+
+        end = time.time() + timeout  # first start migrates its database: ~25 s on 2 cores
+        while time.time() < end:
+            if self.proc.poll() is not None:
+                break
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"Label Studio did not start:\n{self.log.read_text()[-3000:]}")
+
+    def client(self):
+        import httpx
+
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Token {self.TOKEN}"}, timeout=60)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
