@@ -47,7 +47,7 @@ def main() -> None:
         change = json.loads(v)
         tag = "_".join(f"{k}{val}" for k, val in change.items())
         s = TrainSettings(data=args.data, out=str(work / f"{tag}.pt"), progress=False, seed=args.seed, **change)
-        tr, va = split_by_group(list(data.samples), s.val_fraction, s.seed)
+        tr, va = split_by_group(list(data.samples), s.val_fraction, s.seed, s.val_fold)
         t0 = time.time()
         model = load_dish_checkpoint(args.localiser)
         model.spec = DishModelSpec(**{**model.spec.__dict__, "classes": classes, "thresholds": {},

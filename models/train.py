@@ -50,20 +50,41 @@ TRUNK_STAGES = 4
 
 
 # ---------------------------------------------------------------- data
-def split_by_group(samples: list[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Hold out whole trays (``Sample.group``); photos without a group are their own group."""
+def split_by_group(samples: list[Sample], val_fraction: float, seed: int,
+                   fold: int = 0) -> tuple[list[Sample], list[Sample]]:
+    """Hold out whole trays (``Sample.group``); photos without a group are their own group.
+    ``fold`` k holds out the k-th of ``n_folds`` equal blocks of the shuffled trays, so folds
+    0 .. ``n_folds(...)`` - 1 hold out every tray once (cross-validation)."""
     groups: dict[str, list[Sample]] = {}
     for i, s in enumerate(samples):
         groups.setdefault(s.group if s.group is not None else f"__photo{i}", []).append(s)
     keys = sorted(groups)
     random.Random(seed).shuffle(keys)
-    n_val = int(round(len(keys) * val_fraction))
-    if val_fraction > 0 and n_val == 0 and len(keys) > 1:
-        n_val = 1
-    val_keys = set(keys[:n_val])
+    if fold == 0:
+        val_keys = set(keys[:_n_val(len(keys), val_fraction)])
+    else:
+        k = n_folds(len(keys), val_fraction)
+        if fold >= k:
+            raise ValueError(f"val_fold {fold}: val_fraction {val_fraction} makes {k} folds (0 .. {k - 1})")
+        val_keys = set(keys[round(fold * len(keys) / k):round((fold + 1) * len(keys) / k)])
     train = [s for k in keys if k not in val_keys for s in groups[k]]
     val = [s for k in keys if k in val_keys for s in groups[k]]
     return train, val
+
+
+def _n_val(n_groups: int, val_fraction: float) -> int:
+    n_val = int(round(n_groups * val_fraction))
+    return 1 if val_fraction > 0 and n_val == 0 and n_groups > 1 else n_val
+
+
+def n_folds(n_groups: int, val_fraction: float) -> int:
+    """How many disjoint validation folds ``split_by_group`` makes (1/``val_fraction``, a whole
+    number: fold 0 is then the same split as ever, ``round(n_groups * val_fraction)`` trays)."""
+    k = round(1 / val_fraction) if val_fraction > 0 else 1
+    if val_fraction > 0 and (abs(k * val_fraction - 1) > 1e-9 or k > n_groups):
+        raise ValueError(f"cross-validation folds need 1/val_fraction to be a whole number of at most "
+                         f"{n_groups} (the trays); val_fraction {val_fraction} is not")
+    return k
 
 
 # ---------------------------------------------------------------- resumable phases
@@ -520,7 +541,7 @@ def train(s: TrainSettings) -> dict:
     classes = data.classes
     if not any(len(x.labels) for x in samples):
         raise DatasetError(f"{s.data}: no labelled boxes")
-    train_s, val_s = split_by_group(samples, s.val_fraction, s.seed)
+    train_s, val_s = split_by_group(samples, s.val_fraction, s.seed, s.val_fold)
     if not val_s:
         log.warning("no validation trays (val_fraction=0): best-epoch selection and thresholds use training photos")
         val_s = train_s

@@ -13,6 +13,8 @@ class TrainSettings(BaseModel):
     out: str
     trays: str | None = Field(None, description="CSV image,tray (default: trays.csv next to the labels)")
     val_fraction: float = Field(0.2, ge=0, lt=1, description="share of trays held out for validation")
+    val_fold: int = Field(0, ge=0, description="which block of val_fraction of the (seed-shuffled) trays is "
+                          "held out: folds 0 .. 1/val_fraction - 1 cross-validate (bench/dish_cv.py)")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_images: int | None = Field(None, ge=1)

@@ -14,7 +14,7 @@ from dishtrack.config import DetectorConfig
 from dishtrack.models.dataset import DatasetError, export_mot_video, read_manifest
 from dishtrack.models.detector import load_detector
 from dishtrack.models.dish_detector import DishDetector
-from dishtrack.models.train import RunState, TrainSettings, run_phase, split_by_group
+from dishtrack.models.train import RunState, TrainSettings, n_folds, run_phase, split_by_group
 from dishtrack.models.importers import load_dataset
 from dishtrack.tracking import Frame
 
@@ -27,6 +27,12 @@ def test_split_by_tray_never_cuts_a_tray():
     assert {s.group for s in train_s}.isdisjoint({s.group for s in val_s})
     assert len(train_s) + len(val_s) == 288
     assert 0.15 < len({s.group for s in val_s}) / len({s.group for s in data.samples}) < 0.25
+    # cross-validation folds (bench/dish_cv.py): fold 0 is the split above, every tray is held out once
+    held = [s.group for k in range(n_folds(62, 0.2)) for s in split_by_group(list(data.samples), 0.2, 0, k)[1]]
+    assert n_folds(62, 0.2) == 5 and sorted(held) == sorted(s.group for s in data.samples)
+    assert {s.group for s in split_by_group(list(data.samples), 0.2, 0, 0)[1]} == {s.group for s in val_s}
+    with pytest.raises(ValueError, match="val_fold 5"):
+        split_by_group(list(data.samples), 0.2, 0, 5)
 
 
 def test_train_writes_checkpoint_curves_and_report(tiny_checkpoint):
