@@ -146,6 +146,21 @@ def test_heldout_thresholds_do_not_score_a_tray_with_its_own_threshold():
     assert held["receipt_exact_tray_heldout"] == 0.5
 
 
+def test_a_dish_absent_from_the_validation_trays_is_still_reported():
+    """Validation trays without Cheese (real labels, every dish found at 0.7): its threshold used to
+    be the grid's top (0.95, every threshold ties on zero cheeses), so a cheese on the next tray was
+    never on the receipt. It now shares the other dishes' threshold."""
+    from dishtrack.models.evaluate import choose_thresholds
+
+    data = load_dataset(KIOSK)
+    cidx = {c: i for i, c in enumerate(data.classes)}
+    photos = [x for x in data.samples if "Cheese" not in x.labels][:40]
+    gt = [(np.asarray(x.boxes, np.float32).reshape(-1, 4), np.array([cidx[lbl] for lbl in x.labels])) for x in photos]
+    pred = [(b, np.full(len(c), 0.7, np.float32), c) for b, c in gt]
+    thr = choose_thresholds(gt, pred, data.classes)
+    assert thr["Cheese"] <= 0.7 and thr["Cheese"] == thr["Plate"], thr
+
+
 def test_eval_cli_reports_map_receipts_and_confusion(tiny_checkpoint, tmp_path):
     out, _ = tiny_checkpoint
     # a small labelled folder in another format (COCO) with a tray grouping: eval reads what train reads
