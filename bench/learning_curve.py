@@ -17,6 +17,12 @@ Absolute rates are therefore below a full ``train``'s; the curve compares label 
 strategies under one model.
 
     python bench/learning_curve.py --localiser runs/bench2/dishes.pt --png docs/learning_curve.png
+
+Cross-validated (every tray a validation tray once; each fold with its own localiser, trained by
+``bench/dish_cv.py`` without that fold's trays); the rates are averaged over the folds, each
+weighted by its validation trays, and over the seeds:
+
+    python bench/learning_curve.py --localiser 'runs/cv/fold{fold}/dishes.pt' --folds all
 """
 from __future__ import annotations
 
@@ -39,7 +45,7 @@ from dishtrack.models.importers import load_dataset
 from dishtrack.models.localiser import ImageCache
 from dishtrack.models.sample import Sample
 from dishtrack.models.shots import greedy_coverage
-from dishtrack.models.train import split_by_group
+from dishtrack.models.train import n_folds, split_by_group
 from dishtrack.models.augment import letterbox
 
 log = logging.getLogger("learning_curve")
@@ -142,7 +148,10 @@ def subset(data: EmbeddedCrops, photos: set[int]) -> EmbeddedCrops:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/mealtray_kiosk_dev"))
-    ap.add_argument("--localiser", required=True, help="a dish checkpoint trained on the same split (its localiser)")
+    ap.add_argument("--localiser", required=True, help="a dish checkpoint trained on the same split (its localiser); "
+                    "with --folds a pattern with {fold}, e.g. runs/cv/fold{fold}/dishes.pt (bench/dish_cv.py)")
+    ap.add_argument("--folds", help="cross-validation folds (train --val-fold), 'all' or e.g. 0,1: the curve is "
+                    "averaged over their validation trays (every tray once with 'all')")
     ap.add_argument("--start", type=int, default=5)
     ap.add_argument("--step", type=int, default=5)
     ap.add_argument("--seeds", type=int, default=3)
@@ -155,10 +164,57 @@ def main() -> None:
     torch.set_num_threads(2)
     t0 = time.time()
     data = load_dataset(args.data)
+    if args.folds:
+        k_all = n_folds(len({x.group for x in data.samples}), 0.2)
+        try:
+            folds = list(range(k_all)) if args.folds == "all" else [int(f) for f in args.folds.split(",")]
+        except ValueError:
+            ap.error(f"--folds {args.folds!r}: 'all' or comma-separated fold numbers")
+        if bad := [f for f in folds if not 0 <= f < k_all]:
+            ap.error(f"--folds: {bad} outside 0 .. {k_all - 1}")
+        if "{fold}" not in args.localiser:
+            ap.error("--folds needs --localiser with {fold} (each fold's localiser never saw its validation trays)")
+        if missing := [args.localiser.format(fold=k) for k in folds if not Path(args.localiser.format(fold=k)).is_file()]:
+            ap.error(f"--localiser: no checkpoint {missing} (bench/dish_cv.py trains them)")
+    else:
+        folds = [0]
+    runs = [run_split(args, data, args.localiser.format(fold=k), k) for k in folds]
+    n_val = [r["val_trays"] for r in runs]
+    if len({len(r["budgets"]) for r in runs}) > 1:  # folds differ by a tray or so: the same rounds, else refuse
+        raise SystemExit(f"folds have different label budgets {[r['budgets'] for r in runs]}: use --step so that "
+                         "every fold's training trays give the same number of rounds")
+    n_budgets = len(runs[0]["budgets"])
+    budgets = runs[0]["budgets"][:n_budgets]
+    n_train = runs[0]["budgets"][-1]
+    # every (fold, seed) run weighted by its validation trays
+    mean = {s: {budgets[i]: {k: float(np.average([np.mean([x[k] for x in r["results"][s][i]]) for r in runs],
+                                                 weights=n_val)) for k in METRICS}
+                for i in range(n_budgets)} for s in STRATEGIES}
+    full = {k: float(np.mean([mean[s][budgets[-1]][k] for s in STRATEGIES])) for k in METRICS}
+    print(f"{n_train} training trays, {sum(n_val)} validation trays ({len(folds)} fold(s): {folds}), {args.seeds} seeds; "
+          f"full-data: mAP@0.5 {full['map50']:.3f}, exact photos {full['receipt_exact_photo']:.1%}, "
+          f"trays {full['receipt_exact_tray']:.1%} ({time.time() - t0:.0f} s)")
+    print("| labelled trays | " + " | ".join(f"{s} mAP / photos / trays" for s in STRATEGIES) + " |")
+    print("|---|" + "---|" * len(STRATEGIES))
+    for b in budgets:
+        print(f"| {b} ({b / n_train:.0%}) | " + " | ".join(
+            f"{mean[s][b]['map50']:.3f} / {mean[s][b]['receipt_exact_photo']:.1%} / {mean[s][b]['receipt_exact_tray']:.1%}"
+            for s in STRATEGIES) + " |")
+    plot(mean, budgets, full, args.png, n_train)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"folds": folds, "runs": runs, "mean": mean, "full": full}, indent=1))
+
+
+METRICS = ("map50", "receipt_exact_photo", "receipt_exact_tray")
+
+
+def run_split(args, data, localiser: str, fold: int) -> dict:
+    """One tray split (``fold``; its localiser): every strategy and seed, results per budget."""
+    t0 = time.time()
     classes = data.classes
     cidx = {c: i for i, c in enumerate(classes)}
-    tr, va = split_by_group(list(data.samples), 0.2, args.split_seed)
-    model = load_dish_checkpoint(args.localiser)
+    tr, va = split_by_group(list(data.samples), 0.2, args.split_seed, fold)
+    model = load_dish_checkpoint(localiser)
     torch.manual_seed(0)
     model.classifier = DishClassifier(len(classes), model.spec.crop_size, pretrained=True, freeze_blocks=16)
     model.spec = DishModelSpec(**{**model.spec.__dict__, "classes": classes, "thresholds": {}})
@@ -203,7 +259,7 @@ def main() -> None:
         return rep, (tray_uncertainty(pool_preds, photo_tray), box_uncertainty(pool_preds))
 
     budgets = list(range(args.start, len(trays), args.step)) + [len(trays)]
-    results = {s: {b: [] for b in budgets} for s in STRATEGIES}
+    results = {s: [[] for _ in budgets] for s in STRATEGIES}
     for seed in range(args.seeds):
         init = random.Random(1000 + seed).sample(trays, args.start)
         for strat in STRATEGIES:
@@ -216,24 +272,12 @@ def main() -> None:
                 elif len(labelled) < b:
                     labelled += pick(strat, trays, labelled, feats, unc[0], b - len(labelled), rng)
                 rep, unc = fit_and_score(labelled, seed)
-                results[strat][b].append({k: rep[k] for k in ("map50", "receipt_exact_photo", "receipt_exact_tray")})
-                log.info("seed %d %-22s %2d trays: mAP %.3f photos %.3f trays %.3f", seed, strat, b, rep["map50"],
+                results[strat][budgets.index(b)].append({k: rep[k] for k in METRICS})
+                log.info("fold %d seed %d %-22s %2d trays: mAP %.3f photos %.3f trays %.3f", fold, seed, strat, b,
+                         rep["map50"],
                          rep["receipt_exact_photo"], rep["receipt_exact_tray"])
-    mean = {s: {b: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]} for b, rs in bs.items()}
-            for s, bs in results.items()}
-    full = {k: float(np.mean([mean[s][len(trays)][k] for s in STRATEGIES])) for k in mean[STRATEGIES[0]][len(trays)]}
-    print(f"{len(trays)} training trays, {len({x.group for x in va})} validation trays, {args.seeds} seeds; "
-          f"full-data: mAP@0.5 {full['map50']:.3f}, exact photos {full['receipt_exact_photo']:.1%}, "
-          f"trays {full['receipt_exact_tray']:.1%} ({time.time() - t0:.0f} s)")
-    print("| labelled trays | " + " | ".join(f"{s} mAP / photos / trays" for s in STRATEGIES) + " |")
-    print("|---|" + "---|" * len(STRATEGIES))
-    for b in budgets:
-        print(f"| {b} ({b / len(trays):.0%}) | " + " | ".join(
-            f"{mean[s][b]['map50']:.3f} / {mean[s][b]['receipt_exact_photo']:.1%} / {mean[s][b]['receipt_exact_tray']:.1%}"
-            for s in STRATEGIES) + " |")
-    plot(mean, budgets, full, args.png, len(trays))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "mean": mean, "full": full}, indent=1))
+    log.info("fold %d done in %.0fs", fold, time.time() - t0)
+    return {"fold": fold, "budgets": budgets, "val_trays": len({x.group for x in va}), "results": results}
 
 
 def plot(mean, budgets, full, path, n_trays) -> None:

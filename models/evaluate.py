@@ -108,18 +108,48 @@ THRESHOLD_GRID = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2))
 SHRINK = 0.0
 
 
+def _class_ids(c, n_classes: int, what: str) -> np.ndarray:
+    c = np.asarray(c, np.int64).reshape(-1)
+    if len(c) and (c.min() < 0 or c.max() >= n_classes):
+        raise ValueError(f"{what}: class ids must be 0 .. {n_classes - 1}, got {sorted(set(c.tolist()))}")
+    return c
+
+
+def count_table(gt: Sequence[tuple[np.ndarray, np.ndarray]], pred: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                n_classes: int, grid: Sequence[float] = THRESHOLD_GRID) -> np.ndarray:
+    """(grid, photo, dish) -> whether the photo's count of that dish is right at that threshold:
+    computed once, so thresholds on any subset of photos (leave one tray out) are sums."""
+    truth = np.zeros((len(gt), n_classes), np.int64)
+    for i, (_, gc) in enumerate(gt):
+        truth[i] = np.bincount(_class_ids(gc, n_classes, "labels"), minlength=n_classes)
+    counts = np.zeros((len(grid), len(pred), n_classes), np.int64)
+    for i, (_, ps, pc) in enumerate(pred):
+        pc = _class_ids(pc, n_classes, "predictions")
+        ps = np.asarray(ps, np.float32).reshape(-1)
+        for ti, t in enumerate(grid):
+            counts[ti, i] = np.bincount(pc[ps >= t], minlength=n_classes)
+    return counts == truth[None]
+
+
+def _choose(table: np.ndarray, grid: Sequence[float], shrink: float) -> tuple[int, np.ndarray]:
+    """Count table (of the photos to choose on) -> shared threshold index, per-dish threshold indices."""
+    all_ok = table.all(axis=2).sum(axis=1)  # (grid,) photos with every dish right
+    shared = int(np.flatnonzero(all_ok == all_ok.max())[-1]) if len(all_ok) else 0  # ties: the higher
+    ok = table.sum(axis=1)  # (grid, dish)
+    dist = np.abs(np.arange(len(grid)) - shared)  # in grid steps, exact
+    idx = np.empty(table.shape[2], np.int64)
+    for k in range(table.shape[2]):
+        # best count (less shrink per step), then the nearest to the shared one, then the higher
+        key = [(ok[ti, k] - shrink * dist[ti], -dist[ti], ti) for ti in range(len(grid))]
+        idx[k] = max(key)[2]
+    return shared, idx
+
+
 def shared_threshold(gt: Sequence[tuple[np.ndarray, np.ndarray]], pred: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
                      n_classes: int, grid: Sequence[float] = THRESHOLD_GRID) -> float:
     """The one score threshold for every dish that makes the most photos' receipts exactly right
     (ties: the higher)."""
-    truth = np.array([np.bincount(gc, minlength=n_classes)[:n_classes] for _, gc in gt]).reshape(len(gt), n_classes)
-    best, best_t = -1, 0.3
-    for t in grid:
-        counts = np.array([np.bincount(pc[ps >= t], minlength=n_classes)[:n_classes] for _, ps, pc in pred])
-        ok = int(np.all(counts.reshape(truth.shape) == truth, axis=1).sum())
-        if ok >= best:
-            best, best_t = ok, float(t)
-    return best_t
+    return float(grid[_choose(count_table(gt, pred, n_classes, grid), grid, 0.0)[0]])
 
 
 def choose_thresholds(gt: Sequence[tuple[np.ndarray, np.ndarray]], pred: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
@@ -131,40 +161,30 @@ def choose_thresholds(gt: Sequence[tuple[np.ndarray, np.ndarray]], pred: Sequenc
     away from the shared threshold that many photos. A dish absent from the validation photos
     keeps the shared threshold: it used to get the grid's top (0.95, every threshold ties on zero
     boxes) and was then almost never reported."""
-    shared = shared_threshold(gt, pred, len(classes), grid)
-    step = float(np.min(np.diff(grid))) if len(grid) > 1 else 1.0
-    out = {}
-    for k, name in enumerate(classes):
-        truth = [int(np.sum(gc == k)) for _, gc in gt]
-        best, best_key = shared, None
-        for t in grid:
-            ok = sum(int(np.sum((pc == k) & (ps >= t))) == n for (_, ps, pc), n in zip(pred, truth))
-            dist = abs(t - shared) / step
-            key = (ok - shrink * dist, -dist, t)
-            if best_key is None or key > best_key:
-                best, best_key = float(t), key
-        out[name] = best
-    return out
+    _, idx = _choose(count_table(gt, pred, len(classes), grid), grid, shrink)
+    return {name: float(grid[i]) for name, i in zip(classes, idx)}
 
 
 def heldout_threshold_receipts(gt: Sequence[tuple[np.ndarray, np.ndarray]],
                                pred: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
-                               groups: Sequence[str | None], classes: Sequence[str]) -> dict:
+                               groups: Sequence[str | None], classes: Sequence[str],
+                               grid: Sequence[float] = THRESHOLD_GRID) -> dict:
     """Receipt agreement with each tray's thresholds chosen on the *other* trays (leave one tray
     out). When thresholds are chosen on the very photos they are scored on (``train``'s
-    validation report), the plain rate is optimistic; this one is what a new tray would get."""
-    keys = [g if g is not None else f"__photo{i}" for i, g in enumerate(groups)]
+    validation report), the plain rate is optimistic; this one is what a new tray would get.
+    Empty with fewer than two trays (nothing to choose on)."""
+    keys = np.array([str(g) if g is not None else f"__photo{i}" for i, g in enumerate(groups)])
+    if len(set(keys.tolist())) < 2:
+        return {}
+    table = count_table(gt, pred, len(classes), grid)
     labels: list[list[int]] = [[] for _ in pred]
-    for tray in sorted(set(keys)):
-        others = [i for i, k in enumerate(keys) if k != tray]
-        if not others:
-            return {"receipt_exact_photo_heldout": float("nan"), "receipt_exact_tray_heldout": float("nan")}
-        chosen = choose_thresholds([gt[i] for i in others], [pred[i] for i in others], classes)
-        thr = np.array([chosen[c] for c in classes], np.float32)
-        for i, k in enumerate(keys):
-            if k == tray:
-                _, s, c = pred[i]
-                labels[i] = list(c[s >= thr[c]])
+    for tray in sorted(set(keys.tolist())):
+        _, idx = _choose(table[:, keys != tray], grid, SHRINK)
+        thr = np.asarray(grid, np.float32)[idx]
+        for i in np.flatnonzero(keys == tray):
+            _, s, c = pred[i]
+            c = np.asarray(c, np.int64)
+            labels[i] = list(c[np.asarray(s) >= thr[c]])
     rep = receipt_agreement([list(c) for _, c in gt], labels, groups)
     return {"receipt_exact_photo_heldout": rep["receipt_exact_photo"],
             "receipt_exact_tray_heldout": rep["receipt_exact_tray"]}

@@ -60,6 +60,8 @@ def split_by_group(samples: list[Sample], val_fraction: float, seed: int,
         groups.setdefault(s.group if s.group is not None else f"__photo{i}", []).append(s)
     keys = sorted(groups)
     random.Random(seed).shuffle(keys)
+    if fold < 0:
+        raise ValueError(f"val_fold {fold}: folds count from 0")
     if fold == 0:
         val_keys = set(keys[:_n_val(len(keys), val_fraction)])
     else:
@@ -582,9 +584,10 @@ def train(s: TrainSettings) -> dict:
     model.cpu()
     save_dish_checkpoint(out, model, meta=meta)
     state.path.unlink(missing_ok=True)  # finished: nothing to resume
-    log.info("wrote %s (curves %s) in %.0fs: val mAP@0.5 %.3f, exact receipts %.1f%% of trays "
-             "(%.1f%% with each tray's thresholds chosen on the other trays)", out, curves, meta["seconds"],
-             report["map50"], 100 * report["receipt_exact_tray"], 100 * report.get("receipt_exact_tray_heldout", np.nan))
+    held = (f" ({report['receipt_exact_tray_heldout']:.1%} with each tray's thresholds chosen on the other trays)"
+            if "receipt_exact_tray_heldout" in report else "")
+    log.info("wrote %s (curves %s) in %.0fs: val mAP@0.5 %.3f, exact receipts %.1f%% of trays%s", out, curves,
+             meta["seconds"], report["map50"], 100 * report["receipt_exact_tray"], held)
     return {"checkpoint": str(out), "curves": str(curves), **meta}
 
 

@@ -1,6 +1,6 @@
-"""Real PostgreSQL and mosquitto servers from the Debian packages (``postgresql``,
-``mosquitto``; tests/run.sh installs them), started in a temporary folder on a
-free port. Used by the integration tests and bench/store_benchmark.py."""
+"""Real servers for the tests, each started in a temporary folder on a free port: PostgreSQL and
+mosquitto from the Debian packages (``postgresql``, ``mosquitto``), Label Studio from PyPI
+(``label-studio``); tests/run.sh installs them. Also used by bench/store_benchmark.py."""
 from __future__ import annotations
 
 import os
@@ -181,7 +181,8 @@ def label_studio_missing() -> str | None:
 class LabelStudio:
     """A real Label Studio on 127.0.0.1:<free port> with its own SQLite data folder, one admin user
     and a fixed API token, serving local files under ``document_root`` (as the README tells an
-    operator to run it for ``dishtrack propose`` output). No network: the version check is off."""
+    operator to run it for ``dishtrack propose`` output). Nothing leaves the machine: the version
+    check, usage analytics and Sentry error reports are off."""
 
     TOKEN = "0123456789abcdef0123456789abcdef01234567"
 
@@ -198,27 +199,31 @@ class LabelStudio:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 180) -> "LabelStudio":
+        import httpx
+
         env = {**os.environ, "LABEL_STUDIO_BASE_DATA_DIR": str(self.dir / "data"),
                "LOCAL_FILES_SERVING_ENABLED": "true", "LOCAL_FILES_DOCUMENT_ROOT": str(self.root),
-               "LATEST_VERSION_CHECK": "false", "LABEL_STUDIO_LATEST_VERSION_CHECK": "false"}
+               "LATEST_VERSION_CHECK": "false", "LABEL_STUDIO_LATEST_VERSION_CHECK": "false",
+               "COLLECT_ANALYTICS": "false", "LABEL_STUDIO_COLLECT_ANALYTICS": "false",
+               "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": ""}
+        self._log_file = open(self.log, "a")
         self.proc = subprocess.Popen(
             [label_studio_exe(), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(self.port),
              "--username", "admin@example.com", "--password", "dishtrack-test", "--user-token", self.TOKEN,
-             "--enable-legacy-api-token"], env=env, stdout=open(self.log, "a"), stderr=subprocess.STDOUT)
-        import httpx
-
-        end = time.time() + timeout  # first start migrates its database: ~25 s on 2 cores
-        while time.time() < end:
-            if self.proc.poll() is not None:
-                break
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"Label Studio did not start:\n{self.log.read_text()[-3000:]}")
+             "--enable-legacy-api-token"], env=env, stdout=self._log_file, stderr=subprocess.STDOUT)
+        try:
+            end = time.time() + timeout  # first start migrates its database: ~25 s on 2 cores
+            while time.time() < end and self.proc.poll() is None:
+                try:
+                    if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            raise RuntimeError(f"Label Studio did not start:\n{self.log.read_text()[-3000:]}")
+        except BaseException:  # a timeout or ^C while waiting: never leave it running
+            self.stop()
+            raise
 
     def client(self):
         import httpx
@@ -233,3 +238,5 @@ class LabelStudio:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        if getattr(self, "_log_file", None):
+            self._log_file.close()

@@ -161,6 +161,23 @@ def test_a_dish_absent_from_the_validation_trays_is_still_reported():
     assert thr["Cheese"] <= 0.7 and thr["Cheese"] == thr["Plate"], thr
 
 
+def test_threshold_ties_go_to_the_shared_threshold_then_the_higher():
+    """Grid distances are whole steps (0.2 and 0.4 are equally far from 0.3), not float noise."""
+    from dishtrack.models.evaluate import _choose
+
+    grid = (0.1, 0.2, 0.3, 0.4, 0.5)
+    table = np.zeros((5, 4, 3), bool)  # (grid, photo, dish): is the count right
+    table[:, :, 1] = True  # dish B: right at every threshold -> it takes the shared one
+    table[2, :, 2] = True  # dish C: right only at 0.3, so 0.3 is best for every dish at once
+    table[[1, 3], :3, 0] = True  # dish A: 3 photos right at 0.2 and at 0.4, 2 at 0.3
+    table[2, :2, 0] = True
+    shared, idx = _choose(table, grid, 0.0)
+    assert grid[shared] == 0.3 and grid[idx[1]] == 0.3
+    assert grid[idx[0]] in (0.2, 0.4) and grid[idx[0]] == 0.4  # equal counts, equal distance: the higher
+    _, idx = _choose(table, grid, 2.0)  # each step away costs 2 photos: stay at the shared one
+    assert grid[idx[0]] == 0.3
+
+
 def test_eval_cli_reports_map_receipts_and_confusion(tiny_checkpoint, tmp_path):
     out, _ = tiny_checkpoint
     # a small labelled folder in another format (COCO) with a tray grouping: eval reads what train reads
