@@ -31,6 +31,17 @@ log = logging.getLogger("dish_cv")
 RARE = ("Dessert", "Fruit", "Cheese")
 
 
+def fold_numbers(spec: str, k_all: int) -> list[int]:
+    """``--folds``: 'all' or comma-separated fold numbers of ``k_all`` (ValueError names what is wrong)."""
+    try:
+        folds = list(range(k_all)) if spec == "all" else [int(f) for f in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--folds {spec!r}: 'all' or comma-separated fold numbers") from None
+    if bad := [f for f in folds if not 0 <= f < k_all]:
+        raise ValueError(f"--folds: {bad} outside 0 .. {k_all - 1} (the trays make {k_all} folds)")
+    return folds
+
+
 def run_fold(args, fold: int, change: dict, data) -> dict:
     """Train ``fold`` (or read it back) -> its validation report (as train wrote it) and its
     out-of-fold predictions with their labels."""
@@ -118,11 +129,9 @@ def main() -> None:
     except (ValueError, TypeError) as e:
         ap.error(f"--set {args.set!r}: {e}")
     try:
-        folds = list(range(k_all)) if args.folds == "all" else [int(f) for f in args.folds.split(",")]
-    except ValueError:
-        ap.error(f"--folds {args.folds!r}: 'all' or comma-separated fold numbers")
-    if bad := [f for f in folds if not 0 <= f < k_all]:
-        ap.error(f"--folds: {bad} outside 0 .. {k_all - 1} ({len(groups)} trays make {k_all} folds)")
+        folds = fold_numbers(args.folds, k_all)
+    except ValueError as e:
+        ap.error(str(e))
     results = [run_fold(args, k, change, data) for k in folds]
     classes = data.classes
     scored = [score_fold(classes, r["photos"]) for r in results]

@@ -47,6 +47,7 @@ from dishtrack.models.sample import Sample
 from dishtrack.models.shots import greedy_coverage
 from dishtrack.models.train import n_folds, split_by_group
 from dishtrack.models.augment import letterbox
+from dish_cv import fold_numbers  # bench/ is on sys.path when a benchmark runs
 
 log = logging.getLogger("learning_curve")
 STRATEGIES = ("random", "diversity", "diversity+uncertainty", "coverage", "coverage+uncertainty")
@@ -165,13 +166,10 @@ def main() -> None:
     t0 = time.time()
     data = load_dataset(args.data)
     if args.folds:
-        k_all = n_folds(len({x.group for x in data.samples}), 0.2)
         try:
-            folds = list(range(k_all)) if args.folds == "all" else [int(f) for f in args.folds.split(",")]
-        except ValueError:
-            ap.error(f"--folds {args.folds!r}: 'all' or comma-separated fold numbers")
-        if bad := [f for f in folds if not 0 <= f < k_all]:
-            ap.error(f"--folds: {bad} outside 0 .. {k_all - 1}")
+            folds = fold_numbers(args.folds, n_folds(len({x.group for x in data.samples}), 0.2))
+        except ValueError as e:
+            ap.error(str(e))
         if "{fold}" not in args.localiser:
             ap.error("--folds needs --localiser with {fold} (each fold's localiser never saw its validation trays)")
         if missing := [args.localiser.format(fold=k) for k in folds if not Path(args.localiser.format(fold=k)).is_file()]:
@@ -183,13 +181,12 @@ def main() -> None:
     if len({len(r["budgets"]) for r in runs}) > 1:  # folds differ by a tray or so: the same rounds, else refuse
         raise SystemExit(f"folds have different label budgets {[r['budgets'] for r in runs]}: use --step so that "
                          "every fold's training trays give the same number of rounds")
-    n_budgets = len(runs[0]["budgets"])
-    budgets = runs[0]["budgets"][:n_budgets]
-    n_train = runs[0]["budgets"][-1]
+    budgets = runs[0]["budgets"]
+    n_train = budgets[-1]
     # every (fold, seed) run weighted by its validation trays
-    mean = {s: {budgets[i]: {k: float(np.average([np.mean([x[k] for x in r["results"][s][i]]) for r in runs],
-                                                 weights=n_val)) for k in METRICS}
-                for i in range(n_budgets)} for s in STRATEGIES}
+    mean = {s: {b: {k: float(np.average([np.mean([x[k] for x in r["results"][s][i]]) for r in runs],
+                                        weights=n_val)) for k in METRICS}
+                for i, b in enumerate(budgets)} for s in STRATEGIES}
     full = {k: float(np.mean([mean[s][budgets[-1]][k] for s in STRATEGIES])) for k in METRICS}
     print(f"{n_train} training trays, {sum(n_val)} validation trays ({len(folds)} fold(s): {folds}), {args.seeds} seeds; "
           f"full-data: mAP@0.5 {full['map50']:.3f}, exact photos {full['receipt_exact_photo']:.1%}, "
@@ -265,17 +262,16 @@ def run_split(args, data, localiser: str, fold: int) -> dict:
         for strat in STRATEGIES:
             rng = random.Random(seed)
             labelled = list(init)
-            for b in budgets:
+            for i, b in enumerate(budgets):
                 if len(labelled) < b and strat.startswith("coverage"):
                     labelled += pick_coverage(trays, labelled, sim, box_tray, b - len(labelled),
                                               unc[1] if strat.endswith("uncertainty") else None)
                 elif len(labelled) < b:
                     labelled += pick(strat, trays, labelled, feats, unc[0], b - len(labelled), rng)
                 rep, unc = fit_and_score(labelled, seed)
-                results[strat][budgets.index(b)].append({k: rep[k] for k in METRICS})
+                results[strat][i].append({k: rep[k] for k in METRICS})
                 log.info("fold %d seed %d %-22s %2d trays: mAP %.3f photos %.3f trays %.3f", fold, seed, strat, b,
-                         rep["map50"],
-                         rep["receipt_exact_photo"], rep["receipt_exact_tray"])
+                         rep["map50"], rep["receipt_exact_photo"], rep["receipt_exact_tray"])
     log.info("fold %d done in %.0fs", fold, time.time() - t0)
     return {"fold": fold, "budgets": budgets, "val_trays": len({x.group for x in va}), "results": results}
 

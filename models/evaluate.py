@@ -132,7 +132,8 @@ def count_table(gt: Sequence[tuple[np.ndarray, np.ndarray]], pred: Sequence[tupl
 
 
 def _choose(table: np.ndarray, grid: Sequence[float], shrink: float) -> tuple[int, np.ndarray]:
-    """Count table (of the photos to choose on) -> shared threshold index, per-dish threshold indices."""
+    """Count table (of the photos to choose on) -> index of the threshold shared by every dish (the
+    most photos with every dish right; ties: the higher), per-dish threshold indices."""
     all_ok = table.all(axis=2).sum(axis=1)  # (grid,) photos with every dish right
     shared = int(np.flatnonzero(all_ok == all_ok.max())[-1]) if len(all_ok) else 0  # ties: the higher
     ok = table.sum(axis=1)  # (grid, dish)
@@ -145,19 +146,12 @@ def _choose(table: np.ndarray, grid: Sequence[float], shrink: float) -> tuple[in
     return shared, idx
 
 
-def shared_threshold(gt: Sequence[tuple[np.ndarray, np.ndarray]], pred: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
-                     n_classes: int, grid: Sequence[float] = THRESHOLD_GRID) -> float:
-    """The one score threshold for every dish that makes the most photos' receipts exactly right
-    (ties: the higher)."""
-    return float(grid[_choose(count_table(gt, pred, n_classes, grid), grid, 0.0)[0]])
-
-
 def choose_thresholds(gt: Sequence[tuple[np.ndarray, np.ndarray]], pred: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
                       classes: Sequence[str], grid: Sequence[float] = THRESHOLD_GRID, shrink: float = SHRINK
                       ) -> dict[str, float]:
     """Per dish, the score threshold that makes its per-photo counts right most often (counts are
-    what receipts are made of); among equally good ones the nearest to the one threshold shared by
-    every dish (``shared_threshold``), then the higher. ``shrink`` > 0 also charges each grid step
+    what receipts are made of); among equally good ones the nearest to the one threshold that gets
+    the most photos' whole receipts right (shared by every dish), then the higher. ``shrink`` > 0 also charges each grid step
     away from the shared threshold that many photos. A dish absent from the validation photos
     keeps the shared threshold: it used to get the grid's top (0.95, every threshold ties on zero
     boxes) and was then almost never reported."""
