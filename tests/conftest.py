@@ -17,6 +17,8 @@ import httpx
 import pytest
 import yaml
 
+import servers
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DISHTRACK_SHARED", ROOT.parent / "shared"))
 DATA = SHARED / "data"
@@ -139,13 +141,7 @@ class ServiceProcess:
         return httpx.get(self.base + path, timeout=10, **kw)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        servers.stop_process(self.proc, 30)
         return self.proc.returncode
 
 
@@ -268,8 +264,6 @@ class AppServer:
 @pytest.fixture(scope="session")
 def pg_server():
     """A real PostgreSQL (Debian postgresql-15) for the session; skipped when it is not installed."""
-    import servers
-
     if (why := servers.pg_missing()) is not None:
         pytest.skip(why)
     pg = servers.PgServer().start()

@@ -47,6 +47,18 @@ def _wait_port(port: int, timeout: float, proc: subprocess.Popen | None, log: Pa
     raise RuntimeError(f"server on port {port} did not start:\n{log.read_text() if log.exists() else ''}")
 
 
+def stop_process(proc: subprocess.Popen | None, grace_s: float, kill_wait_s: float = 10.0) -> None:
+    """SIGTERM (a server's clean shutdown), SIGKILL if it is not gone within ``grace_s``."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(kill_wait_s)
+
+
 def pg_missing() -> str | None:
     """Why no PostgreSQL can be started here, or None."""
     if not (PG_BIN / "initdb").exists():
@@ -150,13 +162,7 @@ class Mosquitto:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: saves the persistence file
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, 10, 5)  # SIGTERM: saves the persistence file
 
 
 # Label Studio (PyPI ``label-studio``, pinned in tests/run.sh) lives in its own virtual environment:
@@ -231,12 +237,6 @@ class LabelStudio:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Token {self.TOKEN}"}, timeout=60)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc, 20)
         if getattr(self, "_log_file", None):
             self._log_file.close()
