@@ -21,7 +21,7 @@ from dishtrack.models.dish_detector import DishDetector, DishModelSpec, load_dis
 from dishtrack.models.evaluate import evaluate_predictions
 from dishtrack.models.importers import load_dataset
 from dishtrack.models.localiser import ImageCache
-from dishtrack.models.train import RunState, split_by_group, train_classifier, validation_thresholds
+from dishtrack.models.train import RunState, attach_exemplars, split_by_group, train_classifier, validation_thresholds
 from dishtrack.models.train_settings import TrainSettings
 
 log = logging.getLogger("classifier_variants")
@@ -59,6 +59,7 @@ def main() -> None:
         lab = lambda xs: [[cidx[lb] for lb in x.labels] for x in xs]  # noqa: E731
         train_classifier(s, model, classes, ImageCache(tr, long_side), lab(tr), ImageCache(va, long_side), lab(va),
                          RunState(work / f"{tag}.state", s, False))
+        attach_exemplars(model, tr, lab(tr))  # as train does (the localiser checkpoint's belong to its classifier)
         preds, thr = validation_thresholds(DishDetector(model, "cpu"), va, lab(va), classes, False)
         model.spec = DishModelSpec(**{**model.spec.__dict__, "thresholds": thr})
         rep = evaluate_predictions(va, classes, preds, thr, confusion_png=work / f"{tag}_confusion.png")

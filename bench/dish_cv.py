@@ -8,23 +8,31 @@ Per fold: mAP from its validation report; receipts by today's threshold rule, wi
 chosen on the fold's validation trays (as ``train`` does) and, per tray, on the fold's other trays
 (held out: what a new tray gets). Pooled: COCO mAP over every fold's out-of-fold predictions, and
 the receipts of all trays (each fold's thresholds; held out: chosen on the fold's other trays).
-A fold whose checkpoint and predictions exist is read back, not retrained (``--retrain`` to redo).
+A fold whose checkpoint and predictions exist is read back, not retrained (``--retrain`` to redo);
+``--refresh`` predicts its validation photos again with today's inference (a checkpoint from before
+exemplars existed first gets them from its fold's training photos, as ``train`` now attaches them:
+the trained weights are the same).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import pickle
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from dishtrack.models.dish_detector import DishDetector, read_checkpoint
-from dishtrack.models.evaluate import choose_thresholds, coco_map, heldout_threshold_receipts, receipt_agreement
+from dishtrack.models.dish_detector import (DishDetector, DishModelSpec, load_dish_checkpoint, read_checkpoint,
+                                            save_dish_checkpoint)
+from dishtrack.models.evaluate import (choose_thresholds, coco_map, evaluate_predictions, heldout_threshold_receipts,
+                                       receipt_agreement)
 from dishtrack.models.importers import load_dataset
-from dishtrack.models.train import n_folds, predict_samples, split_by_group, train
+from dishtrack.models.train import (attach_exemplars, n_folds, predict_samples, split_by_group, train,
+                                    validation_thresholds)
 from dishtrack.models.train_settings import TrainSettings
 
 log = logging.getLogger("dish_cv")
@@ -49,11 +57,30 @@ def run_fold(args, fold: int, change: dict, data) -> dict:
     ck, preds_file = fold_dir / "dishes.pt", fold_dir / "val_predictions.pkl"
     s = TrainSettings(data=args.data, out=str(ck), val_fold=fold, seed=args.seed, progress=False, **change)
     _, val_s = split_by_group(list(data.samples)[: s.max_images], s.val_fraction, s.seed, fold)
-    if args.retrain or not (ck.is_file() and preds_file.is_file()):
+    trained = args.retrain or not (ck.is_file() and preds_file.is_file())
+    if trained:
         fold_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         train(s)
         log.info("fold %d trained in %.1f min", fold, (time.time() - t0) / 60)
+    elif args.refresh:  # as train ends: exemplars (if missing), thresholds and report on the validation trays
+        ckd = read_checkpoint(ck)
+        model = load_dish_checkpoint(ck)
+        cidx = {c: i for i, c in enumerate(model.spec.classes)}
+        lab = lambda xs: [[cidx[lb] for lb in x.labels] for x in xs]  # noqa: E731
+        if model.exemplars is None:
+            train_s, _ = split_by_group(list(data.samples)[: s.max_images], s.val_fraction, s.seed, fold)
+            attach_exemplars(model, train_s, lab(train_s))
+        inf = dict(args.inference)
+        if "exemplar_weight" in inf:
+            model.exemplars = dataclasses.replace(model.exemplars, weight=float(inf.pop("exemplar_weight")))
+        model.spec = DishModelSpec(**{**model.spec.__dict__, **inf})
+        preds, thr = validation_thresholds(DishDetector(model, "cpu"), val_s, lab(val_s), model.spec.classes, False)
+        model.spec = DishModelSpec(**{**model.spec.__dict__, "thresholds": thr})
+        rep = evaluate_predictions(val_s, model.spec.classes, preds, thr, heldout_thresholds=True)
+        save_dish_checkpoint(ck, model, meta={**ckd["meta"], "validation": {
+            k: v for k, v in rep.items() if k != "confusion"}})
+    if trained or args.refresh:
         preds = predict_samples(DishDetector.from_checkpoint(ck, "cpu"), val_s, progress=False)
         with open(preds_file, "wb") as f:
             pickle.dump([dict(p, image=str(x.image)) for p, x in zip(preds, val_s)], f)
@@ -88,6 +115,7 @@ def score_fold(classes, photos: list[dict]) -> dict:
     t = np.array([thr[c] for c in classes], np.float32)
     kept = [list(c[s >= t[c]]) for _, s, c in raw]
     return {"gt": gt, "raw": raw, "kept": kept, "groups": groups, "thresholds": thr,
+            **coco_map(gt, raw, classes, [p["size"] for p in photos]),
             **receipt_agreement([list(c) for _, c in gt], kept, groups),
             **heldout_threshold_receipts(gt, raw, groups, classes)}
 
@@ -109,6 +137,42 @@ def pooled(classes, folds: list[dict], scored: list[dict]) -> dict:
     return out
 
 
+def fold_videos(args, folds: list[int], data) -> list[dict]:
+    """Each fold's model on a checkout video of its validation trays (``make-video``; direct mode:
+    detector -> tracker -> checkout with video time), then all trays pooled: the video target is
+    about these receipts, one event per tray with the exact dishes."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import checkout_video_eval
+
+    from dishtrack.models.synth_video import SynthSettings, make_checkout_video
+
+    base = TrainSettings(data=args.data, out="x", seed=args.seed, **json.loads(args.set))
+    scores = []
+    for k in folds:
+        _, val_s = split_by_group(list(data.samples)[: base.max_images], base.val_fraction, base.seed, k)
+        vdir = Path(args.videos) / f"fold{k}"
+        if not (vdir / "receipts.json").is_file():
+            make_checkout_video(val_s, vdir, len({x.group for x in val_s}), SynthSettings(seed=100 + k, tray_scale=0.85),
+                                classes=data.classes)
+        ck = Path(args.out) / f"fold{k}" / "dishes.pt"
+        s = checkout_video_eval.evaluate(checkout_video_eval.parse_args(
+            [str(vdir), "--checkpoint", str(ck), "--mode", "direct",
+             "--predictions", str(Path(args.out) / f"fold{k}" / "video_predictions.pkl")]))
+        scores.append({"fold": k, **{key: v for key, v in s.items() if not isinstance(v, (dict, list))}})
+    trays = sum(s["trays"] for s in scores)
+    print("\n| fold | video trays | trays with one event | exact receipts | item precision | item recall |")
+    print("|---|---|---|---|---|---|")
+    for s in scores:
+        print(f"| {s['fold']} | {s['trays']} | {s['trays_one_event']} | {s['exact_receipts']} "
+              f"({s['exact_receipt_rate']:.1%}) | {s['item_precision']:.3f} | {s['item_recall']:.3f} |")
+    one, exact = sum(s["trays_one_event"] for s in scores), sum(s["exact_receipts"] for s in scores)
+    prec = sum(s["item_precision"] * s["trays"] for s in scores) / max(trays, 1)
+    rec = sum(s["item_recall"] * s["trays"] for s in scores) / max(trays, 1)
+    print(f"| all | {trays} | {one} ({one / max(trays, 1):.1%}) | {exact} ({exact / max(trays, 1):.1%}) | "
+          f"{prec:.3f} | {rec:.3f} |")
+    return scores
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/mealtray_kiosk_dev"))
@@ -117,6 +181,12 @@ def main() -> None:
     ap.add_argument("--set", default="{}", help="JSON: TrainSettings fields to change, e.g. '{\"crop_size\": 224}'")
     ap.add_argument("--seed", type=int, default=0, help="tray shuffle (and training) seed")
     ap.add_argument("--retrain", action="store_true")
+    ap.add_argument("--refresh", action="store_true", help="predict the validation photos again (today's inference)")
+    ap.add_argument("--inference", default="{}", help="with --refresh, JSON: inference settings stored in the fold "
+                    "checkpoints, e.g. the inference before exemplars and same-dish suppression: "
+                    "'{\"exemplar_weight\": 0, \"same_dish_iou\": 1.01, \"same_dish_ioa\": 1.01}'")
+    ap.add_argument("--videos", help="also score each fold's model on a checkout video of its validation trays "
+                    "(made once into this folder, seed 100 + fold; direct mode, predictions cached per fold)")
     ap.add_argument("--json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -130,6 +200,11 @@ def main() -> None:
         ap.error(f"--set {args.set!r}: {e}")
     try:
         folds = fold_numbers(args.folds, k_all)
+        args.inference = json.loads(args.inference)
+        if set(args.inference) - {"exemplar_weight", "same_dish_iou", "same_dish_ioa"}:
+            raise ValueError(f"--inference: unknown keys {sorted(set(args.inference) - {'exemplar_weight', 'same_dish_iou', 'same_dish_ioa'})}")
+        if args.inference and not args.refresh:
+            raise ValueError("--inference changes the fold checkpoints: give --refresh")
     except ValueError as e:
         ap.error(str(e))
     results = [run_fold(args, k, change, data) for k in folds]
@@ -141,25 +216,25 @@ def main() -> None:
           + " | ".join(f"{c} AP" for c in RARE) + " | train min |")
     print("|" + "---|" * (8 + len(RARE)))
     for k, r, sc in zip(folds, results, scored):
-        rep, ap_ = r["report"], r["report"]["ap50_per_class"]
-        print(f"| {k} | {sc['trays']} | {rep['map50']:.3f} | {rep['map50_95']:.3f} | {sc['receipt_exact_photo']:.1%} | "
+        ap_ = sc["ap50_per_class"]
+        print(f"| {k} | {sc['trays']} | {sc['map50']:.3f} | {sc['map50_95']:.3f} | {sc['receipt_exact_photo']:.1%} | "
               f"{sc['receipt_exact_tray']:.1%} | {sc.get('receipt_exact_tray_heldout', nan):.1%} | "
               + " | ".join(f"{ap_.get(c, nan):.2f}" for c in RARE) + f" | {r['seconds'] / 60:.1f} |")
     pool = pooled(classes, results, scored)
-    maps = np.array([r["report"]["map50"] for r in results])
+    maps = np.array([sc["map50"] for sc in scored])
     ap_ = pool["ap50_per_class"]
     print(f"| pooled | {pool['trays']} | {pool['map50']:.3f} (folds {maps.mean():.3f} ± {maps.std(ddof=1) if len(maps) > 1 else 0:.3f})"
           f" | {pool['map50_95']:.3f} | {pool['receipt_exact_photo']:.1%} | {pool['receipt_exact_tray']:.1%} | "
           f"{pool.get('receipt_exact_tray_heldout', nan):.1%} | " + " | ".join(f"{ap_.get(c, nan):.2f}" for c in RARE)
           + f" | {sum(r['seconds'] for r in results) / 60:.1f} |")
     print("\npooled AP@0.5 per dish: " + ", ".join(f"{c} {v:.2f}" for c, v in ap_.items()))
+    videos = fold_videos(args, folds, data) if args.videos else []
     if args.json:
         per_fold = [{"fold": k, **{key: v for key, v in sc.items() if key not in ("gt", "raw", "kept", "groups")},
-                     "map50": r["report"]["map50"], "map50_95": r["report"]["map50_95"],
-                     "ap50_per_class": r["report"]["ap50_per_class"], "seconds": r["seconds"]}
+                     "seconds": r["seconds"]}
                     for k, r, sc in zip(folds, results, scored)]
         Path(args.json).write_text(json.dumps({"settings_changed": change, "folds": folds, "per_fold": per_fold,
-                                               "pooled": pool}, indent=1, default=float))
+                                               "pooled": pool, "videos": videos}, indent=1, default=float))
 
 
 if __name__ == "__main__":

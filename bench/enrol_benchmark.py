@@ -32,7 +32,7 @@ from dishtrack.models.enrol import enrol_model
 from dishtrack.models.evaluate import evaluate_predictions
 from dishtrack.models.importers import load_dataset
 from dishtrack.models.localiser import ImageCache
-from dishtrack.models.train import (RunState, predict_samples, split_by_group, train_classifier,
+from dishtrack.models.train import (RunState, attach_exemplars, predict_samples, split_by_group, train_classifier,
                                     validation_thresholds)
 from dishtrack.models.train_settings import TrainSettings
 
@@ -73,6 +73,12 @@ def main() -> None:
     data = load_dataset(args.data)
     tr, va = split_by_group(list(data.samples), s.val_fraction, s.seed)
     ref = load_dish_checkpoint(args.localiser)
+    if ref.exemplars is None:  # trained before exemplars existed: as train now ends (exemplars, then thresholds)
+        ridx = {c: i for i, c in enumerate(ref.spec.classes)}
+        attach_exemplars(ref, tr, [[ridx[lb] for lb in x.labels] for x in tr])
+        _, thr = validation_thresholds(DishDetector(ref, "cpu"), va, [[ridx[lb] for lb in x.labels] for x in va],
+                                       ref.spec.classes, False)
+        ref.spec = DishModelSpec(**{**ref.spec.__dict__, "thresholds": thr})
     ref_det = DishDetector(ref, "cpu")
     ref_preds = predict_samples(ref_det, va, False)
     rows = []
@@ -84,6 +90,11 @@ def main() -> None:
         base_path = work / f"base_without_{dish}_seed{args.seed}.pt"
         if base_path.exists():
             model = load_dish_checkpoint(base_path)
+            if model.exemplars is None:  # saved before exemplars existed: as train now ends
+                attach_exemplars(model, tr, lab(tr))
+                _, thr = validation_thresholds(DishDetector(model, "cpu"), va, lab(va), classes, False)
+                model.spec = DishModelSpec(**{**model.spec.__dict__, "thresholds": thr})
+                save_dish_checkpoint(base_path, model)
         else:
             model = load_dish_checkpoint(args.localiser)
             model.spec = DishModelSpec(**{**model.spec.__dict__, "classes": classes, "thresholds": {}})
@@ -91,6 +102,7 @@ def main() -> None:
             long_side = max(s.loc_size, s.crop_long_side)
             train_classifier(s, model, classes, ImageCache(tr, long_side), lab(tr), ImageCache(va, long_side), lab(va),
                              RunState(work / f"base_{dish}.state", s, False))
+            attach_exemplars(model, tr, lab(tr))  # as train does (the localiser checkpoint's are its classifier's)
             _, thr = validation_thresholds(DishDetector(model, "cpu"), va, lab(va), classes, False)
             model.spec = DishModelSpec(**{**model.spec.__dict__, "thresholds": thr})
             save_dish_checkpoint(base_path, model)
@@ -111,10 +123,12 @@ def main() -> None:
         old_thr = dict(model.spec.thresholds)
         ref_rep = evaluate_predictions(va, ref.spec.classes, ref_preds, ref.spec.thresholds)
         ref_got = tray_counts(va, ref_preds, ref.spec.classes, ref.spec.thresholds, dish)
-        for variant, few_shot in (("plain head refit", False), ("few-shot", True)):
+        for variant, few_shot, ex in (("plain head refit", False, False), ("few-shot head", True, False),
+                                      ("few-shot head + exemplars", True, True)):
             m = copy.deepcopy(model)
             t1 = time.time()
-            enrol_model(m, full, tr, tl, views=4, epochs=40, seed=args.seed, progress=False, few_shot=few_shot)
+            enrol_model(m, full, tr, tl, views=4, epochs=40, seed=args.seed, progress=False, few_shot=few_shot,
+                        exemplars=ex)
             thr = {**old_thr, dish: float(np.median(list(old_thr.values())))}
             m.spec = DishModelSpec(**{**m.spec.__dict__, "thresholds": thr})
             enrol_s = time.time() - t1

@@ -24,6 +24,7 @@ from dishtrack.tracking.types import Detections, Frame
 from .augment import letterbox
 from .detector import CenterNetModel, bundled_weights, decode, pick_device
 from .dish_classifier import DishClassifier, box_geometry, crop
+from .exemplars import Exemplars
 
 log = logging.getLogger(__name__)
 FORMAT = "dishtrack-dish-v1"
@@ -45,15 +46,42 @@ class DishModelSpec:
     freeze_blocks: int = 8
     loc_threshold: float = 0.15  # localiser peak score kept for classification
     thresholds: dict[str, float] = field(default_factory=dict)  # per dish, chosen on validation
+    # two boxes named the same dish are one dish when they overlap this much (IoU, or the share
+    # of the smaller covered): the localiser puts a second box on a bottle's cap or on a bread
+    # bag's half, and every such box was an extra item on the receipt (``suppress_same_dish``)
+    same_dish_iou: float = 0.3
+    same_dish_ioa: float = 0.6
 
 
 class DishModel(torch.nn.Module):
-    def __init__(self, spec: DishModelSpec, pretrained: bool = True) -> None:
+    def __init__(self, spec: DishModelSpec, pretrained: bool = True, exemplars: Exemplars | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.localiser = CenterNetModel(bundled_weights(), num_classes=1)
         self.classifier = DishClassifier(len(spec.classes), spec.crop_size, pretrained=pretrained,
                                          freeze_blocks=spec.freeze_blocks)
+        self.exemplars = exemplars  # labelled training boxes, voted next to the head (models/exemplars.py)
+
+
+def suppress_same_dish(boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, iou: float,
+                       ioa: float) -> np.ndarray:
+    """Keep mask: a box is dropped when a higher-scoring box of the same dish overlaps it by IoU
+    >= ``iou`` or covers >= ``ioa`` of the smaller of the two. Different dishes may overlap (bread
+    on a plate); the localiser's class-agnostic NMS (IoU 0.5) keeps those. Measured on the kiosk
+    folder's out-of-fold predictions: exact tray receipts 61.3% -> 67.7%, mAP@0.5 -0.004."""
+    from dishtrack.tracking.geometry import ioa_matrix, iou_matrix
+
+    keep = np.ones(len(boxes), bool)
+    if len(boxes) < 2:
+        return keep
+    ov = (iou_matrix(boxes, boxes) >= iou) | (np.maximum(ioa_matrix(boxes, boxes), ioa_matrix(boxes, boxes).T) >= ioa)
+    ov &= class_ids[:, None] == class_ids[None, :]
+    order = np.argsort(-scores, kind="stable")
+    for n, i in enumerate(order):
+        if keep[i]:
+            later = order[n + 1:]
+            keep[later[ov[i, later]]] = False
+    return keep
 
 
 def localise(model, batch, scales: list[float], sizes: list[tuple[int, int]],
@@ -168,6 +196,9 @@ class DishDetector:
         probs, emb = classify(self.model.classifier, srcs, [b * f for (b, _), f in zip(found, fs)],
                               [(round(w * f), round(h * f)) for (w, h), f in zip(sizes, fs)], self.spec.crop_size,
                               run=self.cls_backend.run)
+        probs, emb = probs.cpu(), emb.cpu()
+        if self.model.exemplars is not None and len(self.model.exemplars):
+            probs = self.model.exemplars.blend(probs, emb)
         out, k = [], 0
         c = len(self.labels)
         for b, sc in found:
@@ -175,10 +206,25 @@ class DishDetector:
             e = emb[k:k + len(b)]
             k += len(b)
             pc, cls = p[:, :c].max(dim=1)
-            out.append({"boxes": b.cpu().numpy().astype(np.float32), "scores": (sc * pc).cpu().numpy().astype(np.float32),
-                        "class_ids": cls.cpu().numpy().astype(np.int64), "probs": p.cpu().numpy(),
-                        "embeddings": e.cpu().numpy().astype(np.float32), "loc_scores": sc.cpu().numpy()})
+            boxes, scores = b.cpu().numpy().astype(np.float32), (sc.cpu() * pc).numpy().astype(np.float32)
+            cls = cls.numpy().astype(np.int64)
+            keep = suppress_same_dish(boxes, scores, cls, self.spec.same_dish_iou, self.spec.same_dish_ioa)
+            out.append({"boxes": boxes[keep], "scores": scores[keep], "class_ids": cls[keep],
+                        "probs": p.numpy()[keep], "embeddings": e.numpy().astype(np.float32)[keep],
+                        "loc_scores": sc.cpu().numpy()[keep]})
         return out
+
+    @torch.inference_mode()
+    def embed_boxes(self, image_bgr: np.ndarray, boxes: np.ndarray) -> torch.Tensor:
+        """Unit appearance embeddings (N, 1280) of given boxes (image pixels), computed exactly as
+        ``predict`` computes them for the boxes it finds (exemplars, appearance checks)."""
+        rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
+        (src,), (f,) = self._crop_sources([rgb])
+        h, w = rgb.shape[:2]
+        b = torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4)) * f
+        _, emb = classify(self.model.classifier, [src], [b.to(self.device)], [(round(w * f), round(h * f))],
+                          self.spec.crop_size, run=self.cls_backend.run)
+        return emb.cpu()
 
     def detect(self, frames: list[Frame]) -> list[Detections]:
         return [self.to_detections(f, p) for f, p in zip(frames, self.predict([f.image for f in frames]))]
@@ -209,7 +255,9 @@ def save_dish_checkpoint(path: str | Path, model: DishModel, meta: dict | None =
     torch.save({"format": FORMAT, "classes": list(s.classes), "loc_size": s.loc_size, "crop_size": s.crop_size,
                 "crop_long_side": s.crop_long_side, "freeze_blocks": s.freeze_blocks,
                 "loc_threshold": s.loc_threshold, "thresholds": dict(s.thresholds),
+                "same_dish_iou": s.same_dish_iou, "same_dish_ioa": s.same_dish_ioa,
                 "localiser": model.localiser.state_dict(), "classifier": model.classifier.state_dict(),
+                "exemplars": model.exemplars.to_state() if model.exemplars is not None else None,
                 "meta": meta or {}}, tmp)
     tmp.replace(path)  # never a half-written checkpoint
 
@@ -236,8 +284,11 @@ def dish_model_from_checkpoint(ck: dict, path: str | Path) -> DishModel:
         raise ValueError(f"{path}: checkpoint format {ck['format']!r}, expected {FORMAT!r}")
     spec = DishModelSpec(classes=tuple(ck["classes"]), loc_size=int(ck["loc_size"]), crop_size=int(ck["crop_size"]),
                          crop_long_side=int(ck["crop_long_side"]), freeze_blocks=int(ck["freeze_blocks"]),
-                         loc_threshold=float(ck["loc_threshold"]), thresholds=dict(ck["thresholds"]))
-    model = DishModel(spec, pretrained=False)
+                         loc_threshold=float(ck["loc_threshold"]), thresholds=dict(ck["thresholds"]),
+                         # checkpoints from before these existed get today's defaults
+                         **{k: float(ck[k]) for k in ("same_dish_iou", "same_dish_ioa") if k in ck})
+    ex = ck.get("exemplars")  # None: a checkpoint from before exemplars (head only)
+    model = DishModel(spec, pretrained=False, exemplars=Exemplars.from_state(ex) if ex else None)
     model.localiser.load_state_dict(ck["localiser"])
     model.classifier.load_state_dict(ck["classifier"])
     return model

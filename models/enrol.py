@@ -23,6 +23,7 @@ from torch import nn
 from .dish_classifier import DishClassifier
 from .dish_detector import DishDetector, DishModel, DishModelSpec, load_dish_checkpoint, save_dish_checkpoint
 from .evaluate import evaluate_predictions
+from .exemplars import embed_labelled_boxes
 from .importers import DatasetError, LabelledData, load_dataset
 from .localiser import ImageCache
 from .sample import Sample
@@ -153,13 +154,16 @@ def merged_classes(old: Sequence[str], datasets: Sequence[LabelledData]) -> tupl
 
 def enrol_model(model: DishModel, classes: Sequence[str], train_s: Sequence[Sample], train_labels, views: int = 4,
                 epochs: int = 40, seed: int = 0, progress: bool = True, shot_views: int = 24,
-                few_shot: bool = True) -> EmbeddedCrops:
+                few_shot: bool = True, exemplars: bool = True) -> EmbeddedCrops:
     """In place: ``model``'s classifier head now names ``classes`` (old ones keep their weights as a start).
     Boxes of a new dish get ``shot_views`` augmented views in all (a handful of corrections are
     the only examples of it), the rest ``views``; new rows are imprinted, then fitted with the rest,
-    weighted up (``few_shot=False``: none of the three, the plain head refit, for comparison)."""
+    weighted up (``few_shot=False``: none of the three, the plain head refit, for comparison).
+    The given boxes join the exemplars (``exemplars=False``: the old ones are kept as they are,
+    for comparison)."""
     torch.manual_seed(seed)
     old = list(model.spec.classes)
+    old_exemplars = model.exemplars  # old classes keep their indices: new ones are appended
     extend_head(model.classifier, old, list(classes))
     model.spec = DishModelSpec(**{**model.spec.__dict__, "classes": tuple(classes)})
     data = embed_crops(model, train_s, train_labels, len(classes), views, True, seed, progress, "enrol crop views")
@@ -179,6 +183,13 @@ def enrol_model(model: DishModel, classes: Sequence[str], train_s: Sequence[Samp
     if few_shot:
         imprint(model.classifier, data, new)
     train_head(model.classifier, data, epochs=epochs, seed=seed, few_shot=new if few_shot else ())
+    # the trunk is unchanged, so the old exemplars keep their meaning; the given boxes join them
+    # (a new dish's handful of corrections are then its nearest neighbours, not only a fresh head row)
+    if not exemplars:
+        return data
+    given = embed_labelled_boxes(DishDetector(model, "cpu"), train_s, train_labels)
+    model.exemplars = old_exemplars.merged(given) if old_exemplars is not None else given
+    log.info("enrol: %d exemplars (%d given)", len(model.exemplars), len(given))
     return data
 
 

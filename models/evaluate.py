@@ -184,6 +184,38 @@ def heldout_threshold_receipts(gt: Sequence[tuple[np.ndarray, np.ndarray]],
             "receipt_exact_tray_heldout": rep["receipt_exact_tray"]}
 
 
+def unlabelled_dishes(samples, classes: Sequence[str], preds: Sequence[dict], thresholds: dict[str, float] | None,
+                      min_loc: float = 0.5, min_share: float = 0.5) -> list[dict]:
+    """Trays whose photos show a dish nobody labelled, as the model sees it: per photo, a box the
+    model counts (at its dish's threshold) with a confident localiser score (>= ``min_loc``) that
+    overlaps no labelled box (IoU < 0.1) and lies mostly outside all of them (< 30 % covered);
+    listed when that holds in at least ``min_share`` of the tray's photos (and two of them), so a
+    one-photo false positive is not blamed on the labels. Why: on the kiosk folder five of 62
+    trays show a plate without a label; every receipt of them counts as wrong however right the
+    model is, and an operator should see them before trusting a rate (or fix the labels)."""
+    from dishtrack.tracking.geometry import ioa_matrix, iou_matrix
+
+    thr = np.array([(thresholds or {}).get(c, 0.3) for c in classes], np.float32)
+    by_tray: dict[str, list[tuple[object, list[str]]]] = collections.defaultdict(list)
+    for i, (x, p) in enumerate(zip(samples, preds)):
+        b, sc, c = p["boxes"], p["scores"], p["class_ids"]
+        gt = np.asarray(x.boxes, np.float32).reshape(-1, 4)
+        ok = (sc >= thr[c]) & (p.get("loc_scores", sc) >= min_loc)
+        if len(gt) and ok.any():
+            ok &= (iou_matrix(b, gt).max(1) < 0.1) & (ioa_matrix(b, gt).max(1) < 0.3)
+        by_tray[str(x.group) if x.group is not None else f"__photo{i}"].append(
+            (x.image, sorted(classes[k] for k in c[ok])))
+    out = []
+    for tray, rows in by_tray.items():
+        hit = [(img, found) for img, found in rows if found]
+        if len(hit) >= 2 and len(hit) >= min_share * len(rows):
+            dishes = collections.Counter(d for _, found in hit for d in set(found))
+            out.append({"tray": tray, "photos": len(rows), "photos_with_unlabelled": len(hit),
+                        "dishes": sorted(d for d, n in dishes.items() if n >= 2),
+                        "images": [str(getattr(img, "name", img)) for img, _ in hit]})
+    return sorted(out, key=lambda r: r["tray"])
+
+
 def plot_confusion(m: np.ndarray, classes: Sequence[str], path: str | Path, title: str = "") -> None:
     import matplotlib
 
@@ -225,6 +257,7 @@ def evaluate_predictions(samples, classes: Sequence[str], preds: Sequence[dict],
                                  [s.group for s in samples]))
     if heldout_thresholds:
         rep.update(heldout_threshold_receipts(gt, raw, [s.group for s in samples], classes))
+    rep["unlabelled_dishes"] = unlabelled_dishes(samples, classes, preds, thresholds)
     conf = match_confusion(gt, kept, len(classes))
     rep["confusion"] = {"classes": list(classes) + ["(none)"], "matrix": conf.tolist()}
     rep["thresholds"] = {c: float(t) for c, t in zip(classes, thr)}

@@ -40,6 +40,7 @@ from .detector import CenterNetModel, bundled_weights, pick_device
 from .dish_classifier import box_geometry, crop, rotate_crops
 from .dish_detector import DishDetector, DishModel, DishModelSpec, localise, save_dish_checkpoint
 from .evaluate import choose_thresholds, evaluate_predictions
+from .exemplars import embed_labelled_boxes
 from .importers import LabelledData, load_dataset
 from .localiser import ImageCache, LocaliserDataset, average_precision
 from .sample import DatasetError, Sample
@@ -568,6 +569,7 @@ def train(s: TrainSettings) -> dict:
     history = train_localiser(s, model.localiser, train_c, val_c, device, state)
     model.localiser.cpu()
     history += train_classifier(s, model, classes, train_c, train_labels, val_c, val_labels, state)
+    attach_exemplars(model, train_s, train_labels, device)
 
     # thresholds per dish on validation trays, then the validation report with them
     preds, thresholds = validation_thresholds(DishDetector(model, device), val_s, val_labels, classes, s.progress)
@@ -589,6 +591,14 @@ def train(s: TrainSettings) -> dict:
     log.info("wrote %s (curves %s) in %.0fs: val mAP@0.5 %.3f, exact receipts %.1f%% of trays%s", out, curves,
              meta["seconds"], report["map50"], 100 * report["receipt_exact_tray"], held)
     return {"checkpoint": str(out), "curves": str(curves), **meta}
+
+
+def attach_exemplars(model: DishModel, samples: list[Sample], labels, device="cpu") -> None:
+    """``model.exemplars``: every labelled box of ``samples`` embedded by the trained classifier
+    (models/exemplars.py). Training photos only: a validation box would find itself."""
+    t0 = time.time()
+    model.exemplars = embed_labelled_boxes(DishDetector(model, device), samples, labels)
+    log.info("exemplars: %d labelled boxes in %.0fs", len(model.exemplars), time.time() - t0)
 
 
 def validation_thresholds(det: DishDetector, samples: list[Sample], labels, classes: tuple[str, ...],

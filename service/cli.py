@@ -75,6 +75,18 @@ def cmd_hash_token(args) -> int:
     return 0
 
 
+def print_unlabelled(rep: dict) -> None:
+    """The trays whose labels probably miss a dish (``evaluate.unlabelled_dishes``)."""
+    found = rep.get("unlabelled_dishes") or []
+    if not found:
+        return
+    print(f"labels to check: {len(found)} tray(s) where most photos show a dish with no label (the model finds it "
+          "confidently where nothing is labelled; their receipts count as wrong):")
+    for u in found:
+        print(f"  tray {u['tray']}: {', '.join(u['dishes']) or '?'} in {u['photos_with_unlabelled']} of "
+              f"{u['photos']} photos ({', '.join(u['images'][:3])}{', ...' if len(u['images']) > 3 else ''})")
+
+
 def cmd_train(args) -> int:
     from dishtrack.models.train import TrainSettings, train
 
@@ -90,6 +102,7 @@ def cmd_train(args) -> int:
         print(f"  thresholds were chosen on these trays; chosen leaving each tray out: photos "
               f"{v['receipt_exact_photo_heldout']:.1%}, trays {v['receipt_exact_tray_heldout']:.1%} "
               f"(what a new tray gets; `dishtrack eval` on other photos measures it directly)")
+    print_unlabelled(v)
     return 0
 
 
@@ -128,6 +141,7 @@ def cmd_eval(args) -> int:
     print(f"{rep['photos']} photos, {rep['trays']} trays: mAP@0.5 {rep['map50']:.3f}  mAP@0.5:0.95 {rep['map50_95']:.3f}")
     print("AP@0.5 per dish: " + ", ".join(f"{k} {v:.3f}" for k, v in rep["ap50_per_class"].items()))
     print(f"exact receipts: photos {rep['receipt_exact_photo']:.1%}, trays {rep['receipt_exact_tray']:.1%}")
+    print_unlabelled(rep)
     if png:
         print(f"confusion matrix: {png}")
     if args.json:
