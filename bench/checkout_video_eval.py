@@ -132,6 +132,8 @@ def build_config(video: Path, receipts: dict, args) -> AppConfig:
         zones = [ZoneConfig.model_validate(zone)]
     if args.tray_gap_s is not None:
         zones = [z.model_copy(update={"tray_gap_s": args.tray_gap_s}) for z in zones]
+    if getattr(args, "zone", None):
+        zones = [ZoneConfig.model_validate({**z.model_dump(), **json.loads(args.zone)}) for z in zones]
     det = cfg.detector
     if args.checkpoint:
         det = DetectorConfig(kind="checkpoint", checkpoint=args.checkpoint, device=args.device)
@@ -293,6 +295,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "arrive this many frames late, moved onto the frame by optical flow (detector.stride.detect_async)")
     p.add_argument("--stride", type=int, default=None, help="detection stride k: the detector runs on every k-th "
                    "frame, tracks move by optical flow in between (overrides detector.stride.k)")
+    p.add_argument("--zone", help="JSON object of zone settings to override, e.g. '{\"same_dish_overlap\": 1}'")
     p.add_argument("--tracker", help="JSON object of tracker settings to override, e.g. '{\"high_score\": 0.5}'")
     args = p.parse_args(argv)
     if not (args.checkpoint or args.oracle or args.config):

@@ -194,6 +194,9 @@ class ZoneConfig(_Strict):
     velocity_window_s: float = Field(0.5, gt=0, description="trajectory span a track's velocity is fitted over")
     review_margin: float = Field(0.3, ge=0, le=1, description="items whose class vote margin (top share minus "
                                  "runner-up) is below this are marked needs_review")
+    same_dish_overlap: float = Field(0.3, gt=0, le=1, description="two crossings of one tray named the same dish "
+                                     "whose boxes (the earlier moved along its velocity to the later one's time) "
+                                     "cover this share of the smaller are one dish counted twice; 1: off")
 
 
 class MenuConfig(_Strict):

@@ -135,6 +135,40 @@ def test_receipt_uses_the_vote_at_tray_close_and_flags_low_margins():
     assert not ev2.needs_review and {i.label for i in ev2.items} == {"plate", "cup"}
 
 
+def _crossing(track_id: int, t: float, box, label: str, conf: float, v: float = 200.0):
+    """A crossing at time ``t`` of a dish moving right at ``v`` px/s, with its trajectory."""
+    from dishtrack.tracking.types import Crossing, Track, TrackState
+
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    traj = tuple((t - k / FPS, cx - v * k / FPS, cy) for k in range(10, -1, -1))
+    tr = Track(track_id, "cam", TrackState.CONFIRMED, tuple(map(float, box)), 0, label, conf, 1.0, 20, 20, 0, traj)
+    return Crossing("cam", "z", track_id, t, label, conf, track=tr)
+
+
+def test_a_dish_tracked_twice_is_counted_once():
+    """Boxes from the checkout videos of the kiosk trays: a lying bottle became two tracks (the
+    whole bottle, and its cap end 0.16 s later); at the later crossing the first box, moved along
+    the tray's motion, covers 58 % of the second. Two fruits side by side and two yogurts on one
+    tray (overlap <= 0.17 there) stay two; so do two different dishes that overlap."""
+    asm = CheckoutAssembler("z", "cam", params=PARAMS)
+    t0 = 100.0
+    cr = [_crossing(9, t0, (241, 90, 398, 268), "Drink", 0.7),           # the whole bottle
+          _crossing(16, t0 + 0.16, (289, 178, 369, 332), "Drink", 0.62),  # its cap end: one dish
+          _crossing(20, t0 + 0.05, (307, 300, 389, 373), "Fruit", 0.8),
+          _crossing(21, t0 + 0.17, (292, 231, 364, 299), "Fruit", 0.8),   # a second fruit beside it
+          _crossing(30, t0 + 0.1, (200, 300, 300, 400), "Plate", 0.9),
+          _crossing(31, t0 + 0.1, (230, 320, 290, 380), "Bread", 0.7)]    # bread on the plate
+    events = asm.assemble(cr, now=t0 + 0.2) + asm.flush()
+    (ev,) = events
+    assert {i.label: i.count for i in ev.items} == {"Drink": 1, "Fruit": 2, "Plate": 1, "Bread": 1}
+    assert len(ev.track_ids) == 6  # every track of the tray is still listed
+    assert {i.label: i.confidence for i in ev.items}["Drink"] == 0.7  # the surer track counts
+    # off (1): the bottle is two drinks again
+    off = CheckoutAssembler("z", "cam", params=dataclasses.replace(PARAMS, same_dish_overlap=1.0))
+    (ev,) = off.assemble(cr, now=t0 + 0.2) + off.flush()
+    assert {i.label: i.count for i in ev.items}["Drink"] == 2
+
+
 def test_tracker_reports_class_margin():
     tracker = Tracker("cam", TrackerParams(min_hits=1))
     box = np.array([[10, 10, 50, 50]], np.float32)
