@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from dishtrack.models.dish_classifier import DishClassifier
-from dishtrack.models.dish_detector import DishDetector, DishModelSpec, load_dish_checkpoint, save_dish_checkpoint
+from dishtrack.models.dish_detector import DishModelSpec, load_dish_checkpoint, save_dish_checkpoint
 from dishtrack.models.evaluate import evaluate_predictions
 from dishtrack.models.importers import load_dataset
 from dishtrack.models.localiser import ImageCache
-from dishtrack.models.train import RunState, attach_exemplars, split_by_group, train_classifier, validation_thresholds
+from dishtrack.models.train import RunState, finish_model, split_by_group, train_classifier
 from dishtrack.models.train_settings import TrainSettings
 
 log = logging.getLogger("classifier_variants")
@@ -59,9 +59,8 @@ def main() -> None:
         lab = lambda xs: [[cidx[lb] for lb in x.labels] for x in xs]  # noqa: E731
         train_classifier(s, model, classes, ImageCache(tr, long_side), lab(tr), ImageCache(va, long_side), lab(va),
                          RunState(work / f"{tag}.state", s, False))
-        attach_exemplars(model, tr, lab(tr))  # as train does (the localiser checkpoint's belong to its classifier)
-        preds, thr = validation_thresholds(DishDetector(model, "cpu"), va, lab(va), classes, False)
-        model.spec = DishModelSpec(**{**model.spec.__dict__, "thresholds": thr})
+        preds = finish_model(model, tr, lab(tr), va, lab(va))  # as train ends (the loaded exemplars were its own)
+        thr = model.spec.thresholds
         rep = evaluate_predictions(va, classes, preds, thr, confusion_png=work / f"{tag}_confusion.png")
         save_dish_checkpoint(work / f"{tag}.pt", model)
         row = {"variant": change, "map50": rep["map50"], "map50_95": rep["map50_95"],

@@ -70,7 +70,7 @@ def run_fold(args, fold: int, change: dict, data) -> dict:
         lab = lambda xs: [[cidx[lb] for lb in x.labels] for x in xs]  # noqa: E731
         if model.exemplars is None:
             train_s, _ = split_by_group(list(data.samples)[: s.max_images], s.val_fraction, s.seed, fold)
-            attach_exemplars(model, train_s, lab(train_s))
+            attach_exemplars(model, train_s, lab(train_s), weight=s.exemplar_weight)
         inf = dict(args.inference)
         if "exemplar_weight" in inf:
             model.exemplars = dataclasses.replace(model.exemplars, weight=float(inf.pop("exemplar_weight")))
@@ -85,7 +85,7 @@ def run_fold(args, fold: int, change: dict, data) -> dict:
         with open(preds_file, "wb") as f:
             pickle.dump([dict(p, image=str(x.image)) for p, x in zip(preds, val_s)], f)
     meta = read_checkpoint(ck)["meta"]
-    skip = {"out", "progress", "resume"}
+    skip = {"out", "progress", "resume", "exemplar_weight"}  # inference: --refresh --inference sets it
     asked = {key: v for key, v in s.model_dump().items() if key not in skip}
     have = {key: v for key, v in meta["settings"].items() if key not in skip}
     have.setdefault("val_fold", 0)  # checkpoints from before folds existed: the default split
@@ -184,7 +184,8 @@ def main() -> None:
     ap.add_argument("--refresh", action="store_true", help="predict the validation photos again (today's inference)")
     ap.add_argument("--inference", default="{}", help="with --refresh, JSON: inference settings stored in the fold "
                     "checkpoints, e.g. the inference before exemplars and same-dish suppression: "
-                    "'{\"exemplar_weight\": 0, \"same_dish_iou\": 1.01, \"same_dish_ioa\": 1.01}'")
+                    "'{\"exemplar_weight\": 0, \"same_dish_iou\": 1, \"same_dish_ioa\": 1}'; they are saved in them "
+                    "(a later --refresh keeps them): refresh a copy of the fold folders")
     ap.add_argument("--videos", help="also score each fold's model on a checkout video of its validation trays "
                     "(made once into this folder, seed 100 + fold; direct mode, predictions cached per fold)")
     ap.add_argument("--json")
@@ -201,8 +202,8 @@ def main() -> None:
     try:
         folds = fold_numbers(args.folds, k_all)
         args.inference = json.loads(args.inference)
-        if set(args.inference) - {"exemplar_weight", "same_dish_iou", "same_dish_ioa"}:
-            raise ValueError(f"--inference: unknown keys {sorted(set(args.inference) - {'exemplar_weight', 'same_dish_iou', 'same_dish_ioa'})}")
+        if unknown := sorted(set(args.inference) - {"exemplar_weight", "same_dish_iou", "same_dish_ioa"}):
+            raise ValueError(f"--inference: unknown keys {unknown}")
         if args.inference and not args.refresh:
             raise ValueError("--inference changes the fold checkpoints: give --refresh")
     except ValueError as e:

@@ -32,8 +32,7 @@ from dishtrack.models.enrol import enrol_model
 from dishtrack.models.evaluate import evaluate_predictions
 from dishtrack.models.importers import load_dataset
 from dishtrack.models.localiser import ImageCache
-from dishtrack.models.train import (RunState, attach_exemplars, predict_samples, split_by_group, train_classifier,
-                                    validation_thresholds)
+from dishtrack.models.train import RunState, finish_model, predict_samples, split_by_group, train_classifier
 from dishtrack.models.train_settings import TrainSettings
 
 log = logging.getLogger("enrol_benchmark")
@@ -75,10 +74,8 @@ def main() -> None:
     ref = load_dish_checkpoint(args.localiser)
     if ref.exemplars is None:  # trained before exemplars existed: as train now ends (exemplars, then thresholds)
         ridx = {c: i for i, c in enumerate(ref.spec.classes)}
-        attach_exemplars(ref, tr, [[ridx[lb] for lb in x.labels] for x in tr])
-        _, thr = validation_thresholds(DishDetector(ref, "cpu"), va, [[ridx[lb] for lb in x.labels] for x in va],
-                                       ref.spec.classes, False)
-        ref.spec = DishModelSpec(**{**ref.spec.__dict__, "thresholds": thr})
+        rlab = lambda xs: [[ridx[lb] for lb in x.labels] for x in xs]  # noqa: E731
+        finish_model(ref, tr, rlab(tr), va, rlab(va))
     ref_det = DishDetector(ref, "cpu")
     ref_preds = predict_samples(ref_det, va, False)
     rows = []
@@ -91,9 +88,7 @@ def main() -> None:
         if base_path.exists():
             model = load_dish_checkpoint(base_path)
             if model.exemplars is None:  # saved before exemplars existed: as train now ends
-                attach_exemplars(model, tr, lab(tr))
-                _, thr = validation_thresholds(DishDetector(model, "cpu"), va, lab(va), classes, False)
-                model.spec = DishModelSpec(**{**model.spec.__dict__, "thresholds": thr})
+                finish_model(model, tr, lab(tr), va, lab(va))
                 save_dish_checkpoint(base_path, model)
         else:
             model = load_dish_checkpoint(args.localiser)
@@ -102,9 +97,7 @@ def main() -> None:
             long_side = max(s.loc_size, s.crop_long_side)
             train_classifier(s, model, classes, ImageCache(tr, long_side), lab(tr), ImageCache(va, long_side), lab(va),
                              RunState(work / f"base_{dish}.state", s, False))
-            attach_exemplars(model, tr, lab(tr))  # as train does (the localiser checkpoint's are its classifier's)
-            _, thr = validation_thresholds(DishDetector(model, "cpu"), va, lab(va), classes, False)
-            model.spec = DishModelSpec(**{**model.spec.__dict__, "thresholds": thr})
+            finish_model(model, tr, lab(tr), va, lab(va))  # as train ends (the localiser checkpoint's were its own)
             save_dish_checkpoint(base_path, model)
         base_s = time.time() - t0
         # the corrections: the first boxes of the dish met in the training trays, in a random tray order
@@ -123,12 +116,12 @@ def main() -> None:
         old_thr = dict(model.spec.thresholds)
         ref_rep = evaluate_predictions(va, ref.spec.classes, ref_preds, ref.spec.thresholds)
         ref_got = tray_counts(va, ref_preds, ref.spec.classes, ref.spec.thresholds, dish)
-        for variant, few_shot, ex in (("plain head refit", False, False), ("few-shot head", True, False),
-                                      ("few-shot head + exemplars", True, True)):
+        for variant, few_shot, ex, w in (("plain head refit", False, False, 0.0), ("few-shot head", True, False, 0.0),
+                                         ("few-shot head + exemplars voting 0.5 (enrol's default)", True, True, 0.5)):
             m = copy.deepcopy(model)
             t1 = time.time()
             enrol_model(m, full, tr, tl, views=4, epochs=40, seed=args.seed, progress=False, few_shot=few_shot,
-                        exemplars=ex)
+                        exemplars=ex, exemplar_weight=w)
             thr = {**old_thr, dish: float(np.median(list(old_thr.values())))}
             m.spec = DishModelSpec(**{**m.spec.__dict__, "thresholds": thr})
             enrol_s = time.time() - t1

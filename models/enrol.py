@@ -8,6 +8,7 @@ untouched, so the tracker's appearance embeddings mean the same as before.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -82,6 +83,8 @@ def train_head(clf: DishClassifier, data: EmbeddedCrops, epochs: int = 40, lr: f
     boxes among thousands barely move the loss."""
     n_out = clf.fc.out_features
     params = list(clf.fc.parameters()) + list(clf.geo.parameters())
+    for p in params:  # a model that served as a DishDetector has every parameter frozen
+        p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-3)
     n = len(data.y)
     steps = max(1, math.ceil(n / batch_size))
@@ -154,16 +157,17 @@ def merged_classes(old: Sequence[str], datasets: Sequence[LabelledData]) -> tupl
 
 def enrol_model(model: DishModel, classes: Sequence[str], train_s: Sequence[Sample], train_labels, views: int = 4,
                 epochs: int = 40, seed: int = 0, progress: bool = True, shot_views: int = 24,
-                few_shot: bool = True, exemplars: bool = True) -> EmbeddedCrops:
+                few_shot: bool = True, exemplars: bool = True, exemplar_weight: float | None = 0.5) -> EmbeddedCrops:
     """In place: ``model``'s classifier head now names ``classes`` (old ones keep their weights as a start).
     Boxes of a new dish get ``shot_views`` augmented views in all (a handful of corrections are
     the only examples of it), the rest ``views``; new rows are imprinted, then fitted with the rest,
     weighted up (``few_shot=False``: none of the three, the plain head refit, for comparison).
     The given boxes join the exemplars (``exemplars=False``: the old ones are kept as they are,
-    for comparison)."""
+    for comparison), which vote with ``exemplar_weight`` (None: the checkpoint's): a dish known
+    from five boxes is named by its neighbours far more than by a new head row (README)."""
     torch.manual_seed(seed)
     old = list(model.spec.classes)
-    old_exemplars = model.exemplars  # old classes keep their indices: new ones are appended
+    old_exemplars = model.exemplars
     extend_head(model.classifier, old, list(classes))
     model.spec = DishModelSpec(**{**model.spec.__dict__, "classes": tuple(classes)})
     data = embed_crops(model, train_s, train_labels, len(classes), views, True, seed, progress, "enrol crop views")
@@ -185,11 +189,20 @@ def enrol_model(model: DishModel, classes: Sequence[str], train_s: Sequence[Samp
     train_head(model.classifier, data, epochs=epochs, seed=seed, few_shot=new if few_shot else ())
     # the trunk is unchanged, so the old exemplars keep their meaning; the given boxes join them
     # (a new dish's handful of corrections are then its nearest neighbours, not only a fresh head row)
+    if old_exemplars is not None:  # by name: an old dish keeps its exemplars wherever it now sits
+        model.exemplars = old_exemplars.relabelled([list(classes).index(c) if c in classes else -1 for c in old])
     if not exemplars:
+        if model.exemplars is not None and exemplar_weight is not None:
+            model.exemplars = dataclasses.replace(model.exemplars, weight=exemplar_weight)
         return data
+    # a checkpoint from before exemplars gets a memory of the given boxes alone: the vote only
+    # shares out the head's probability among the dishes it holds (Exemplars.blend)
     given = embed_labelled_boxes(DishDetector(model, "cpu"), train_s, train_labels)
-    model.exemplars = old_exemplars.merged(given) if old_exemplars is not None else given
-    log.info("enrol: %d exemplars (%d given)", len(model.exemplars), len(given))
+    model.exemplars = model.exemplars.merged(given) if model.exemplars is not None else given
+    if exemplar_weight is not None:
+        model.exemplars = dataclasses.replace(model.exemplars, weight=exemplar_weight)
+    log.info("enrol: %d exemplars (%d boxes given), vote weight %.2f", len(model.exemplars), len(given),
+             model.exemplars.weight)
     return data
 
 
@@ -207,7 +220,8 @@ def thresholds_for(model: DishModel, val_s: Sequence[Sample], val_labels, old: d
 
 
 def enrol(checkpoint: str | Path, data: Sequence[str | Path], out: str | Path, val_fraction: float = 0.2,
-          views: int = 4, epochs: int = 40, seed: int = 0, progress: bool = True, shot_views: int = 24) -> dict:
+          views: int = 4, epochs: int = 40, seed: int = 0, progress: bool = True, shot_views: int = 24,
+          exemplar_weight: float = 0.5) -> dict:
     """``dishtrack enrol``: checkpoint + labelled photos (old dishes and new) -> a checkpoint that
     also names the new dishes. Validation holds out whole trays, as ``train`` does."""
     t0 = time.time()
@@ -230,7 +244,8 @@ def enrol(checkpoint: str | Path, data: Sequence[str | Path], out: str | Path, v
     log.info("enrol: %d classes (%d new: %s), %d training photos, %d validation photos", len(classes), len(new),
              new, len(train_s), len(val_s))
     lab = lambda xs: [[cidx[lb] for lb in x.labels] for x in xs]  # noqa: E731
-    enrol_model(model, classes, train_s, lab(train_s), views, epochs, seed, progress, shot_views)
+    enrol_model(model, classes, train_s, lab(train_s), views, epochs, seed, progress, shot_views,
+                exemplar_weight=exemplar_weight)
     thresholds, preds = thresholds_for(model, val_s, lab(val_s), dict(model.spec.thresholds), progress)
     model.spec = DishModelSpec(**{**model.spec.__dict__, "thresholds": thresholds})
     report = ({k: v for k, v in evaluate_predictions(val_s, classes, preds, thresholds).items() if k != "confusion"}

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .backbone import FEATURE_DIM
+
 
 @dataclass(frozen=True)
 class Exemplars:
@@ -47,21 +49,39 @@ class Exemplars:
 
     def blend(self, probs: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """Head probabilities (M, C+1; last = background) -> the same with the dish part blended
-        with the neighbour vote; the background share stays the head's (exemplars are dishes only)."""
+        with the neighbour vote; the background share stays the head's (exemplars are dishes only).
+        Only dishes the memory holds are blended, within the head's share for them: a dish with
+        no exemplars (all its boxes were validation boxes) keeps the head's probability instead of
+        losing the vote's weight to dishes that have some."""
         c = probs.shape[1] - 1
         bg = probs[:, c:]
         dish = probs[:, :c] / probs[:, :c].sum(1, keepdim=True).clamp(min=1e-12)
-        dish = (1 - self.weight) * dish + self.weight * self.vote(emb, c)
+        has = torch.bincount(self.labels, minlength=c)[:c] > 0
+        if self.weight > 0 and has.any():
+            share = dish[:, has].sum(1, keepdim=True)
+            vote = self.vote(emb, c)[:, has]
+            dish = dish.clone()
+            dish[:, has] = (1 - self.weight) * dish[:, has] + self.weight * share * vote
         return torch.cat([dish * (1 - bg), bg], dim=1)
 
+    def relabelled(self, index: list[int]) -> "Exemplars":
+        """Class indices mapped through ``index`` (old index -> new index, -1: the dish is gone)."""
+        m = torch.tensor(index, dtype=torch.long)[self.labels] if len(self) else self.labels
+        keep = m >= 0
+        return Exemplars(self.embeddings[keep], m[keep], self.k, self.temperature, self.weight)
+
     def merged(self, other: "Exemplars", same: float = 0.999) -> "Exemplars":
-        """These exemplars plus ``other``'s, leaving out any of ``other`` that repeats one already
-        held (cosine >= ``same``: the same box given twice, e.g. the training folder passed again)."""
+        """These exemplars plus ``other``'s. A box of ``other`` that repeats one already held
+        (cosine >= ``same``: the same box given twice, e.g. the training folder passed again) is
+        not added; if its label differs it is a correction, and the held one takes its label."""
+        labels = self.labels.clone()
         if len(self) and len(other):
-            dup = (other.embeddings.float() @ self.embeddings.float().T).max(1).values >= same
+            sim, idx = (other.embeddings.float() @ self.embeddings.float().T).max(1)
+            dup = sim >= same
+            labels[idx[dup]] = other.labels[dup]
             other = Exemplars(other.embeddings[~dup], other.labels[~dup])
         return Exemplars(torch.cat([self.embeddings.float(), other.embeddings.float()]),
-                         torch.cat([self.labels, other.labels]), self.k, self.temperature, self.weight)
+                         torch.cat([labels, other.labels]), self.k, self.temperature, self.weight)
 
     def to_state(self) -> dict:
         return {"embeddings": self.embeddings.half().contiguous(), "labels": self.labels.long().contiguous(),
@@ -91,5 +111,5 @@ def embed_labelled_boxes(det, samples, labels) -> Exemplars:
         embs.append(det.embed_boxes(img, boxes))
         ys.append(torch.from_numpy(lb[lb >= 0]))
     if not embs:
-        return Exemplars(torch.zeros(0, 1280), torch.zeros(0, dtype=torch.long))
+        return Exemplars(torch.zeros(0, FEATURE_DIM), torch.zeros(0, dtype=torch.long))
     return Exemplars(torch.cat(embs), torch.cat(ys))

@@ -20,6 +20,7 @@ finished epochs: ``--resume`` continues an interrupted run.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -569,11 +570,12 @@ def train(s: TrainSettings) -> dict:
     history = train_localiser(s, model.localiser, train_c, val_c, device, state)
     model.localiser.cpu()
     history += train_classifier(s, model, classes, train_c, train_labels, val_c, val_labels, state)
-    attach_exemplars(model, train_s, train_labels, device)
-
-    # thresholds per dish on validation trays, then the validation report with them
-    preds, thresholds = validation_thresholds(DishDetector(model, device), val_s, val_labels, classes, s.progress)
-    model.spec = DishModelSpec(**{**spec.__dict__, "thresholds": thresholds})
+    if val_s is train_s:
+        log.warning("thresholds are chosen on training photos whose boxes are in the exemplar memory: "
+                    "every box finds itself, so they and the report are optimistic")
+    # exemplars, thresholds per dish on validation trays, then the validation report with them
+    preds = finish_model(model, train_s, train_labels, val_s, val_labels, device, s.progress, s.exemplar_weight)
+    thresholds = model.spec.thresholds
     report = evaluate_predictions(val_s, classes, preds, thresholds,
                                   confusion_png=out.with_name(out.stem + "_confusion.png"), heldout_thresholds=True)
     curves = out.with_name(out.stem + "_curves.png")
@@ -593,12 +595,24 @@ def train(s: TrainSettings) -> dict:
     return {"checkpoint": str(out), "curves": str(curves), **meta}
 
 
-def attach_exemplars(model: DishModel, samples: list[Sample], labels, device="cpu") -> None:
+def attach_exemplars(model: DishModel, samples: list[Sample], labels, device="cpu", weight: float = 0.0) -> None:
     """``model.exemplars``: every labelled box of ``samples`` embedded by the trained classifier
-    (models/exemplars.py). Training photos only: a validation box would find itself."""
+    (models/exemplars.py), voting with ``weight``. Training photos only: a validation box would find itself."""
     t0 = time.time()
-    model.exemplars = embed_labelled_boxes(DishDetector(model, device), samples, labels)
+    ex = embed_labelled_boxes(DishDetector(model, device), samples, labels)
+    model.exemplars = dataclasses.replace(ex, weight=weight)
     log.info("exemplars: %d labelled boxes in %.0fs", len(model.exemplars), time.time() - t0)
+
+
+def finish_model(model: DishModel, train_s: list[Sample], train_labels, val_s: list[Sample], val_labels,
+                 device="cpu", progress: bool = False, exemplar_weight: float = 0.0) -> list[dict]:
+    """What ``train`` does once the classifier is trained: the exemplar memory from the training
+    boxes, then per-dish thresholds chosen on the validation photos (into ``model.spec``).
+    Returns the validation predictions."""
+    attach_exemplars(model, train_s, train_labels, device, exemplar_weight)
+    preds, thr = validation_thresholds(DishDetector(model, device), val_s, val_labels, model.spec.classes, progress)
+    model.spec = DishModelSpec(**{**model.spec.__dict__, "thresholds": thr})
+    return preds
 
 
 def validation_thresholds(det: DishDetector, samples: list[Sample], labels, classes: tuple[str, ...],

@@ -110,7 +110,8 @@ def cmd_enrol(args) -> int:
     from dishtrack.models.enrol import enrol
 
     r = enrol(args.checkpoint, args.data, args.out, val_fraction=args.val_fraction, views=args.views,
-              shot_views=args.shot_views, epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
+              shot_views=args.shot_views, epochs=args.epochs, seed=args.seed, progress=not args.no_progress,
+              exemplar_weight=args.exemplar_weight)
     print(f"checkpoint: {r['checkpoint']}  dishes: {', '.join(r['classes'])}  new: {', '.join(r['new_classes']) or '-'}"
           f"  ({r['seconds']:.0f} s)")
     v = r["validation"]
@@ -327,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--shot-views", type=int, default=24,
                     help="augmented views of each box of a new dish (it has only a few)")
     en.add_argument("--epochs", type=int, default=40)
+    en.add_argument("--exemplar-weight", type=float, default=0.5,
+                    help="share of the exemplar memory's vote (the given boxes join it): a dish known from a "
+                         "handful of boxes is named by its neighbours (README: Dessert 0/4 -> 2/4 of its next trays)")
     en.add_argument("--seed", type=int, default=0)
     en.add_argument("--no-progress", action="store_true")
     en.set_defaults(fn=cmd_enrol)

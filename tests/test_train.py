@@ -122,11 +122,13 @@ def test_checkpoint_holds_its_training_boxes_as_exemplars(tiny_checkpoint):
     emb = det.embed_boxes(cv2.imread(str(x.image)), np.asarray(x.boxes, np.float32))
     nearest = dataclasses.replace(ex, k=1).vote(emb, len(model.spec.classes))
     assert torch.equal(nearest.argmax(1), torch.tensor([cidx[lb] for lb in x.labels]))
-    # predict blends it in: without exemplars the same photo's dish probabilities differ
+    # train stores the memory with its vote off (measured: it costs trays on video); turned on,
+    # predict blends it in and the same photo's dish probabilities change
+    assert ex.weight == 0.0
     img = cv2.imread(str(x.image))
-    with_ex = det.predict([img])[0]
-    model.exemplars = None
-    head_only = DishDetector(model, "cpu").predict([img])[0]
+    head_only = det.predict([img])[0]
+    model.exemplars = dataclasses.replace(ex, weight=0.5)
+    with_ex = DishDetector(model, "cpu").predict([img])[0]
     assert len(with_ex["boxes"]) and np.allclose(with_ex["probs"].sum(1), 1.0, atol=1e-4)
     assert (len(with_ex["boxes"]) != len(head_only["boxes"])
             or not np.allclose(with_ex["probs"], head_only["probs"]))
@@ -170,7 +172,7 @@ def test_a_dish_boxed_twice_is_counted_once_but_different_dishes_may_overlap():
     keep = suppress_same_dish(boxes[[1, 0]], np.array([0.5, 0.3], np.float32), classes[:2], 0.3, 0.6)
     assert keep.tolist() == [True, False]
     # off (> 1): nothing is dropped
-    assert suppress_same_dish(boxes, scores, classes, 1.01, 1.01).all()
+    assert suppress_same_dish(boxes, scores, classes, 1, 1).all()
 
 
 def test_exemplar_vote_blend_and_merge():
@@ -192,6 +194,16 @@ def test_exemplar_vote_blend_and_merge():
     # merging the same boxes again adds nothing; new ones are added
     assert len(ex.merged(ex)) == len(ex)
     assert len(ex.merged(Exemplars(-centres, torch.arange(3)))) == len(ex) + 3
+    # a dish with no exemplars keeps the head's probability (the vote only shares out the rest)
+    only_a = Exemplars(emb[:4], torch.zeros(4, dtype=torch.long), k=4)
+    out = only_a.blend(torch.tensor([[0.1, 0.8, 0.0, 0.1]]), centres[:1])
+    assert torch.isclose(out[0, 1], torch.tensor(0.8)) and out[0, 1] > out[0, 0]
+    # the same box given again with another label is a correction: relabelled, not added
+    fixed = ex.merged(Exemplars(emb[:1], torch.tensor([2])))
+    assert len(fixed) == len(ex) and fixed.labels[0] == 2 and torch.equal(fixed.labels[1:], ex.labels[1:])
+    # classes renumbered by name (enrol): dish 1 dropped, 2 -> 0, 0 -> 1
+    moved = ex.relabelled([1, -1, 0])
+    assert len(moved) == 8 and sorted(moved.labels.tolist()) == [0] * 4 + [1] * 4
     back = Exemplars.from_state(ex.to_state())
     assert torch.equal(back.labels, ex.labels) and back.k == 4 and torch.allclose(back.embeddings, ex.embeddings, atol=1e-3)
     with pytest.raises(ValueError, match="labels"):
@@ -434,6 +446,7 @@ def test_enrol_adds_a_new_dish_without_touching_the_trunk(tiny_checkpoint, tmp_p
     n_new = sum(s.labels.count("Pineapple") for s in picked)
     assert int((after.exemplars.labels == k_new).sum()) == n_new
     assert len(after.exemplars) == len(before.exemplars) + sum(len(s.labels) for s in picked)
+    assert before.exemplars.weight == 0.0 and after.exemplars.weight == 0.5  # enrol turns the vote on
     # the trunk (and so the tracker's appearance embeddings) and the localiser are unchanged
     for k, v in before.classifier.trunk.state_dict().items():
         assert torch.equal(v, after.classifier.trunk.state_dict()[k]), k

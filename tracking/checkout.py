@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .geometry import segments_intersect, side_of_line
+from .geometry import ioa_matrix, segments_intersect, side_of_line
 from .tracker import TrackUpdate
 from .types import CheckoutEvent, CheckoutItem, Crossing, Track, TrackState
 
@@ -273,11 +273,11 @@ class CheckoutAssembler:
         v = track_velocity(a.track, self.params.velocity_window_s)
         if v is not None:
             box = box + np.tile(v, 2) * (b.timestamp - a.timestamp)
-        other = np.asarray(b.track.box, dtype=float)
-        w = min(box[2], other[2]) - max(box[0], other[0])
-        h = min(box[3], other[3]) - max(box[1], other[1])
-        inter = max(0.0, w) * max(0.0, h)
-        return inter >= thr * max(min(_size(box), _size(other)) ** 2, 1.0)
+        elif b.timestamp > a.timestamp:
+            return False  # both boxes were on the line when they crossed: unmoved, any two would overlap
+        other = np.asarray(b.track.box, dtype=float)[None]
+        cover = ioa_matrix(box[None], other)[0, 0], ioa_matrix(other, box[None])[0, 0]
+        return max(cover) >= thr
 
     def _close(self) -> CheckoutEvent:
         crossings, self._open = self._open, []
@@ -291,12 +291,12 @@ class CheckoutAssembler:
             label, conf, margin = ((snap.label, snap.confidence, snap.class_margin) if snap is not None
                                    else (c.label, c.confidence, c.class_margin))
             votes.append((conf, margin, label, c))
-            confs.append(conf)
         for conf, margin, label, c in sorted(votes, key=lambda u: -u[0]):  # the surer track of a pair counts
             if any(self._same_dish(c, k) for k in counted[label]):
                 continue
             counted[label].append(c)
             by_label[label].append((conf, margin))
+            confs.append(conf)
         rm = self.params.review_margin
         items = tuple(
             CheckoutItem(label=lbl, count=len(units), confidence=round(sum(u[0] for u in units) / len(units), 4),
