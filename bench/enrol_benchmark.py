@@ -117,7 +117,7 @@ def main() -> None:
         ref_rep = evaluate_predictions(va, ref.spec.classes, ref_preds, ref.spec.thresholds)
         ref_got = tray_counts(va, ref_preds, ref.spec.classes, ref.spec.thresholds, dish)
         for variant, few_shot, ex, w in (("plain head refit", False, False, 0.0), ("few-shot head", True, False, 0.0),
-                                         ("few-shot head + exemplars voting 0.5 (enrol's default)", True, True, 0.5)):
+                                         ("few-shot head + exemplars voting 0.5", True, True, 0.5)):
             m = copy.deepcopy(model)
             t1 = time.time()
             enrol_model(m, full, tr, tl, views=4, epochs=40, seed=args.seed, progress=False, few_shot=few_shot,

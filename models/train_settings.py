@@ -37,8 +37,8 @@ class TrainSettings(BaseModel):
     cls_epochs: int = Field(4, ge=0, description="classifier fine-tuning epochs")
     cls_lr: float = Field(1e-3, gt=0)
     exemplar_weight: float = Field(0.0, ge=0, le=1, description="share of the exemplar memory's nearest-neighbour "
-                                   "vote in each box's dish probabilities (the memory is stored either way; enrol "
-                                   "turns it on). Cross-validated: 0.5 -> photos +1 tray of 62, checkout videos -4")
+                                   "vote in each box's dish probabilities (the memory is stored either way). "
+                                   "Cross-validated: 0.5 -> photos +1 tray of 62, checkout videos -4")
     # run control
     patience: int = Field(3, ge=1, description="epochs without validation gain before a phase stops")
     resume: bool = False

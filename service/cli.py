@@ -328,9 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--shot-views", type=int, default=24,
                     help="augmented views of each box of a new dish (it has only a few)")
     en.add_argument("--epochs", type=int, default=40)
-    en.add_argument("--exemplar-weight", type=float, default=0.5,
-                    help="share of the exemplar memory's vote (the given boxes join it): a dish known from a "
-                         "handful of boxes is named by its neighbours (README: Dessert 0/4 -> 2/4 of its next trays)")
+    en.add_argument("--exemplar-weight", type=float, default=0.0,
+                    help="share of the exemplar memory's vote (the given boxes join it either way); measured "
+                         "(README): 0.5 names an enrolled dish in no more of its next trays than the head alone")
     en.add_argument("--seed", type=int, default=0)
     en.add_argument("--no-progress", action="store_true")
     en.set_defaults(fn=cmd_enrol)

@@ -446,7 +446,7 @@ def test_enrol_adds_a_new_dish_without_touching_the_trunk(tiny_checkpoint, tmp_p
     n_new = sum(s.labels.count("Pineapple") for s in picked)
     assert int((after.exemplars.labels == k_new).sum()) == n_new
     assert len(after.exemplars) == len(before.exemplars) + sum(len(s.labels) for s in picked)
-    assert before.exemplars.weight == 0.0 and after.exemplars.weight == 0.5  # enrol turns the vote on
+    assert before.exemplars.weight == after.exemplars.weight == 0.0  # the vote stays off unless asked
     # the trunk (and so the tracker's appearance embeddings) and the localiser are unchanged
     for k, v in before.classifier.trunk.state_dict().items():
         assert torch.equal(v, after.classifier.trunk.state_dict()[k]), k
