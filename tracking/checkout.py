@@ -297,6 +297,7 @@ class CheckoutAssembler:
             counted[label].append(c)
             by_label[label].append((conf, margin))
             confs.append(conf)
+        kept = {id(c) for units in counted.values() for c in units}
         rm = self.params.review_margin
         items = tuple(
             CheckoutItem(label=lbl, count=len(units), confidence=round(sum(u[0] for u in units) / len(units), 4),
@@ -306,6 +307,8 @@ class CheckoutAssembler:
         return CheckoutEvent(
             event_id=uuid.uuid4().hex, camera_id=self.camera_id, zone_id=self.zone_id,
             started_at=crossings[0].timestamp, ended_at=crossings[-1].timestamp, items=items,
-            track_ids=tuple(c.track_id for c in crossings), confidence=round(min(confs), 4),
+            # the counted tracks only (a dish tracked twice is one unit), so evidence crops and
+            # corrections line up with the items
+            track_ids=tuple(c.track_id for c in crossings if id(c) in kept), confidence=round(min(confs), 4),
             needs_review=any(i.needs_review for i in items),
         )
