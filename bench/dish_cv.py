@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dishtrack.models.dish_detector import (DishDetector, DishModelSpec, load_dish_checkpoint, read_checkpoint,
+from dishtrack.models.dish_detector import (DishDetector, DishModelSpec, dish_model_from_checkpoint, read_checkpoint,
                                             save_dish_checkpoint)
 from dishtrack.models.evaluate import (choose_thresholds, coco_map, evaluate_predictions, heldout_threshold_receipts,
                                        receipt_agreement)
@@ -56,7 +56,7 @@ def run_fold(args, fold: int, change: dict, data) -> dict:
     fold_dir = Path(args.out) / f"fold{fold}"
     ck, preds_file = fold_dir / "dishes.pt", fold_dir / "val_predictions.pkl"
     s = TrainSettings(data=args.data, out=str(ck), val_fold=fold, seed=args.seed, progress=False, **change)
-    _, val_s = split_by_group(list(data.samples)[: s.max_images], s.val_fraction, s.seed, fold)
+    train_s, val_s = split_by_group(list(data.samples)[: s.max_images], s.val_fraction, s.seed, fold)
     trained = args.retrain or not (ck.is_file() and preds_file.is_file())
     if trained:
         fold_dir.mkdir(parents=True, exist_ok=True)
@@ -65,11 +65,10 @@ def run_fold(args, fold: int, change: dict, data) -> dict:
         log.info("fold %d trained in %.1f min", fold, (time.time() - t0) / 60)
     elif args.refresh:  # as train ends: exemplars (if missing), thresholds and report on the validation trays
         ckd = read_checkpoint(ck)
-        model = load_dish_checkpoint(ck)
+        model = dish_model_from_checkpoint(ckd, ck)
         cidx = {c: i for i, c in enumerate(model.spec.classes)}
         lab = lambda xs: [[cidx[lb] for lb in x.labels] for x in xs]  # noqa: E731
         if model.exemplars is None:
-            train_s, _ = split_by_group(list(data.samples)[: s.max_images], s.val_fraction, s.seed, fold)
             attach_exemplars(model, train_s, lab(train_s), weight=s.exemplar_weight)
         inf = dict(args.inference)
         if "exemplar_weight" in inf:
@@ -80,8 +79,9 @@ def run_fold(args, fold: int, change: dict, data) -> dict:
         rep = evaluate_predictions(val_s, model.spec.classes, preds, thr, heldout_thresholds=True)
         save_dish_checkpoint(ck, model, meta={**ckd["meta"], "validation": {
             k: v for k, v in rep.items() if k != "confusion"}})
-    if trained or args.refresh:
+    if trained:
         preds = predict_samples(DishDetector.from_checkpoint(ck, "cpu"), val_s, progress=False)
+    if trained or args.refresh:  # refresh: the predictions its thresholds were chosen on
         with open(preds_file, "wb") as f:
             pickle.dump([dict(p, image=str(x.image)) for p, x in zip(preds, val_s)], f)
     meta = read_checkpoint(ck)["meta"]
@@ -137,7 +137,7 @@ def pooled(classes, folds: list[dict], scored: list[dict]) -> dict:
     return out
 
 
-def fold_videos(args, folds: list[int], data) -> list[dict]:
+def fold_videos(args, folds: list[int], data, base: TrainSettings) -> list[dict]:
     """Each fold's model on a checkout video of its validation trays (``make-video``; direct mode:
     detector -> tracker -> checkout with video time), then all trays pooled: the video target is
     about these receipts, one event per tray with the exact dishes."""
@@ -146,7 +146,6 @@ def fold_videos(args, folds: list[int], data) -> list[dict]:
 
     from dishtrack.models.synth_video import SynthSettings, make_checkout_video
 
-    base = TrainSettings(data=args.data, out="x", seed=args.seed, **json.loads(args.set))
     scores = []
     for k in folds:
         _, val_s = split_by_group(list(data.samples)[: base.max_images], base.val_fraction, base.seed, k)
@@ -193,7 +192,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         change = json.loads(args.set)
-        base = TrainSettings(data=args.data, out="x", **change)
+        base = TrainSettings(data=args.data, out="x", seed=args.seed, **change)
         data = load_dataset(args.data)
         groups = {x.group for x in list(data.samples)[: base.max_images]}
         k_all = n_folds(len(groups), base.val_fraction)
@@ -229,7 +228,7 @@ def main() -> None:
           f"{pool.get('receipt_exact_tray_heldout', nan):.1%} | " + " | ".join(f"{ap_.get(c, nan):.2f}" for c in RARE)
           + f" | {sum(r['seconds'] for r in results) / 60:.1f} |")
     print("\npooled AP@0.5 per dish: " + ", ".join(f"{c} {v:.2f}" for c, v in ap_.items()))
-    videos = fold_videos(args, folds, data) if args.videos else []
+    videos = fold_videos(args, folds, data, base) if args.videos else []
     if args.json:
         per_fold = [{"fold": k, **{key: v for key, v in sc.items() if key not in ("gt", "raw", "kept", "groups")},
                      "seconds": r["seconds"]}

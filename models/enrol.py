@@ -191,18 +191,14 @@ def enrol_model(model: DishModel, classes: Sequence[str], train_s: Sequence[Samp
     # (a new dish's handful of corrections are then its nearest neighbours, not only a fresh head row)
     if old_exemplars is not None:  # by name: an old dish keeps its exemplars wherever it now sits
         model.exemplars = old_exemplars.relabelled([list(classes).index(c) if c in classes else -1 for c in old])
-    if not exemplars:
-        if model.exemplars is not None and exemplar_weight is not None:
-            model.exemplars = dataclasses.replace(model.exemplars, weight=exemplar_weight)
-        return data
-    # a checkpoint from before exemplars gets a memory of the given boxes alone: the vote only
-    # shares out the head's probability among the dishes it holds (Exemplars.blend)
-    given = embed_labelled_boxes(DishDetector(model, "cpu"), train_s, train_labels)
-    model.exemplars = model.exemplars.merged(given) if model.exemplars is not None else given
-    if exemplar_weight is not None:
+    if exemplars:
+        # a checkpoint from before exemplars gets a memory of the given boxes alone: the vote only
+        # shares out the head's probability among the dishes it holds (Exemplars.blend)
+        given = embed_labelled_boxes(DishDetector(model, "cpu"), train_s, train_labels)
+        model.exemplars = model.exemplars.merged(given) if model.exemplars is not None else given
+        log.info("enrol: %d exemplars (%d boxes given)", len(model.exemplars), len(given))
+    if model.exemplars is not None and exemplar_weight is not None:
         model.exemplars = dataclasses.replace(model.exemplars, weight=exemplar_weight)
-    log.info("enrol: %d exemplars (%d boxes given), vote weight %.2f", len(model.exemplars), len(given),
-             model.exemplars.weight)
     return data
 
 

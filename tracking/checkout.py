@@ -282,33 +282,31 @@ class CheckoutAssembler:
     def _close(self) -> CheckoutEvent:
         crossings, self._open = self._open, []
         latest, self._latest = self._latest, {}
-        by_label: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
-        counted: dict[str, list[Crossing]] = collections.defaultdict(list)
-        confs = []
         votes = []
         for c in crossings:
             snap = latest.get(c.track_id, (0.0, c.track, True))[1]
             label, conf, margin = ((snap.label, snap.confidence, snap.class_margin) if snap is not None
                                    else (c.label, c.confidence, c.class_margin))
             votes.append((conf, margin, label, c))
-        for conf, margin, label, c in sorted(votes, key=lambda u: -u[0]):  # the surer track of a pair counts
-            if any(self._same_dish(c, k) for k in counted[label]):
-                continue
-            counted[label].append(c)
-            by_label[label].append((conf, margin))
-            confs.append(conf)
-        kept = {id(c) for units in counted.values() for c in units}
+        # one unit per dish: (confidence, margin, crossing) by label; the surer track of a double counts
+        by_label: dict[str, list[tuple[float, float, Crossing]]] = collections.defaultdict(list)
+        for conf, margin, label, c in sorted(votes, key=lambda u: -u[0]):
+            if not any(self._same_dish(c, k) for _, _, k in by_label[label]):
+                by_label[label].append((conf, margin, c))
+        units = [u for us in by_label.values() for u in us]
+        kept = {id(c) for _, _, c in units}
         rm = self.params.review_margin
         items = tuple(
-            CheckoutItem(label=lbl, count=len(units), confidence=round(sum(u[0] for u in units) / len(units), 4),
-                         needs_review=any(u[1] < rm for u in units))
-            for lbl, units in sorted(by_label.items())
+            CheckoutItem(label=lbl, count=len(us), confidence=round(sum(u[0] for u in us) / len(us), 4),
+                         needs_review=any(u[1] < rm for u in us))
+            for lbl, us in sorted(by_label.items())
         )
         return CheckoutEvent(
             event_id=uuid.uuid4().hex, camera_id=self.camera_id, zone_id=self.zone_id,
             started_at=crossings[0].timestamp, ended_at=crossings[-1].timestamp, items=items,
             # the counted tracks only (a dish tracked twice is one unit), so evidence crops and
             # corrections line up with the items
-            track_ids=tuple(c.track_id for c in crossings if id(c) in kept), confidence=round(min(confs), 4),
+            track_ids=tuple(c.track_id for c in crossings if id(c) in kept),
+            confidence=round(min(u[0] for u in units), 4),
             needs_review=any(i.needs_review for i in items),
         )
