@@ -55,6 +55,7 @@ def run_fold(args, fold: int, change: dict, data) -> dict:
     out-of-fold predictions with their labels."""
     fold_dir = Path(args.out) / f"fold{fold}"
     ck, preds_file = fold_dir / "dishes.pt", fold_dir / "val_predictions.pkl"
+    change = {k: v.format(fold=fold) if isinstance(v, str) else v for k, v in change.items()}  # "{fold}" in paths
     s = TrainSettings(data=args.data, out=str(ck), val_fold=fold, seed=args.seed, progress=False, **change)
     train_s, val_s = split_by_group(list(data.samples)[: s.max_images], s.val_fraction, s.seed, fold)
     trained = args.retrain or not (ck.is_file() and preds_file.is_file())
@@ -177,7 +178,9 @@ def main() -> None:
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/mealtray_kiosk_dev"))
     ap.add_argument("--out", default="runs/cv")
     ap.add_argument("--folds", default="all", help="'all' or fold numbers, e.g. 0,1")
-    ap.add_argument("--set", default="{}", help="JSON: TrainSettings fields to change, e.g. '{\"crop_size\": 224}'")
+    ap.add_argument("--set", default="{}", help="JSON: TrainSettings fields to change, e.g. '{\"crop_size\": 224}'; "
+                    "'{fold}' in a text value is the fold number, e.g. a classifier variant on the default folds' "
+                    "localisers: '{\"localiser\": \"runs/cv/fold{fold}/dishes.pt\", \"cls_epochs\": 6}'")
     ap.add_argument("--seed", type=int, default=0, help="tray shuffle (and training) seed")
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--refresh", action="store_true", help="predict the validation photos again (today's inference)")
@@ -201,7 +204,8 @@ def main() -> None:
     try:
         folds = fold_numbers(args.folds, k_all)
         args.inference = json.loads(args.inference)
-        if unknown := sorted(set(args.inference) - {"exemplar_weight", "same_dish_iou", "same_dish_ioa"}):
+        inference_keys = {f.name for f in dataclasses.fields(DishModelSpec)} - {"classes", "thresholds"}
+        if unknown := sorted(set(args.inference) - inference_keys - {"exemplar_weight"}):
             raise ValueError(f"--inference: unknown keys {unknown}")
         if args.inference and not args.refresh:
             raise ValueError("--inference changes the fold checkpoints: give --refresh")

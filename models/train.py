@@ -437,7 +437,7 @@ def train_classifier(s: TrainSettings, model: DishModel, classes: tuple[str, ...
     clf = model.classifier
     clf.eval()
     c = len(classes)
-    props = localiser_proposals(model.localiser, train_c, s.loc_size, model.spec.loc_threshold, s.progress)
+    props = localiser_proposals(model.localiser, train_c, model.spec.loc_size, model.spec.loc_threshold, s.progress)
     tv = CropViews(clf, train_c, train_labels, c, s.cls_views, True, s.seed, s.progress, "classifier views",
                    proposals=props)
     vv = CropViews(clf, val_c, val_labels, c, 1, False, s.seed, s.progress, "classifier val crops")
@@ -559,16 +559,21 @@ def train(s: TrainSettings) -> dict:
     spec = DishModelSpec(classes=classes, loc_size=s.loc_size, crop_size=s.crop_size, crop_long_side=s.crop_long_side,
                          freeze_blocks=s.freeze_blocks)
     model = DishModel(spec)
-    init_localiser_head(model.localiser)
+    if s.localiser:
+        reuse_localiser(model, s, val_s)
+    else:
+        init_localiser_head(model.localiser)
     long_side = max(s.loc_size, s.crop_long_side)
     train_c, val_c = ImageCache(train_s, long_side), ImageCache(val_s, long_side)
     cidx = {c: i for i, c in enumerate(classes)}
     train_labels = [[cidx[lbl] for lbl in x.labels] for x in train_s]
     val_labels = [[cidx[lbl] for lbl in x.labels] for x in val_s]
 
-    model.localiser.to(device)
-    history = train_localiser(s, model.localiser, train_c, val_c, device, state)
-    model.localiser.cpu()
+    history = []
+    if not s.localiser:
+        model.localiser.to(device)
+        history = train_localiser(s, model.localiser, train_c, val_c, device, state)
+        model.localiser.cpu()
     history += train_classifier(s, model, classes, train_c, train_labels, val_c, val_labels, state)
     if val_s is train_s:
         log.warning("thresholds are chosen on training photos whose boxes are in the exemplar memory: "
@@ -593,6 +598,27 @@ def train(s: TrainSettings) -> dict:
     log.info("wrote %s (curves %s) in %.0fs: val mAP@0.5 %.3f, exact receipts %.1f%% of trays%s", out, curves,
              meta["seconds"], report["map50"], 100 * report["receipt_exact_tray"], held)
     return {"checkpoint": str(out), "curves": str(curves), **meta}
+
+
+def reuse_localiser(model: DishModel, s: TrainSettings, val_s: list[Sample]) -> None:
+    """``--localiser CKPT``: its trained localiser (and input size) into ``model``, so only the
+    classifier is trained. A localiser that saw this run's validation trays would flatter the
+    report, so a different split is warned about."""
+    from .dish_detector import read_checkpoint
+
+    try:
+        ck = read_checkpoint(s.localiser)
+        model.localiser.load_state_dict(ck["localiser"])
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f"localiser: {e}") from e
+    model.spec = DishModelSpec(**{**model.spec.__dict__, "loc_size": int(ck["loc_size"]),
+                                  "loc_threshold": float(ck["loc_threshold"])})
+    theirs = set(ck.get("meta", {}).get("val_trays", []))
+    ours = {str(x.group) for x in val_s}
+    if theirs != ours:
+        log.warning("localiser %s was validated on other trays (%d of this run's %d validation trays): "
+                    "it may have trained on this run's validation photos", s.localiser, len(theirs & ours), len(ours))
+    log.info("localiser from %s (input %d): training the classifier only", s.localiser, model.spec.loc_size)
 
 
 def attach_exemplars(model: DishModel, samples: list[Sample], labels, device="cpu", weight: float = 0.0) -> None:

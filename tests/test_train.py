@@ -53,6 +53,28 @@ def test_train_writes_checkpoint_curves_and_report(tiny_checkpoint):
     assert png is not None and png.shape[0] > 100
 
 
+def test_train_with_a_given_localiser_trains_only_the_classifier(tiny_checkpoint, tmp_path, caplog):
+    """``--localiser CKPT`` reuses a trained localiser (a classifier change costs a third of a run);
+    one validated on other trays is warned about, since it may have seen these."""
+    from dishtrack.models.dish_detector import DishModel, load_dish_checkpoint
+    from dishtrack.models.train import reuse_localiser, train
+
+    base, _ = tiny_checkpoint
+    kw = dict(data=str(KIOSK), max_images=30, val_fraction=0.25, loc_size=256, cls_epochs=1, cls_views=1,
+              progress=False, localiser=str(base))
+    rep = train(TrainSettings(out=str(tmp_path / "cls.pt"), **kw))
+    assert [h["phase"] for h in rep["history"]] == ["classifier"]
+    old, new = load_dish_checkpoint(base), load_dish_checkpoint(tmp_path / "cls.pt")
+    assert all(torch.equal(a, b) for a, b in zip(old.localiser.state_dict().values(),
+                                                 new.localiser.state_dict().values()))
+    assert not torch.equal(old.classifier.fc.weight, new.classifier.fc.weight)
+    assert "validated on other trays" not in caplog.text
+    other = TrainSettings(out=str(tmp_path / "other.pt"), val_fold=1, **kw)
+    _, val_s = split_by_group(list(load_dataset(KIOSK).samples)[:30], other.val_fraction, other.seed, 1)
+    reuse_localiser(DishModel(new.spec, pretrained=False), other, val_s)
+    assert "validated on other trays" in caplog.text
+
+
 def test_checkpoint_serves_through_the_config_with_embeddings(tiny_checkpoint):
     out, _ = tiny_checkpoint
     det = load_detector(DetectorConfig(kind="checkpoint", checkpoint=str(out), device="cpu"))
