@@ -101,7 +101,10 @@ class RunState:
         self.data: dict = {"fingerprint": self.fingerprint, "phases": {}}
         if resume and path.is_file():
             d = torch.load(path, map_location="cpu", weights_only=False)
-            if d.get("fingerprint") != self.fingerprint:
+            # a setting added since the run was saved reads as its default
+            saved = {**{k: f.default for k, f in TrainSettings.model_fields.items() if k in self.fingerprint},
+                     **(d.get("fingerprint") or {})}
+            if saved != self.fingerprint:
                 raise ValueError(f"{path}: saved with other settings; drop --resume or delete it")
             self.data = d
             log.info("resuming from %s: %s", path,

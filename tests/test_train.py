@@ -385,6 +385,13 @@ def test_interrupted_phase_resumes_where_it_stopped(tmp_path):
     other = TrainSettings(data="x", out=str(tmp_path / "m.pt"), seed=1)
     with pytest.raises(ValueError, match="other settings"):
         RunState(tmp_path / "m.pt.state", other, resume=True)
+    # a run interrupted before a setting existed resumes when the setting is at its default
+    saved = torch.load(tmp_path / "m.pt.state", weights_only=False)
+    del saved["fingerprint"]["localiser"]
+    torch.save(saved, tmp_path / "m.pt.state")
+    assert len(RunState(tmp_path / "m.pt.state", s, resume=True).phase("p")["history"]) == 4
+    with pytest.raises(ValueError, match="other settings"):
+        RunState(tmp_path / "m.pt.state", TrainSettings(data="x", out="m.pt", localiser="a.pt"), resume=True)
 
 
 def test_train_cli_names_bad_data(tmp_path):
