@@ -566,7 +566,7 @@ def train(s: TrainSettings) -> dict:
         reuse_localiser(model, s, val_s)
     else:
         init_localiser_head(model.localiser)
-    long_side = max(s.loc_size, s.crop_long_side)
+    long_side = max(model.spec.loc_size, s.crop_long_side)
     train_c, val_c = ImageCache(train_s, long_side), ImageCache(val_s, long_side)
     cidx = {c: i for i, c in enumerate(classes)}
     train_labels = [[cidx[lbl] for lbl in x.labels] for x in train_s]
@@ -611,8 +611,10 @@ def reuse_localiser(model: DishModel, s: TrainSettings, val_s: list[Sample]) -> 
 
     try:
         ck = read_checkpoint(s.localiser)
+        if "localiser" not in ck:
+            raise ValueError(f"{s.localiser}: not a dish checkpoint of `dishtrack train` (it has no localiser)")
         model.localiser.load_state_dict(ck["localiser"])
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"localiser: {e}") from e
     model.spec = DishModelSpec(**{**model.spec.__dict__, "loc_size": int(ck["loc_size"]),
                                   "loc_threshold": float(ck["loc_threshold"])})
