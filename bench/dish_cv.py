@@ -89,8 +89,7 @@ def run_fold(args, fold: int, change: dict, data) -> dict:
     skip = {"out", "progress", "resume", "exemplar_weight"}  # inference: --refresh --inference sets it
     asked = {key: v for key, v in s.model_dump().items() if key not in skip}
     # a setting added since the checkpoint was trained reads as its default (val_fold: the default split)
-    have = {**{key: f.default for key, f in TrainSettings.model_fields.items() if key in asked},
-            **{key: v for key, v in meta["settings"].items() if key not in skip}}
+    have = TrainSettings.as_saved({key: v for key, v in meta["settings"].items() if key not in skip}, asked)
     if have != asked:
         diff = {key: (have.get(key), asked[key]) for key in asked if have.get(key) != asked[key]}
         raise SystemExit(f"fold {fold}: {ck} was trained with other settings (trained, asked): {diff}; "

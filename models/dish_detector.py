@@ -75,11 +75,11 @@ def suppress_same_dish(boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndar
     keep = np.ones(len(boxes), bool)
     if len(boxes) < 2 or (iou >= 1 and ioa >= 1):
         return keep
-    cover = ioa_matrix(boxes, boxes)
     ov = np.zeros((len(boxes), len(boxes)), bool)
     if iou < 1:
         ov |= iou_matrix(boxes, boxes) >= iou
     if ioa < 1:
+        cover = ioa_matrix(boxes, boxes)
         ov |= np.maximum(cover, cover.T) >= ioa
     ov &= class_ids[:, None] == class_ids[None, :]
     order = np.argsort(-scores, kind="stable")

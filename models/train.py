@@ -39,7 +39,7 @@ from dishtrack.tracking.geometry import ioa_matrix, iou_matrix
 from .augment import AugmentSettings, letterbox, photometric
 from .detector import CenterNetModel, bundled_weights, pick_device
 from .dish_classifier import box_geometry, crop, rotate_crops
-from .dish_detector import DishDetector, DishModel, DishModelSpec, localise, save_dish_checkpoint
+from .dish_detector import DishDetector, DishModel, DishModelSpec, localise, read_checkpoint, save_dish_checkpoint
 from .evaluate import choose_thresholds, evaluate_predictions
 from .exemplars import embed_labelled_boxes
 from .importers import LabelledData, load_dataset
@@ -101,10 +101,7 @@ class RunState:
         self.data: dict = {"fingerprint": self.fingerprint, "phases": {}}
         if resume and path.is_file():
             d = torch.load(path, map_location="cpu", weights_only=False)
-            # a setting added since the run was saved reads as its default
-            saved = {**{k: f.default for k, f in TrainSettings.model_fields.items() if k in self.fingerprint},
-                     **(d.get("fingerprint") or {})}
-            if saved != self.fingerprint:
+            if TrainSettings.as_saved(d.get("fingerprint") or {}, self.fingerprint) != self.fingerprint:
                 raise ValueError(f"{path}: saved with other settings; drop --resume or delete it")
             self.data = d
             log.info("resuming from %s: %s", path,
@@ -607,8 +604,6 @@ def reuse_localiser(model: DishModel, s: TrainSettings, val_s: list[Sample]) -> 
     """``--localiser CKPT``: its trained localiser (and input size) into ``model``, so only the
     classifier is trained. A localiser that saw this run's validation trays would flatter the
     report, so a different split is warned about."""
-    from .dish_detector import read_checkpoint
-
     try:
         ck = read_checkpoint(s.localiser)
         if "localiser" not in ck:

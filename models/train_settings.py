@@ -46,3 +46,9 @@ class TrainSettings(BaseModel):
     patience: int = Field(3, ge=1, description="epochs without validation gain before a phase stops")
     resume: bool = False
     progress: bool = True
+
+    @classmethod
+    def as_saved(cls, saved: dict, keys) -> dict:
+        """Settings saved by an earlier run (a checkpoint's meta, a ``.state`` fingerprint), for
+        comparing with today's on ``keys``: a field added since reads as its default."""
+        return {**{k: f.default for k, f in cls.model_fields.items() if k in keys}, **saved}
