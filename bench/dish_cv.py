@@ -195,6 +195,12 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         change = json.loads(args.set)
+        for v in change.values():
+            if isinstance(v, str):
+                try:
+                    v.format(fold=0)
+                except (KeyError, IndexError, ValueError) as e:
+                    raise ValueError(f"{v!r}: only '{{fold}}' may stand in braces ({e!r})") from None
         base = TrainSettings(data=args.data, out="x", seed=args.seed, **change)
         data = load_dataset(args.data)
         groups = {x.group for x in list(data.samples)[: base.max_images]}
