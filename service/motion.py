@@ -47,6 +47,30 @@ class LateDetections:
         return len(self.detections)
 
 
+def hand_on(dropped: tuple[list, list], batch: tuple[list, list]) -> tuple[list, list]:
+    """A tracking batch (frames, their detections) dropped by the full queue: its detections
+    ride on with ``batch``, the next one, instead of being lost. Each lands on the same camera's
+    frame there as ``LateDetections`` when that frame has none (a frame skipped by the stride,
+    or waiting for the asynchronous detector; a newer detection wins); a camera with no frame in
+    ``batch`` keeps its dropped frame, at the front. A dropped frame without detections is only
+    a frame: it stays dropped."""
+    frames, dets = list(batch[0]), list(batch[1])
+    at = {f.camera_id: i for i, f in enumerate(frames)}
+    front: list = []
+    for f, d in zip(*dropped):
+        if d is None:
+            continue
+        i = at.get(f.camera_id)
+        if i is None:
+            front.append((f, d))
+        elif dets[i] is None:
+            dets[i] = d if isinstance(d, LateDetections) else LateDetections(d, f)
+    if front:
+        frames = [f for f, _ in front] + frames
+        dets = [d for _, d in front] + dets
+    return frames, dets
+
+
 class FlowPropagator:
     """One camera's flow measurement. ``measure`` is called on every frame in
     order (detected or not): it keeps that frame's grey image and, given the

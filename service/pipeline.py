@@ -22,7 +22,7 @@ from .evidence import EvidenceKeeper
 from .hub import EventHub
 from .ingest import CameraReader, LatestFrameSlot, SourceState, is_stream
 from .metrics import Metrics
-from .motion import FlowParams, FlowPropagator, LateDetections, track_frame
+from .motion import FlowParams, FlowPropagator, LateDetections, hand_on, track_frame
 from .retention import Retention
 from .stages import IDLE_JPEG_FPS, AnnotateJob, AnnotateStage, DropQueue, JpegSlot
 from .store import EventStore
@@ -69,7 +69,10 @@ class Pipeline:
         self._detect_thread = threading.Thread(target=self._detect_loop, name="detect", daemon=True)
         # offline files (realtime: false) must not lose a frame: there the queue pushes back instead
         self._offline = all(not c.realtime and not is_stream(c.source) for c in cfg.cameras)
-        self._tracks = DropQueue(TRACK_QUEUE_BATCHES, on_drop=lambda: metrics.stage_dropped.labels("track").inc())
+        # a dropped batch's detections ride on with the next one (hand_on): under a stride or asynchronous
+        # detection they are the only correction the tracks get for several frames
+        self._tracks = DropQueue(TRACK_QUEUE_BATCHES, on_drop=lambda: metrics.stage_dropped.labels("track").inc(),
+                                 merge=hand_on)
         self._annotate = AnnotateStage(self._draw, self._deliver_jpeg,
                                        on_drop=lambda cam: metrics.stage_dropped.labels("annotate").inc())
         self._detect_at: float | None = None

@@ -22,24 +22,33 @@ IDLE_JPEG_FPS = 1.0  # unwatched cameras: one JPEG a second keeps /snapshot.jpg 
 
 class DropQueue:
     """Bounded FIFO. A full queue drops its oldest item (counted) unless ``put(block=True)``,
-    which waits for room (offline files: every frame counts) until ``abort`` is set."""
+    which waits for room (offline files: every frame counts) until ``abort`` is set.
+    ``merge(dropped, next)``, when given, returns what replaces the item next in line after a
+    drop: the part of the dropped one that must not be lost rides on with it."""
 
-    def __init__(self, maxsize: int, on_drop: Callable[[], None] | None = None) -> None:
+    def __init__(self, maxsize: int, on_drop: Callable[[], None] | None = None,
+                 merge: Callable[[object, object], object] | None = None) -> None:
         self.maxsize = maxsize
         self._items: collections.deque = collections.deque()
         self._cond = threading.Condition()
         self.dropped = 0
         self._on_drop = on_drop
+        self._merge = merge
 
     def put(self, item, block: bool = False, abort: threading.Event | None = None) -> None:
         with self._cond:
             while block and len(self._items) >= self.maxsize and not (abort and abort.is_set()):
                 self._cond.wait(0.05)
             if len(self._items) >= self.maxsize:
-                self._items.popleft()
+                lost = self._items.popleft()
                 self.dropped += 1
                 if self._on_drop:
                     self._on_drop()
+                if self._merge is not None:
+                    if self._items:
+                        self._items[0] = self._merge(lost, self._items[0])
+                    else:
+                        item = self._merge(lost, item)
             self._items.append(item)
             self._cond.notify_all()
 

@@ -5,6 +5,7 @@ import os
 import threading
 import time
 
+import numpy as np
 from prometheus_client import generate_latest
 
 from conftest import VIDEO, wait_until
@@ -14,6 +15,7 @@ from dishtrack.service.metrics import Metrics
 from dishtrack.service.pipeline import Pipeline
 from dishtrack.service.stages import DropQueue
 from dishtrack.service.store import EventStore
+from dishtrack.tracking import Frame
 
 
 def make_pipeline(tmp_path, detector, cams, **api):
@@ -46,6 +48,29 @@ def test_drop_queue_drops_oldest_and_counts_or_pushes_back():
     assert q.get(0.01) == "a"
     t.join(2)
     assert not t.is_alive() and [q.get(0.01), q.get(0.01)] == ["b", "c"] and q.dropped == 3
+
+
+def test_drop_queue_hands_what_a_dropped_item_must_keep_to_the_next():
+    """``merge``: the dropped item's keepers ride on with the next item in line (or with the
+    new one when the queue holds one item); the count of drops is the same."""
+    from dishtrack.service.motion import LateDetections, hand_on
+
+    q = DropQueue(1, merge=lambda old, new: old + new)
+    for s in ("a", "b", "c"):
+        q.put(s)
+    assert q.get(0.01) == "abc" and q.dropped == 2
+    # two cameras: A's detection goes on with A's next (undetected) frame, B has no frame in the
+    # next batch so its dropped frame goes on in front; a frame without detections stays dropped
+    img = np.zeros((4, 4, 3), np.uint8)
+    fa, fb, fa2 = Frame("A", 1, 0.0, img), Frame("B", 1, 0.0, img), Frame("A", 2, 0.1, img)
+    da, db = object(), LateDetections(None, Frame("B", 0, 0.0, img))
+    frames, dets = hand_on(([fa, fb], [da, db]), ([fa2], [None]))
+    assert frames == [fb, fa2] and dets[0] is db
+    assert isinstance(dets[1], LateDetections) and dets[1].detections is da and dets[1].source is fa
+    frames, dets = hand_on(([fa], [None]), ([fa2], [None]))
+    assert frames == [fa2] and dets == [None]
+    newer = object()
+    assert hand_on(([fa], [da]), ([fa2], [newer]))[1] == [newer]
 
 
 def test_slow_viewer_never_stalls_detection(tmp_path, detector):

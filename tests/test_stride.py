@@ -336,6 +336,39 @@ def test_late_detections_from_before_a_camera_reset_are_dropped(tmp_path, tud, t
     assert len(p.last_update["cam"].tracks) > 0
 
 
+@pytest.mark.parametrize("mode", ["async", "stride"])
+def test_a_dropped_tracking_batch_hands_its_detections_on(tmp_path, tud, tud_frames, mode):
+    """The tracking stage falls behind (a slow tracker or a burst of cameras): the bounded
+    queue drops the oldest batch, but not its detections. Asynchronous detection hands each
+    detector result over once, with one frame; under a stride only every k-th frame is detected:
+    dropped with that batch, the tracks would coast on flow alone until the next detection.
+    They ride on with the next batch of the camera (moved onto its frame by the flow)."""
+    dets, _ = tud
+    stride = {"detect_async": True} if mode == "async" else {"k": 5}
+    cfg = AppConfig.model_validate({"cameras": [{"id": "cam", "source": str(VIDEO), "realtime": True}],
+                                    "detector": {"stride": stride}})
+    det = SlowMotDetector(dets)
+    p = Pipeline(cfg, det, EventStore(os.path.join(tmp_path, "e.sqlite3")), EventHub(), Metrics())
+    now = time.time()
+    frames = [Frame("cam", i, now + i / 25, tud_frames[i]) for i in range(10, 16)]
+    found = det.detect([frames[0]])[0]
+    assert len(found) >= 3
+    first = LateDetections(found, Frame("cam", 9, now + 9 / 25, tud_frames[9])) if mode == "async" else found
+    batches = [([frames[0]], [first])] + [([f], [None]) for f in frames[1:]]
+    for b in batches:  # the tracking stage is busy: 6 batches arrive, 4 fit
+        p._tracks.put(b)
+    assert p._tracks.dropped == 2 and p.metrics.stage_dropped.labels("track")._value.get() == 2
+    seen = []
+    while (item := p._tracks.get(0)) is not None:
+        seen += [f.index for f in item[0]]
+        p._process(*item)
+    assert seen == [12, 13, 14, 15]  # dropped frames stay dropped, in order
+    upd = p.last_update["cam"]
+    assert upd.frame_index == 15
+    assert len(upd.tracks) == len(found)  # the walkers were found, and tracked to the last frame
+    assert p.metrics.detections.labels("cam")._value.get() == len(found)
+
+
 def test_a_hung_async_detector_shows_as_a_stuck_stage(tmp_path, tud):
     """With asynchronous detection the detector stage's loop keeps running while the forward
     pass hangs; the pipeline's ``loop_at`` (what /health compares with its stall limit) must
