@@ -197,13 +197,17 @@ def load_detector(cfg, device: torch.device | None = None):
     (a two-stage dish detector written by ``dishtrack train``, or an older CenterNet head)."""
     if cfg.kind == "checkpoint":
         from .backends import BackendSettings
-        from .dish_detector import FORMAT, DishDetector, dish_model_from_checkpoint, read_checkpoint
+        from .dish_detector import FORMAT, NMS_IOU, DishDetector, dish_model_from_checkpoint, read_checkpoint
 
         ck = read_checkpoint(cfg.checkpoint)  # read once: the format decides, then the weights are used
         if ck["format"] == FORMAT:
             model = dish_model_from_checkpoint(ck, cfg.checkpoint)
             if cfg.input_size:
                 model.spec = type(model.spec)(**{**model.spec.__dict__, "loc_size": cfg.input_size})
+            if cfg.nms_iou != NMS_IOU:
+                log.warning("detector.nms_iou %.2f: the checkpoint's per-dish thresholds were chosen at the "
+                            "localiser's NMS IoU %.2f (train); counts may differ from its validation", cfg.nms_iou,
+                            NMS_IOU)
             det = DishDetector(model, device or "cpu", nms_iou=cfg.nms_iou,
                                max_detections=min(cfg.max_detections, 100), classes=cfg.classes,
                                backend=BackendSettings.from_config(cfg, device),

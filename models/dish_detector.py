@@ -24,6 +24,7 @@ from dishtrack.tracking.types import Detections, Frame
 from .augment import letterbox
 from .detector import CenterNetModel, bundled_weights, decode, pick_device
 from .dish_classifier import DishClassifier, box_geometry, crop
+from .evaluate import threshold_array
 from .exemplars import Exemplars
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,11 @@ def suppress_same_dish(boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndar
     return keep
 
 
+NMS_IOU = 0.5  # the localiser's class-agnostic NMS as train validates (and chooses thresholds) with
+
+
 def localise(model, batch, scales: list[float], sizes: list[tuple[int, int]],
-             threshold: float, k: int = 50, nms_iou: float = 0.5) -> list[tuple[torch.Tensor, torch.Tensor]]:
+             threshold: float, k: int = 50, nms_iou: float = NMS_IOU) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Letterboxed batch -> per image (boxes in its own pixels, scores), class-agnostic NMS.
     ``model``: a CenterNetModel on a float NCHW batch, or a backend's ``run`` on uint8 NHWC."""
     heat, ltrb = model(batch)
@@ -126,7 +130,7 @@ def classify(clf: DishClassifier, images: list[torch.Tensor], boxes: list[torch.
 class DishDetector:
     """Stage object: frames in, dish detections (with appearance embeddings) out."""
 
-    def __init__(self, model: DishModel, device: torch.device | str = "cpu", nms_iou: float = 0.5,
+    def __init__(self, model: DishModel, device: torch.device | str = "cpu", nms_iou: float = NMS_IOU,
                  max_detections: int = 50, classes: list[str] | None = None, backend=None,
                  calibration_images: str | None = None, low_confidence: float = LOW_CONFIDENCE) -> None:
         """``backend``: BackendSettings (None: torch on ``device``). Localiser and classifier each get one."""
@@ -147,7 +151,7 @@ class DishDetector:
             raise ValueError(f"detector.classes names dishes the checkpoint does not have: {unknown} "
                              f"(it has {list(self.labels)})")
         # per-dish thresholds from validation; a dish left out of detector.classes is never reported
-        self._thr = np.array([self.spec.thresholds.get(c, 0.3) for c in self.labels], np.float32)
+        self._thr = threshold_array(self.spec.thresholds, self.labels)
         self._allowed = np.array([not classes or c in classes for c in self.labels])
         settings = backend or BackendSettings(backend="torch", device=torch.device(device).type, precision="fp32")
         s, c = self.spec.loc_size, self.spec.crop_size

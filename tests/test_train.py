@@ -2,6 +2,7 @@
 check behaviour, the accuracy numbers come from the benchmark in the README)."""
 import dataclasses
 import json
+import logging
 import subprocess
 import sys
 
@@ -75,7 +76,7 @@ def test_train_with_a_given_localiser_trains_only_the_classifier(tiny_checkpoint
     assert "validated on other trays" in caplog.text
 
 
-def test_checkpoint_serves_through_the_config_with_embeddings(tiny_checkpoint):
+def test_checkpoint_serves_through_the_config_with_embeddings(tiny_checkpoint, caplog):
     out, _ = tiny_checkpoint
     det = load_detector(DetectorConfig(kind="checkpoint", checkpoint=str(out), device="cpu"))
     assert isinstance(det, DishDetector) and det.input_size == 256
@@ -95,6 +96,10 @@ def test_checkpoint_serves_through_the_config_with_embeddings(tiny_checkpoint):
     assert small.input_size == 192
     with pytest.raises(ValueError, match="Pizza"):
         load_detector(DetectorConfig(kind="checkpoint", checkpoint=str(out), device="cpu", classes=["Pizza"]))
+    # a site config's NMS IoU other than the one the thresholds were chosen under is named, and used
+    with caplog.at_level(logging.WARNING, logger="dishtrack.models.detector"):
+        loose = load_detector(DetectorConfig(kind="checkpoint", checkpoint=str(out), device="cpu", nms_iou=0.7))
+    assert loose.nms_iou == 0.7 and "detector.nms_iou 0.70" in caplog.text and "0.50" in caplog.text
 
 
 def test_scores_are_calibrated_per_dish_and_weak_boxes_reach_the_tracker(tiny_checkpoint):
