@@ -50,6 +50,17 @@ def fold_numbers(spec: str, k_all: int) -> list[int]:
     return folds
 
 
+def fold_checkpoints(spec: str, pattern: str, n_trays: int) -> list[int]:
+    """``--folds`` with a ``--localiser`` pattern (``runs/cv/fold{fold}/dishes.pt``) for the benches
+    that reuse ``dish_cv``'s fold checkpoints: the folds, or ValueError naming what is wrong."""
+    folds = fold_numbers(spec, n_folds(n_trays, 0.2))
+    if "{fold}" not in pattern:
+        raise ValueError("--folds needs --localiser with {fold} (each fold's checkpoint never saw its validation trays)")
+    if missing := [pattern.format(fold=k) for k in folds if not Path(pattern.format(fold=k)).is_file()]:
+        raise ValueError(f"--localiser: no checkpoint {missing} (bench/dish_cv.py trains them)")
+    return folds
+
+
 def run_fold(args, fold: int, change: dict, data) -> dict:
     """Train ``fold`` (or read it back) -> its validation report (as train wrote it) and its
     out-of-fold predictions with their labels."""

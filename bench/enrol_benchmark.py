@@ -11,6 +11,12 @@ The reference is ``--localiser``'s own classifier, trained with every label.
     python bench/enrol_benchmark.py --localiser runs/bench2/dishes.pt --dish Fruit --dish Dessert
 
 The localiser is class-agnostic but was trained on the same training trays' boxes (all dishes).
+Cross-validated (``--folds``, each fold's checkpoint from ``bench/dish_cv.py``; its localiser never
+saw the fold's validation trays): every tray with the dish is a "next tray" once, and the summary
+pools the folds' counts:
+
+    python bench/enrol_benchmark.py --localiser 'runs/cv_supponly/fold{fold}/dishes.pt' --folds all \
+        --dish Fruit --dish Dessert --work runs/enrol_cv
 """
 from __future__ import annotations
 
@@ -29,11 +35,12 @@ import torch
 from dishtrack.models.dish_classifier import DishClassifier
 from dishtrack.models.dish_detector import DishDetector, DishModelSpec, load_dish_checkpoint, save_dish_checkpoint
 from dishtrack.models.enrol import enrol_model
-from dishtrack.models.evaluate import evaluate_predictions
+from dishtrack.models.evaluate import evaluate_predictions, threshold_array
 from dishtrack.models.importers import load_dataset
 from dishtrack.models.localiser import ImageCache
 from dishtrack.models.train import RunState, finish_model, predict_samples, split_by_group, train_classifier
 from dishtrack.models.train_settings import TrainSettings
+from dish_cv import fold_checkpoints  # bench/ is on sys.path when a benchmark runs
 
 log = logging.getLogger("enrol_benchmark")
 
@@ -41,7 +48,7 @@ log = logging.getLogger("enrol_benchmark")
 def tray_counts(samples, preds, classes, thresholds, dish):
     """Per validation tray with ``dish``: (labelled count, photo-voted predicted count)."""
     k = classes.index(dish)
-    thr = np.array([thresholds.get(c, 0.3) for c in classes])
+    thr = threshold_array(thresholds, classes)
     by_tray = collections.defaultdict(list)
     for s, p in zip(samples, preds):
         kept = p["class_ids"][p["scores"] >= thr[p["class_ids"]]]
@@ -62,16 +69,68 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=5, help="boxes of the new dish given (corrections)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="runs/enrol", help="base checkpoints are kept here and reused")
+    ap.add_argument("--folds", help="cross-validation folds (train --val-fold), 'all' or e.g. 0,1; --localiser "
+                    "then has {fold} (bench/dish_cv.py's fold checkpoints)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(2)
+    if bad := [v for v in args.variants.split(",") if v not in VARIANTS]:
+        ap.error(f"--variants: unknown {bad}; choose from {', '.join(VARIANTS)}")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    s = TrainSettings(data=args.data, out=str(work / "x.pt"), progress=False, seed=args.seed)
     data = load_dataset(args.data)
-    tr, va = split_by_group(list(data.samples), s.val_fraction, s.seed)
-    ref = load_dish_checkpoint(args.localiser)
+    if args.folds:
+        try:
+            folds = fold_checkpoints(args.folds, args.localiser, len({x.group for x in data.samples}))
+        except ValueError as e:
+            ap.error(str(e))
+    else:
+        folds = [None]
+    rows = []
+    for fold in folds:
+        rows += run_split(args, data, work, fold)
+    print("| new dish | enrol | fold | boxes given | val trays with it | recognised (count exact) | named at all | "
+          "reference (all labels): exact / named | AP@0.5 enrolled / reference | all-tray exact enrolled / reference "
+          "| enrol time |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        n = r["val_trays_with_dish"]
+        print(f"| {r['dish']} | {r['variant']} | {r['fold']} | {r['shots']} | {n} | {r['recognised_trays']}/{n} | "
+              f"{r['named_at_all_trays']}/{n} | {r['reference_recognised_trays']}/{n} / {r['reference_named_trays']}/{n} | "
+              f"{fmt(r['ap50_dish'])} / {fmt(r['reference_ap50_dish'])} | "
+              f"{r['receipt_exact_tray']:.1%} / {r['reference_receipt_exact_tray']:.1%} | {r['enrol_seconds']:.0f} s |")
+    if len(folds) > 1:
+        print("\nPooled over the folds (every tray with the dish once):")
+        print("| new dish | enrol | val trays with it | recognised | named at all | reference: recognised / named |")
+        print("|---|---|---|---|---|---|")
+        for dish, variant in dict.fromkeys((r["dish"], r["variant"]) for r in rows):
+            sel = [r for r in rows if r["dish"] == dish and r["variant"] == variant]
+            n = sum(r["val_trays_with_dish"] for r in sel)
+            tot = {k: sum(r[k] for r in sel) for k in ("recognised_trays", "named_at_all_trays",
+                                                       "reference_recognised_trays", "reference_named_trays")}
+            print(f"| {dish} | {variant} | {n} | {tot['recognised_trays']}/{n} ({tot['recognised_trays'] / max(n, 1):.0%}) | "
+                  f"{tot['named_at_all_trays']}/{n} | {tot['reference_recognised_trays']}/{n} "
+                  f"({tot['reference_recognised_trays'] / max(n, 1):.0%}) / {tot['reference_named_trays']}/{n} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+VARIANTS = ("plain head refit", "few-shot head", "few-shot head + exemplars voting 0.5")
+
+
+def fmt(x) -> str:
+    return "–" if x is None else f"{x:.2f}"
+
+
+def run_split(args, data, work: Path, fold: int | None) -> list[dict]:
+    """Every ``--dish`` on one tray split (``fold``; None: the default split of ``--seed``)."""
+    s = TrainSettings(data=args.data, out=str(work / "x.pt"), progress=False, seed=args.seed)
+    tr, va = split_by_group(list(data.samples), s.val_fraction, s.seed, fold or 0)
+    ckpt = args.localiser.format(fold=fold) if fold is not None else args.localiser
+    tag = "" if fold is None else f"_fold{fold}"
+    ref = load_dish_checkpoint(ckpt)
     if ref.exemplars is None:  # trained before exemplars existed: as train now ends (exemplars, then thresholds)
         ridx = {c: i for i, c in enumerate(ref.spec.classes)}
         rlab = lambda xs: [[ridx[lb] for lb in x.labels] for x in xs]  # noqa: E731
@@ -84,19 +143,19 @@ def main() -> None:
         classes = tuple(c for c in data.classes if c != dish)
         cidx = {c: i for i, c in enumerate(classes)}
         lab = lambda xs: [[cidx.get(lb, -1) for lb in x.labels] for x in xs]  # noqa: E731 - the dish: ignored
-        base_path = work / f"base_without_{dish}_seed{args.seed}.pt"
+        base_path = work / f"base_without_{dish}_seed{args.seed}{tag}.pt"
         if base_path.exists():
             model = load_dish_checkpoint(base_path)
             if model.exemplars is None:  # saved before exemplars existed: as train now ends
                 finish_model(model, tr, lab(tr), va, lab(va))
                 save_dish_checkpoint(base_path, model)
         else:
-            model = load_dish_checkpoint(args.localiser)
+            model = load_dish_checkpoint(ckpt)
             model.spec = DishModelSpec(**{**model.spec.__dict__, "classes": classes, "thresholds": {}})
             model.classifier = DishClassifier(len(classes), s.crop_size, pretrained=True, freeze_blocks=s.freeze_blocks)
             long_side = max(s.loc_size, s.crop_long_side)
             train_classifier(s, model, classes, ImageCache(tr, long_side), lab(tr), ImageCache(va, long_side), lab(va),
-                             RunState(work / f"base_{dish}.state", s, False))
+                             RunState(work / f"base_{dish}{tag}.state", s, False))
             finish_model(model, tr, lab(tr), va, lab(va))  # as train ends (the localiser checkpoint's were its own)
             save_dish_checkpoint(base_path, model)
         base_s = time.time() - t0
@@ -116,8 +175,9 @@ def main() -> None:
         old_thr = dict(model.spec.thresholds)
         ref_rep = evaluate_predictions(va, ref.spec.classes, ref_preds, ref.spec.thresholds)
         ref_got = tray_counts(va, ref_preds, ref.spec.classes, ref.spec.thresholds, dish)
-        for variant, few_shot, ex, w in (("plain head refit", False, False, 0.0), ("few-shot head", True, False, 0.0),
-                                         ("few-shot head + exemplars voting 0.5", True, True, 0.5)):
+        for variant, few_shot, ex, w in zip(VARIANTS, (False, True, True), (False, False, True), (0.0, 0.0, 0.5)):
+            if variant not in args.variants.split(","):
+                continue
             m = copy.deepcopy(model)
             t1 = time.time()
             enrol_model(m, full, tr, tl, views=4, epochs=40, seed=args.seed, progress=False, few_shot=few_shot,
@@ -128,7 +188,7 @@ def main() -> None:
             preds = predict_samples(DishDetector(m, "cpu"), va, False)
             rep = evaluate_predictions(va, full, preds, thr)
             got = tray_counts(va, preds, full, thr, dish)
-            row = {"dish": dish, "variant": variant, "shots": shots, "photos_given": len(given),
+            row = {"dish": dish, "variant": variant, "fold": fold, "shots": shots, "photos_given": len(given),
                    "val_trays_with_dish": len(got),
                    "recognised_trays": sum(p == g for g, p in got.values()),
                    "named_at_all_trays": sum(p > 0 for g, p in got.values()),
@@ -142,17 +202,7 @@ def main() -> None:
                    "threshold": thr[dish], "enrol_seconds": round(enrol_s, 1), "base_seconds": round(base_s, 1)}
             log.info("%s", row)
             rows.append(row)
-    print("| new dish | enrol | boxes given | val trays with it | recognised (count exact) | named at all | "
-          "reference (all labels): exact / named | AP@0.5 enrolled / reference | all-tray exact enrolled / reference "
-          "| enrol time |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        n = r["val_trays_with_dish"]
-        print(f"| {r['dish']} | {r['variant']} | {r['shots']} | {n} | {r['recognised_trays']}/{n} | "
-              f"{r['named_at_all_trays']}/{n} | {r['reference_recognised_trays']}/{n} / {r['reference_named_trays']}/{n} | {r['ap50_dish']:.2f} / {r['reference_ap50_dish']:.2f} | "
-              f"{r['receipt_exact_tray']:.1%} / {r['reference_receipt_exact_tray']:.1%} | {r['enrol_seconds']:.0f} s |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return rows
 
 
 if __name__ == "__main__":

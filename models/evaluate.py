@@ -184,6 +184,15 @@ def heldout_threshold_receipts(gt: Sequence[tuple[np.ndarray, np.ndarray]],
             "receipt_exact_tray_heldout": rep["receipt_exact_tray"]}
 
 
+DEFAULT_THRESHOLD = 0.3  # a dish without a validated threshold (none chosen yet, or no validation boxes)
+
+
+def threshold_array(thresholds: dict[str, float] | None, classes: Sequence[str]) -> np.ndarray:
+    """Per-dish score thresholds as an array in class order, ``DEFAULT_THRESHOLD`` where none was chosen:
+    the one rule the detector, ``eval`` and the "labels to check" list count dishes by."""
+    return np.array([(thresholds or {}).get(c, DEFAULT_THRESHOLD) for c in classes], np.float32)
+
+
 def unlabelled_dishes(samples, classes: Sequence[str], preds: Sequence[dict], thresholds: dict[str, float] | None,
                       min_loc: float = 0.5, min_share: float = 0.5) -> list[dict]:
     """Trays whose photos show a dish nobody labelled, as the model sees it: per photo, a box the
@@ -195,7 +204,7 @@ def unlabelled_dishes(samples, classes: Sequence[str], preds: Sequence[dict], th
     model is, and an operator should see them before trusting a rate (or fix the labels)."""
     from dishtrack.tracking.geometry import ioa_matrix, iou_matrix
 
-    thr = np.array([(thresholds or {}).get(c, 0.3) for c in classes], np.float32)
+    thr = threshold_array(thresholds, classes)
     by_tray: dict[str, list[tuple[object, list[str]]]] = collections.defaultdict(list)
     for i, (x, p) in enumerate(zip(samples, preds)):
         b, sc, c = p["boxes"], p["scores"], p["class_ids"]
@@ -249,7 +258,7 @@ def evaluate_predictions(samples, classes: Sequence[str], preds: Sequence[dict],
     gt = [(np.asarray(s.boxes, np.float32).reshape(-1, 4), np.array([cidx[lbl] for lbl in s.labels], np.int64))
           for s in samples]
     raw = [(p["boxes"], p["scores"], p["class_ids"]) for p in preds]
-    thr = np.array([(thresholds or {}).get(c, 0.3) for c in classes], np.float32)
+    thr = threshold_array(thresholds, classes)
     kept = [(b[s >= thr[c]], s[s >= thr[c]], c[s >= thr[c]]) for b, s, c in raw]
     sizes = [p.get("size", (1, 1)) for p in preds]
     rep = coco_map(gt, raw, classes, sizes)  # AP ranks all boxes: thresholds do not apply
