@@ -6,7 +6,8 @@ detector trunk's embeddings of the localiser's boxes on the tray's photos), (c) 
 (1 + uncertainty): the current classifier's mean normalised entropy on the tray's boxes, (d)
 coverage: greedy facility location on the dishes' embeddings (the tray whose dishes bring the
 most unlabelled pool dishes closer to a labelled one), (e) coverage with each pool dish weighted
-by 1 + its entropy. After
+by 1 + its entropy, (f) as (e), each pool dish also weighted by how rare its predicted dish is among
+the labelled boxes (sqrt of the commonest dish's labelled count over its own). After
 each round the classifier head is refit on the labelled trays and scored on the fixed tray-split
 validation (mAP@0.5, exact receipts per photo and per photo-voted tray). Seeds averaged.
 
@@ -45,12 +46,12 @@ from dishtrack.models.importers import load_dataset
 from dishtrack.models.localiser import ImageCache
 from dishtrack.models.sample import Sample
 from dishtrack.models.shots import greedy_coverage
-from dishtrack.models.train import n_folds, split_by_group
+from dishtrack.models.train import split_by_group
 from dishtrack.models.augment import letterbox
-from dish_cv import fold_numbers  # bench/ is on sys.path when a benchmark runs
+from dish_cv import fold_checkpoints  # bench/ is on sys.path when a benchmark runs
 
 log = logging.getLogger("learning_curve")
-STRATEGIES = ("random", "diversity", "diversity+uncertainty", "coverage", "coverage+uncertainty")
+STRATEGIES = ("random", "diversity", "diversity+uncertainty", "coverage", "coverage+uncertainty", "coverage+rarity")
 
 
 @torch.inference_mode()
@@ -141,6 +142,13 @@ def pick_coverage(pool: list[str], labelled: list[str], sim: np.ndarray, box_tra
     return [left[k] for k in greedy_coverage(dist, n, None if weight is None else 1.0 + weight, cover)]
 
 
+def rarity(pred_cls: np.ndarray, labelled_y: np.ndarray, n_classes: int) -> np.ndarray:
+    """Per pool dish: sqrt(labelled boxes of the commonest dish / labelled boxes of its predicted dish),
+    so trays with dishes the labels have few of count more (an exact receipt needs every dish)."""
+    counts = np.bincount(labelled_y, minlength=n_classes + 1)[:n_classes].astype(np.float64)
+    return np.sqrt((counts.max() + 1.0) / (counts[pred_cls] + 1.0))
+
+
 def subset(data: EmbeddedCrops, photos: set[int]) -> EmbeddedCrops:
     m = torch.tensor([int(o) in photos for o in data.owner])
     return EmbeddedCrops(data.emb[m], data.geo[m], data.y[m], data.owner[m])
@@ -160,20 +168,22 @@ def main() -> None:
     ap.add_argument("--split-seed", type=int, default=0)
     ap.add_argument("--png", default="learning_curve.png")
     ap.add_argument("--json")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES),
+                    help=f"comma-separated, of {', '.join(STRATEGIES)} (random always runs: the baseline)")
     args = ap.parse_args()
+    chosen = [x.strip() for x in args.strategies.split(",") if x.strip()]
+    if bad := [x for x in chosen if x not in STRATEGIES]:
+        ap.error(f"--strategies: unknown {bad}; choose from {', '.join(STRATEGIES)}")
+    args.strategies = tuple(x for x in STRATEGIES if x in chosen or x == "random")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(2)
     t0 = time.time()
     data = load_dataset(args.data)
     if args.folds:
         try:
-            folds = fold_numbers(args.folds, n_folds(len({x.group for x in data.samples}), 0.2))
+            folds = fold_checkpoints(args.folds, args.localiser, len({x.group for x in data.samples}))
         except ValueError as e:
             ap.error(str(e))
-        if "{fold}" not in args.localiser:
-            ap.error("--folds needs --localiser with {fold} (each fold's localiser never saw its validation trays)")
-        if missing := [args.localiser.format(fold=k) for k in folds if not Path(args.localiser.format(fold=k)).is_file()]:
-            ap.error(f"--localiser: no checkpoint {missing} (bench/dish_cv.py trains them)")
     else:
         folds = [0]
     runs = [run_split(args, data, args.localiser.format(fold=k), k) for k in folds]
@@ -186,17 +196,17 @@ def main() -> None:
     # every (fold, seed) run weighted by its validation trays
     mean = {s: {b: {k: float(np.average([np.mean([x[k] for x in r["results"][s][i]]) for r in runs],
                                         weights=n_val)) for k in METRICS}
-                for i, b in enumerate(budgets)} for s in STRATEGIES}
-    full = {k: float(np.mean([mean[s][budgets[-1]][k] for s in STRATEGIES])) for k in METRICS}
+                for i, b in enumerate(budgets)} for s in args.strategies}
+    full = {k: float(np.mean([mean[s][budgets[-1]][k] for s in args.strategies])) for k in METRICS}
     print(f"{n_train} training trays, {sum(n_val)} validation trays ({len(folds)} fold(s): {folds}), {args.seeds} seeds; "
           f"full-data: mAP@0.5 {full['map50']:.3f}, exact photos {full['receipt_exact_photo']:.1%}, "
           f"trays {full['receipt_exact_tray']:.1%} ({time.time() - t0:.0f} s)")
-    print("| labelled trays | " + " | ".join(f"{s} mAP / photos / trays" for s in STRATEGIES) + " |")
-    print("|---|" + "---|" * len(STRATEGIES))
+    print("| labelled trays | " + " | ".join(f"{s} mAP / photos / trays" for s in args.strategies) + " |")
+    print("|---|" + "---|" * len(args.strategies))
     for b in budgets:
         print(f"| {b} ({b / n_train:.0%}) | " + " | ".join(
             f"{mean[s][b]['map50']:.3f} / {mean[s][b]['receipt_exact_photo']:.1%} / {mean[s][b]['receipt_exact_tray']:.1%}"
-            for s in STRATEGIES) + " |")
+            for s in args.strategies) + " |")
     plot(mean, budgets, full, args.png, n_train)
     if args.json:
         Path(args.json).write_text(json.dumps({"folds": folds, "runs": runs, "mean": mean, "full": full}, indent=1))
@@ -253,19 +263,23 @@ def run_split(args, data, localiser: str, fold: int) -> dict:
         thr = choose_thresholds(gt, [(p["boxes"], p["scores"], p["class_ids"]) for p in preds], classes)
         rep = evaluate_predictions(va_c, classes, preds, thr)
         pool_preds = predictions(clf, pool_loc, len(classes))
-        return rep, (tray_uncertainty(pool_preds, photo_tray), box_uncertainty(pool_preds))
+        pred_cls = np.concatenate([p["class_ids"] for p in pool_preds if len(p["boxes"])])
+        rare = rarity(pred_cls, subset(crops, photos).y.numpy(), len(classes))
+        return rep, (tray_uncertainty(pool_preds, photo_tray), box_uncertainty(pool_preds), rare)
 
     budgets = list(range(args.start, len(trays), args.step)) + [len(trays)]
-    results = {s: [[] for _ in budgets] for s in STRATEGIES}
+    results = {s: [[] for _ in budgets] for s in args.strategies}
     for seed in range(args.seeds):
         init = random.Random(1000 + seed).sample(trays, args.start)
-        for strat in STRATEGIES:
+        for strat in args.strategies:
             rng = random.Random(seed)
             labelled = list(init)
+            unc: tuple = ()  # the current classifier's uncertainties: set by each round, read by the next pick
             for i, b in enumerate(budgets):
                 if len(labelled) < b and strat.startswith("coverage"):
-                    labelled += pick_coverage(trays, labelled, sim, box_tray, b - len(labelled),
-                                              unc[1] if strat.endswith("uncertainty") else None)
+                    weight = {"coverage": None, "coverage+uncertainty": unc[1],
+                              "coverage+rarity": (1.0 + unc[1]) * unc[2] - 1.0}[strat]
+                    labelled += pick_coverage(trays, labelled, sim, box_tray, b - len(labelled), weight)
                 elif len(labelled) < b:
                     labelled += pick(strat, trays, labelled, feats, unc[0], b - len(labelled), rng)
                 rep, unc = fit_and_score(labelled, seed)
@@ -286,7 +300,7 @@ def plot(mean, budgets, full, path, n_trays) -> None:
     for ax, (k, name) in zip(axes, [("receipt_exact_photo", "exact receipts, photos"),
                                     ("receipt_exact_tray", "exact receipts, trays (photos voted)"),
                                     ("map50", "mAP@0.5")]):
-        for s in STRATEGIES:
+        for s in mean:
             ax.plot(budgets, [mean[s][b][k] for b in budgets], marker="o", label=s)
         ax.axhline(0.98 * full[k], color="grey", ls="--", lw=1, label="98% of full data")
         ax.axvline(0.4 * n_trays, color="grey", ls=":", lw=1, label="40% of the labels")
