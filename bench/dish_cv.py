@@ -61,6 +61,18 @@ def fold_checkpoints(spec: str, pattern: str, n_trays: int) -> list[int]:
     return folds
 
 
+def check_split(checkpoint: str, val) -> None:
+    """The validation trays a bench splits off must be the ones ``checkpoint`` was validated on (its
+    localiser trained on the rest): a bench seed or split other than ``dish_cv``'s would score trays
+    the localiser has seen. ValueError naming both when they differ; nothing to check for a
+    checkpoint that does not record them."""
+    theirs = set(read_checkpoint(checkpoint).get("meta", {}).get("val_trays", []))
+    ours = {str(x.group) for x in val}
+    if theirs and theirs != ours:
+        raise ValueError(f"{checkpoint} was validated on trays {sorted(theirs)}, this split holds out {sorted(ours)} "
+                         "(another --seed or split than the one it was trained with)")
+
+
 def run_fold(args, fold: int, change: dict, data) -> dict:
     """Train ``fold`` (or read it back) -> its validation report (as train wrote it) and its
     out-of-fold predictions with their labels."""

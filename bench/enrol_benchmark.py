@@ -40,7 +40,7 @@ from dishtrack.models.importers import load_dataset
 from dishtrack.models.localiser import ImageCache
 from dishtrack.models.train import RunState, finish_model, predict_samples, split_by_group, train_classifier
 from dishtrack.models.train_settings import TrainSettings
-from dish_cv import fold_checkpoints  # bench/ is on sys.path when a benchmark runs
+from dish_cv import check_split, fold_checkpoints  # bench/ is on sys.path when a benchmark runs
 
 log = logging.getLogger("enrol_benchmark")
 
@@ -76,7 +76,8 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(2)
-    if bad := [v for v in args.variants.split(",") if v not in VARIANTS]:
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if bad := [v for v in args.variants if v not in VARIANTS]:
         ap.error(f"--variants: unknown {bad}; choose from {', '.join(VARIANTS)}")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -88,6 +89,13 @@ def main() -> None:
             ap.error(str(e))
     else:
         folds = [None]
+    for fold in folds:  # before hours of training: each checkpoint's validation trays are this split's
+        _, va = split_by_group(list(data.samples), TrainSettings(data=args.data, out="x").val_fraction, args.seed,
+                               fold or 0)
+        try:
+            check_split(args.localiser.format(fold=fold) if fold is not None else args.localiser, va)
+        except ValueError as e:
+            ap.error(f"--localiser: {e}")
     rows = []
     for fold in folds:
         rows += run_split(args, data, work, fold)
@@ -97,7 +105,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         n = r["val_trays_with_dish"]
-        print(f"| {r['dish']} | {r['variant']} | {r['fold']} | {r['shots']} | {n} | {r['recognised_trays']}/{n} | "
+        print(f"| {r['dish']} | {r['variant']} | {'–' if r['fold'] is None else r['fold']} | {r['shots']} | {n} | {r['recognised_trays']}/{n} | "
               f"{r['named_at_all_trays']}/{n} | {r['reference_recognised_trays']}/{n} / {r['reference_named_trays']}/{n} | "
               f"{fmt(r['ap50_dish'])} / {fmt(r['reference_ap50_dish'])} | "
               f"{r['receipt_exact_tray']:.1%} / {r['reference_receipt_exact_tray']:.1%} | {r['enrol_seconds']:.0f} s |")
@@ -176,7 +184,7 @@ def run_split(args, data, work: Path, fold: int | None) -> list[dict]:
         ref_rep = evaluate_predictions(va, ref.spec.classes, ref_preds, ref.spec.thresholds)
         ref_got = tray_counts(va, ref_preds, ref.spec.classes, ref.spec.thresholds, dish)
         for variant, few_shot, ex, w in zip(VARIANTS, (False, True, True), (False, False, True), (0.0, 0.0, 0.5)):
-            if variant not in args.variants.split(","):
+            if variant not in args.variants:
                 continue
             m = copy.deepcopy(model)
             t1 = time.time()

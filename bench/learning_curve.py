@@ -48,7 +48,7 @@ from dishtrack.models.sample import Sample
 from dishtrack.models.shots import greedy_coverage
 from dishtrack.models.train import split_by_group
 from dishtrack.models.augment import letterbox
-from dish_cv import fold_checkpoints  # bench/ is on sys.path when a benchmark runs
+from dish_cv import check_split, fold_checkpoints  # bench/ is on sys.path when a benchmark runs
 
 log = logging.getLogger("learning_curve")
 STRATEGIES = ("random", "diversity", "diversity+uncertainty", "coverage", "coverage+uncertainty", "coverage+rarity")
@@ -143,8 +143,9 @@ def pick_coverage(pool: list[str], labelled: list[str], sim: np.ndarray, box_tra
 
 
 def rarity(pred_cls: np.ndarray, labelled_y: np.ndarray, n_classes: int) -> np.ndarray:
-    """Per pool dish: sqrt(labelled boxes of the commonest dish / labelled boxes of its predicted dish),
-    so trays with dishes the labels have few of count more (an exact receipt needs every dish)."""
+    """Per pool dish: sqrt((labelled boxes of the commonest dish + 1) / (labelled boxes of its predicted
+    dish + 1)), so trays with dishes the labels have few of count more (an exact receipt needs every
+    dish); the +1 keeps a dish with no labelled box yet finite."""
     counts = np.bincount(labelled_y, minlength=n_classes + 1)[:n_classes].astype(np.float64)
     return np.sqrt((counts.max() + 1.0) / (counts[pred_cls] + 1.0))
 
@@ -186,6 +187,11 @@ def main() -> None:
             ap.error(str(e))
     else:
         folds = [0]
+    for k in folds:  # each localiser's validation trays are this split's (else it has seen them)
+        try:
+            check_split(args.localiser.format(fold=k), split_by_group(list(data.samples), 0.2, args.split_seed, k)[1])
+        except ValueError as e:
+            ap.error(f"--localiser: {e}")
     runs = [run_split(args, data, args.localiser.format(fold=k), k) for k in folds]
     n_val = [r["val_trays"] for r in runs]
     if len({len(r["budgets"]) for r in runs}) > 1:  # folds differ by a tray or so: the same rounds, else refuse

@@ -351,9 +351,10 @@ def test_a_dropped_tracking_batch_hands_its_detections_on(tmp_path, tud, tud_fra
     p = Pipeline(cfg, det, EventStore(os.path.join(tmp_path, "e.sqlite3")), EventHub(), Metrics())
     now = time.time()
     frames = [Frame("cam", i, now + i / 25, tud_frames[i]) for i in range(10, 16)]
-    found = det.detect([frames[0]])[0]
+    source = Frame("cam", 9, now + 9 / 25, tud_frames[9]) if mode == "async" else frames[0]  # async: a frame late
+    found = det.detect([source])[0]
     assert len(found) >= 3
-    first = LateDetections(found, Frame("cam", 9, now + 9 / 25, tud_frames[9])) if mode == "async" else found
+    first = LateDetections(found, source) if mode == "async" else found
     batches = [([frames[0]], [first])] + [([f], [None]) for f in frames[1:]]
     for b in batches:  # the tracking stage is busy: 6 batches arrive, 4 fit
         p._tracks.put(b)
@@ -367,6 +368,25 @@ def test_a_dropped_tracking_batch_hands_its_detections_on(tmp_path, tud, tud_fra
     assert upd.frame_index == 15
     assert len(upd.tracks) == len(found)  # the walkers were found, and tracked to the last frame
     assert p.metrics.detections.labels("cam")._value.get() == len(found)
+
+
+def test_without_a_stride_a_dropped_tracking_batch_is_dropped_whole(tmp_path, tud, tud_frames):
+    """Every frame detected: the next batches have their own detections, so a dropped batch's
+    frames and detections both go (counted), and no batch grows with frames of older ones."""
+    dets, _ = tud
+    cfg = AppConfig.model_validate({"cameras": [{"id": "a", "source": str(VIDEO), "realtime": True},
+                                                {"id": "b", "source": str(VIDEO), "realtime": True}]})
+    det = SlowMotDetector(dets)
+    p = Pipeline(cfg, det, EventStore(os.path.join(tmp_path, "e.sqlite3")), EventHub(), Metrics())
+    now = time.time()
+    for i in range(10, 16):  # batches of one camera each, alternating (batch_max 1)
+        f = Frame("a" if i % 2 else "b", i, now + i / 25, tud_frames[i])
+        p._tracks.put(([f], det.detect([f])))
+    assert p._tracks.dropped == 2
+    items = []
+    while (item := p._tracks.get(0)) is not None:
+        items.append([f.index for f in item[0]])
+    assert items == [[12], [13], [14], [15]]
 
 
 def test_a_hung_async_detector_shows_as_a_stuck_stage(tmp_path, tud):
