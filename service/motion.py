@@ -71,6 +71,17 @@ def hand_on(dropped: tuple[list, list], batch: tuple[list, list]) -> tuple[list,
     return frames, dets
 
 
+def restamp(late: LateDetections, frame: Frame) -> Detections:
+    """Late detections put on ``frame`` where they were made (no flow to move them): its index,
+    time and size, the boxes rescaled when the stream changed resolution in between."""
+    d = late.detections
+    boxes = np.array(d.boxes, np.float32).reshape(-1, 4)
+    (sw, sh), (w, h) = late.source.size, frame.size
+    if (sw, sh) != (w, h):
+        boxes *= np.array([w / sw, h / sh, w / sw, h / sh], np.float32)
+    return replace(d, frame_index=frame.index, timestamp=frame.timestamp, boxes=boxes, image_size=frame.size)
+
+
 class FlowPropagator:
     """One camera's flow measurement. ``measure`` is called on every frame in
     order (detected or not): it keeps that frame's grey image and, given the
@@ -101,19 +112,17 @@ class FlowPropagator:
         place, and the tracker's gate decides. (Moving them as
         the overlapping tracks moved since was tried: no better on checkout video, worse on
         walkers; README "Detection stride".)"""
-        d = late.detections
-        boxes = np.array(d.boxes, np.float32).reshape(-1, 4)
         dst, f = self._gray(frame.image)
         self._prev = dst  # ``frame`` is seen here, as ``measure`` would see it
-        (sw, sh), (w, h) = late.source.size, frame.size
-        if (sw, sh) != (w, h):  # the stream changed resolution in between: same place, new pixels
-            boxes *= np.array([w / sw, h / sh, w / sw, h / sh], np.float32)
-        elif len(boxes) and late.source.index != frame.index:
-            src, _ = self._gray(late.source.image)
-            for j, m in enumerate(self._move(src, dst, list(boxes), f, self.params.levels + 1)):
-                if m is not None:
-                    boxes[j] = m
-        return replace(d, frame_index=frame.index, timestamp=frame.timestamp, boxes=boxes, image_size=frame.size)
+        out = restamp(late, frame)
+        if late.source.size != frame.size or not len(out) or late.source.index == frame.index:
+            return out  # a resolution change in between: same place, new pixels
+        boxes = out.boxes.copy()
+        src, _ = self._gray(late.source.image)
+        for j, m in enumerate(self._move(src, dst, list(boxes), f, self.params.levels + 1)):
+            if m is not None:
+                boxes[j] = m
+        return replace(out, boxes=boxes)
 
     def _gray(self, img: np.ndarray) -> tuple[np.ndarray, float]:
         """Grey image, halved (pyrDown) up to ``downscale`` times while it stays >= 320 wide; its factor."""
@@ -205,7 +214,7 @@ def track_frame(tracker: Tracker, frame: Frame, dets: Detections | LateDetection
     if isinstance(dets, LateDetections):
         if flow is not None:  # catch_up also keeps this frame's image for the next one
             return tracker.update(flow.catch_up(dets, frame))
-        dets = replace(dets.detections, frame_index=frame.index, timestamp=frame.timestamp)
+        dets = restamp(dets, frame)
     if dets is not None:
         if flow is not None:
             flow.measure(frame)  # remember the image for the next skipped frame

@@ -370,6 +370,22 @@ def test_a_dropped_tracking_batch_hands_its_detections_on(tmp_path, tud, tud_fra
     assert p.metrics.detections.labels("cam")._value.get() == len(found)
 
 
+def test_late_detections_without_flow_follow_a_change_of_resolution(tud, tud_frames):
+    """``flow: false`` under a stride: a detection handed on from a dropped batch lands where it
+    was made; when the stream changed resolution in between (a camera reconfigured), its boxes
+    are rescaled to the new frame, not left in the old pixels."""
+    from dishtrack.service.motion import track_frame
+
+    dets, _ = tud
+    src = Frame("cam", 10, 0.4, tud_frames[10])
+    found = SlowMotDetector(dets).detect([src])[0]
+    small = Frame("cam", 12, 0.48, cv2.resize(tud_frames[12], (320, 240)))
+    upd = track_frame(Tracker("cam"), small, LateDetections(found, src), None, None)
+    assert upd.image_size == (320, 240) and len(upd.tracks) == len(found)
+    got = np.array(sorted(list(t.box) for t in upd.tracks))
+    np.testing.assert_allclose(got, np.array(sorted((found.boxes / 2).tolist())), atol=1.0)
+
+
 def test_without_a_stride_a_dropped_tracking_batch_is_dropped_whole(tmp_path, tud, tud_frames):
     """Every frame detected: the next batches have their own detections, so a dropped batch's
     frames and detections both go (counted), and no batch grows with frames of older ones."""
