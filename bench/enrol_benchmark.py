@@ -125,7 +125,7 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
-VARIANTS = ("plain head refit", "few-shot head", "few-shot head + exemplars voting 0.5")
+VARIANTS = ("plain head refit", "few-shot head", "few-shot head + exemplars voting 0.5", "few-shot head (old rows kept)")
 
 
 def fmt(x) -> str:
@@ -183,13 +183,14 @@ def run_split(args, data, work: Path, fold: int | None) -> list[dict]:
         old_thr = dict(model.spec.thresholds)
         ref_rep = evaluate_predictions(va, ref.spec.classes, ref_preds, ref.spec.thresholds)
         ref_got = tray_counts(va, ref_preds, ref.spec.classes, ref.spec.thresholds, dish)
-        for variant, few_shot, ex, w in zip(VARIANTS, (False, True, True), (False, False, True), (0.0, 0.0, 0.5)):
+        for variant, few_shot, ex, w, keep in zip(VARIANTS, (False, True, True, True), (False, False, True, False),
+                                                  (0.0, 0.0, 0.5, 0.0), (False, False, False, True)):
             if variant not in args.variants:
                 continue
             m = copy.deepcopy(model)
             t1 = time.time()
             enrol_model(m, full, tr, tl, views=4, epochs=40, seed=args.seed, progress=False, few_shot=few_shot,
-                        exemplars=ex, exemplar_weight=w)
+                        exemplars=ex, exemplar_weight=w, keep_old=keep)
             thr = {**old_thr, dish: float(np.median(list(old_thr.values())))}
             m.spec = DishModelSpec(**{**m.spec.__dict__, "thresholds": thr})
             enrol_s = time.time() - t1

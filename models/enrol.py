@@ -76,13 +76,17 @@ def extend_head(clf: DishClassifier, old: Sequence[str], new: Sequence[str]) -> 
 
 
 def train_head(clf: DishClassifier, data: EmbeddedCrops, epochs: int = 40, lr: float = 3e-3, seed: int = 0,
-               batch_size: int = 128, few_shot: Sequence[int] = ()) -> float:
+               batch_size: int = 128, few_shot: Sequence[int] = (), fixed: Sequence[int] = ()) -> float:
     """Fit the head (output layer + box-geometry layer) on fixed embeddings; returns the last epoch's loss.
     ``few_shot`` classes (a dish enrolled from a handful of boxes) are weighted up to the median
     class's total weight (capped at 8x), not only the usual square-root balance: otherwise five
     boxes among thousands barely move the loss."""
     n_out = clf.fc.out_features
-    params = list(clf.fc.parameters()) + list(clf.geo.parameters())
+    # ``fixed`` output rows (the known dishes, when only a new one is fitted) and the box-size layer
+    # keep their values: restored after every step (AdamW's decay moves them even without a gradient)
+    params = list(clf.fc.parameters()) + ([] if len(fixed) else list(clf.geo.parameters()))
+    rows = torch.tensor(list(fixed), dtype=torch.long)
+    keep_w, keep_b = clf.fc.weight.detach()[rows].clone(), clf.fc.bias.detach()[rows].clone()
     for p in params:  # a model that served as a DishDetector has every parameter frozen
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-3)
@@ -110,6 +114,10 @@ def train_head(clf: DishClassifier, data: EmbeddedCrops, epochs: int = 40, lr: f
             loss.backward()
             opt.step()
             sched.step()
+            if len(fixed):
+                with torch.no_grad():
+                    clf.fc.weight[rows] = keep_w
+                    clf.fc.bias[rows] = keep_b
             loss_sum += loss.item()
     clf.eval()
     return loss_sum / steps
@@ -157,14 +165,17 @@ def merged_classes(old: Sequence[str], datasets: Sequence[LabelledData]) -> tupl
 
 def enrol_model(model: DishModel, classes: Sequence[str], train_s: Sequence[Sample], train_labels, views: int = 4,
                 epochs: int = 40, seed: int = 0, progress: bool = True, shot_views: int = 24,
-                few_shot: bool = True, exemplars: bool = True, exemplar_weight: float | None = 0.0) -> EmbeddedCrops:
+                few_shot: bool = True, exemplars: bool = True, exemplar_weight: float | None = 0.0,
+                keep_old: bool = False) -> EmbeddedCrops:
     """In place: ``model``'s classifier head now names ``classes`` (old ones keep their weights as a start).
     Boxes of a new dish get ``shot_views`` augmented views in all (a handful of corrections are
     the only examples of it), the rest ``views``; new rows are imprinted, then fitted with the rest,
     weighted up (``few_shot=False``: none of the three, the plain head refit, for comparison).
     The given boxes join the exemplars (``exemplars=False``: the old ones are kept as they are,
     for comparison), which vote with ``exemplar_weight`` (None: the checkpoint's; measured, 0.5
-    names a new dish in no more of its next trays than the few-shot head alone, README)."""
+    names a new dish in no more of its next trays than the few-shot head alone, README).
+    ``keep_old``: only the new dishes' rows are fitted, the known dishes' rows and the box-size layer
+    stay as they were (so their counts cannot move; measured in README)."""
     torch.manual_seed(seed)
     old = list(model.spec.classes)
     old_exemplars = model.exemplars
@@ -186,7 +197,8 @@ def enrol_model(model: DishModel, classes: Sequence[str], train_s: Sequence[Samp
              int(sum((data.y == k).sum() for k in new)) if new else 0)
     if few_shot:
         imprint(model.classifier, data, new)
-    train_head(model.classifier, data, epochs=epochs, seed=seed, few_shot=new if few_shot else ())
+    fixed = [k for k in range(len(classes) + 1) if k not in new] if keep_old and new else []
+    train_head(model.classifier, data, epochs=epochs, seed=seed, few_shot=new if few_shot else (), fixed=fixed)
     # the trunk is unchanged, so the old exemplars keep their meaning; the given boxes join them
     # (a new dish's handful of corrections are then its nearest neighbours, not only a fresh head row)
     if old_exemplars is not None:  # by name: an old dish keeps its exemplars wherever it now sits
@@ -217,9 +229,10 @@ def thresholds_for(model: DishModel, val_s: Sequence[Sample], val_labels, old: d
 
 def enrol(checkpoint: str | Path, data: Sequence[str | Path], out: str | Path, val_fraction: float = 0.2,
           views: int = 4, epochs: int = 40, seed: int = 0, progress: bool = True, shot_views: int = 24,
-          exemplar_weight: float = 0.0) -> dict:
+          exemplar_weight: float = 0.0, keep_old: bool = True) -> dict:
     """``dishtrack enrol``: checkpoint + labelled photos (old dishes and new) -> a checkpoint that
-    also names the new dishes. Validation holds out whole trays, as ``train`` does."""
+    also names the new dishes. Validation holds out whole trays, as ``train`` does. ``keep_old``:
+    with new dishes, only their rows are fitted (the known dishes' rows as trained)."""
     t0 = time.time()
     model = load_dish_checkpoint(checkpoint)
     old_classes = list(model.spec.classes)
@@ -241,7 +254,7 @@ def enrol(checkpoint: str | Path, data: Sequence[str | Path], out: str | Path, v
              new, len(train_s), len(val_s))
     lab = lambda xs: [[cidx[lb] for lb in x.labels] for x in xs]  # noqa: E731
     enrol_model(model, classes, train_s, lab(train_s), views, epochs, seed, progress, shot_views,
-                exemplar_weight=exemplar_weight)
+                exemplar_weight=exemplar_weight, keep_old=keep_old)
     thresholds, preds = thresholds_for(model, val_s, lab(val_s), dict(model.spec.thresholds), progress)
     model.spec = DishModelSpec(**{**model.spec.__dict__, "thresholds": thresholds})
     report = ({k: v for k, v in evaluate_predictions(val_s, classes, preds, thresholds).items() if k != "confusion"}

@@ -111,7 +111,7 @@ def cmd_enrol(args) -> int:
 
     r = enrol(args.checkpoint, args.data, args.out, val_fraction=args.val_fraction, views=args.views,
               shot_views=args.shot_views, epochs=args.epochs, seed=args.seed, progress=not args.no_progress,
-              exemplar_weight=args.exemplar_weight)
+              exemplar_weight=args.exemplar_weight, keep_old=not args.refit_all)
     print(f"checkpoint: {r['checkpoint']}  dishes: {', '.join(r['classes'])}  new: {', '.join(r['new_classes']) or '-'}"
           f"  ({r['seconds']:.0f} s)")
     v = r["validation"]
@@ -331,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--exemplar-weight", type=float, default=0.0,
                     help="share of the exemplar memory's vote (the given boxes join it either way); measured "
                          "(README): 0.5 names an enrolled dish in no more of its next trays than the head alone")
+    en.add_argument("--refit-all", action="store_true",
+                    help="refit every dish's output row, not only the new dishes' (by default the known dishes' "
+                         "rows stay as trained: measured (README), their receipts suffer less)")
     en.add_argument("--seed", type=int, default=0)
     en.add_argument("--no-progress", action="store_true")
     en.set_defaults(fn=cmd_enrol)

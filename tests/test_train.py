@@ -486,6 +486,15 @@ def test_enrol_adds_a_new_dish_without_touching_the_trunk(tiny_checkpoint, tmp_p
         assert torch.equal(v, after.classifier.trunk.state_dict()[k]), k
     for k, v in before.localiser.state_dict().items():
         assert torch.equal(v, after.localiser.state_dict()[k]), k
+    # only the new dish's row was fitted: every known dish's row (and background's) and the box-size
+    # layer are as trained, so known dishes' scores on a box are unchanged apart from the new row's share
+    n_old = len(before.spec.classes)
+    assert torch.equal(after.classifier.fc.weight[:n_old], before.classifier.fc.weight[:n_old])
+    assert torch.equal(after.classifier.fc.weight[-1], before.classifier.fc.weight[-1])
+    assert torch.equal(after.classifier.fc.bias[:n_old], before.classifier.fc.bias[:n_old])
+    for k, v in before.classifier.geo.state_dict().items():
+        assert torch.equal(v, after.classifier.geo.state_dict()[k]), k
+    assert not torch.equal(after.classifier.fc.weight[k_new], torch.zeros_like(after.classifier.fc.weight[k_new]))
     # the new dish is named on the photos it was enrolled from
     det = DishDetector(after, "cpu")
     k = after.spec.classes.index("Pineapple")
