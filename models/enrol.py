@@ -78,7 +78,7 @@ def extend_head(clf: DishClassifier, old: Sequence[str], new: Sequence[str]) -> 
 def train_head(clf: DishClassifier, data: EmbeddedCrops, epochs: int = 40, lr: float = 3e-3, seed: int = 0,
                batch_size: int = 128, few_shot: Sequence[int] = (), fixed: Sequence[int] = ()) -> float:
     """Fit the head (output layer + box-geometry layer) on fixed embeddings; returns the last epoch's loss.
-    ``few_shot`` classes (a dish enrolled from a handful of boxes) are weighted up to the median
+    With ``fixed`` rows only the other rows are fitted (the box-geometry layer stays too). ``few_shot`` classes (a dish enrolled from a handful of boxes) are weighted up to the median
     class's total weight (capped at 8x), not only the usual square-root balance: otherwise five
     boxes among thousands barely move the loss."""
     n_out = clf.fc.out_features
@@ -175,7 +175,8 @@ def enrol_model(model: DishModel, classes: Sequence[str], train_s: Sequence[Samp
     for comparison), which vote with ``exemplar_weight`` (None: the checkpoint's; measured, 0.5
     names a new dish in no more of its next trays than the few-shot head alone, README).
     ``keep_old``: only the new dishes' rows are fitted, the known dishes' rows and the box-size layer
-    stay as they were (so their counts cannot move; measured in README)."""
+    stay as they were (their logits do not move; their probabilities only lose the new rows' share;
+    measured in README)."""
     torch.manual_seed(seed)
     old = list(model.spec.classes)
     old_exemplars = model.exemplars

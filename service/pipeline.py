@@ -69,7 +69,6 @@ class Pipeline:
         self._detect_thread = threading.Thread(target=self._detect_loop, name="detect", daemon=True)
         # offline files (realtime: false) must not lose a frame: there the queue pushes back instead
         self._offline = all(not c.realtime and not is_stream(c.source) for c in cfg.cameras)
-        self._tracks = DropQueue(TRACK_QUEUE_BATCHES, on_drop=lambda: metrics.stage_dropped.labels("track").inc())
         self._annotate = AnnotateStage(self._draw, self._deliver_jpeg,
                                        on_drop=lambda cam: metrics.stage_dropped.labels("annotate").inc())
         self._detect_at: float | None = None
@@ -94,12 +93,11 @@ class Pipeline:
         if self._async is not None and any(not is_stream(c.source) and not c.realtime for c in cfg.cameras):
             log.warning("detector.stride.detect_async with a file read as fast as possible (realtime: false): "
                         "tracking outruns the detector, results depend on this machine's speed")
-        if self.stride is not None or self._async is not None:
-            # a dropped batch's detections ride on with the next one (hand_on): under a stride or asynchronous
-            # detection they are the only correction the tracks get for several frames (without one, every
-            # frame has its own, and a dropped batch is dropped whole)
-            self._tracks = DropQueue(TRACK_QUEUE_BATCHES, on_drop=lambda: metrics.stage_dropped.labels("track").inc(),
-                                     merge=hand_on)
+        # a dropped batch's detections ride on with the next one (hand_on): under a stride or asynchronous
+        # detection they are the only correction the tracks get for several frames (without one, every
+        # frame has its own, and a dropped batch is dropped whole)
+        self._tracks = DropQueue(TRACK_QUEUE_BATCHES, on_drop=lambda: metrics.stage_dropped.labels("track").inc(),
+                                 merge=hand_on if self.stride is not None or self._async is not None else None)
         self._flow = {c.id: self._new_flow() for c in cfg.cameras}
         # evidence crops (tracking stage, off the detector's path) stored with each event for review
         self.corrections = corrections
