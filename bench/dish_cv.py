@@ -50,27 +50,30 @@ def fold_numbers(spec: str, k_all: int) -> list[int]:
     return folds
 
 
-def fold_checkpoints(spec: str, pattern: str, n_trays: int) -> list[int]:
-    """``--folds`` with a ``--localiser`` pattern (``runs/cv/fold{fold}/dishes.pt``) for the benches
-    that reuse ``dish_cv``'s fold checkpoints: the folds, or ValueError naming what is wrong."""
-    folds = fold_numbers(spec, n_folds(n_trays, 0.2))
-    if "{fold}" not in pattern:
-        raise ValueError("--folds needs --localiser with {fold} (each fold's checkpoint never saw its validation trays)")
-    if missing := [pattern.format(fold=k) for k in folds if not Path(pattern.format(fold=k)).is_file()]:
-        raise ValueError(f"--localiser: no checkpoint {missing} (bench/dish_cv.py trains them)")
+def fold_checkpoints(spec: str | None, pattern: str, samples, val_fraction: float, seed: int) -> list[int | None]:
+    """``--folds`` and ``--localiser`` of the benches that reuse trained checkpoints: the folds (None:
+    no ``--folds``, the default split and ``pattern`` as it is), each checkpoint checked before any
+    work: it exists, and it was validated on the trays this bench's split holds out (``dish_cv``'s
+    ``runs/cv/fold{fold}/dishes.pt``; a bench seed or split other than the checkpoint's would score
+    trays its localiser has seen). ValueError naming what is wrong."""
+    samples = list(samples)
+    if spec is None:
+        folds: list[int | None] = [None]
+    else:
+        folds = fold_numbers(spec, n_folds(len({x.group for x in samples}), val_fraction))
+        if "{fold}" not in pattern:
+            raise ValueError("--folds needs --localiser with {fold} (each fold's checkpoint never saw its "
+                             "validation trays)")
+        if missing := [pattern.format(fold=k) for k in folds if not Path(pattern.format(fold=k)).is_file()]:
+            raise ValueError(f"--localiser: no checkpoint {missing} (bench/dish_cv.py trains them)")
+    for k in folds:
+        checkpoint = pattern.format(fold=k or 0)
+        theirs = set(read_checkpoint(checkpoint).get("meta", {}).get("val_trays", []))
+        ours = {str(x.group) for x in split_by_group(samples, val_fraction, seed, k or 0)[1]}
+        if theirs and theirs != ours:  # a checkpoint that does not record them: nothing to check
+            raise ValueError(f"--localiser: {checkpoint} was validated on trays {sorted(theirs)}, this split holds "
+                             f"out {sorted(ours)} (another --seed or split than the one it was trained with)")
     return folds
-
-
-def check_split(checkpoint: str, val) -> None:
-    """The validation trays a bench splits off must be the ones ``checkpoint`` was validated on (its
-    localiser trained on the rest): a bench seed or split other than ``dish_cv``'s would score trays
-    the localiser has seen. ValueError naming both when they differ; nothing to check for a
-    checkpoint that does not record them."""
-    theirs = set(read_checkpoint(checkpoint).get("meta", {}).get("val_trays", []))
-    ours = {str(x.group) for x in val}
-    if theirs and theirs != ours:
-        raise ValueError(f"{checkpoint} was validated on trays {sorted(theirs)}, this split holds out {sorted(ours)} "
-                         "(another --seed or split than the one it was trained with)")
 
 
 def run_fold(args, fold: int, change: dict, data) -> dict:

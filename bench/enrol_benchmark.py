@@ -40,7 +40,7 @@ from dishtrack.models.importers import load_dataset
 from dishtrack.models.localiser import ImageCache
 from dishtrack.models.train import RunState, finish_model, predict_samples, split_by_group, train_classifier
 from dishtrack.models.train_settings import TrainSettings
-from dish_cv import check_split, fold_checkpoints  # bench/ is on sys.path when a benchmark runs
+from dish_cv import fold_checkpoints  # bench/ is on sys.path when a benchmark runs
 
 log = logging.getLogger("enrol_benchmark")
 
@@ -82,20 +82,11 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     data = load_dataset(args.data)
-    if args.folds:
-        try:
-            folds = fold_checkpoints(args.folds, args.localiser, len({x.group for x in data.samples}))
-        except ValueError as e:
-            ap.error(str(e))
-    else:
-        folds = [None]
-    for fold in folds:  # before hours of training: each checkpoint's validation trays are this split's
-        _, va = split_by_group(list(data.samples), TrainSettings(data=args.data, out="x").val_fraction, args.seed,
-                               fold or 0)
-        try:
-            check_split(args.localiser.format(fold=fold) if fold is not None else args.localiser, va)
-        except ValueError as e:
-            ap.error(f"--localiser: {e}")
+    try:
+        folds = fold_checkpoints(args.folds, args.localiser, data.samples,
+                                 TrainSettings(data=args.data, out="x").val_fraction, args.seed)
+    except ValueError as e:
+        ap.error(str(e))
     rows = []
     for fold in folds:
         rows += run_split(args, data, work, fold)

@@ -48,7 +48,7 @@ from dishtrack.models.sample import Sample
 from dishtrack.models.shots import greedy_coverage
 from dishtrack.models.train import split_by_group
 from dishtrack.models.augment import letterbox
-from dish_cv import check_split, fold_checkpoints  # bench/ is on sys.path when a benchmark runs
+from dish_cv import fold_checkpoints  # bench/ is on sys.path when a benchmark runs
 
 log = logging.getLogger("learning_curve")
 STRATEGIES = ("random", "diversity", "diversity+uncertainty", "coverage", "coverage+uncertainty", "coverage+rarity")
@@ -180,18 +180,10 @@ def main() -> None:
     torch.set_num_threads(2)
     t0 = time.time()
     data = load_dataset(args.data)
-    if args.folds:
-        try:
-            folds = fold_checkpoints(args.folds, args.localiser, len({x.group for x in data.samples}))
-        except ValueError as e:
-            ap.error(str(e))
-    else:
-        folds = [0]
-    for k in folds:  # each localiser's validation trays are this split's (else it has seen them)
-        try:
-            check_split(args.localiser.format(fold=k), split_by_group(list(data.samples), 0.2, args.split_seed, k)[1])
-        except ValueError as e:
-            ap.error(f"--localiser: {e}")
+    try:  # no --folds: the default split (fold 0)
+        folds = [k or 0 for k in fold_checkpoints(args.folds, args.localiser, data.samples, 0.2, args.split_seed)]
+    except ValueError as e:
+        ap.error(str(e))
     runs = [run_split(args, data, args.localiser.format(fold=k), k) for k in folds]
     n_val = [r["val_trays"] for r in runs]
     if len({len(r["budgets"]) for r in runs}) > 1:  # folds differ by a tray or so: the same rounds, else refuse
