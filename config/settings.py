@@ -244,6 +244,8 @@ class ApiConfig(_Strict):
     mjpeg_fps: float = Field(10.0, gt=0, le=60)
     mjpeg_quality: int = Field(75, ge=10, le=100)
     ws_queue: int = Field(256, ge=1, description="per-client bounded queue; a slow client is dropped")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body (corrections, login); "
+                                "a larger one is answered 413 (FastAPI max_body_size)")
     health_stuck_s: float = Field(30.0, gt=0, description="no pipeline loop iteration for this long = stuck "
                                   "(/health failing, /livez 503)")
     cache_s: float = Field(0.2, ge=0, le=5, description="/health, /livez, /readyz, /metrics, /cameras and tracks "

@@ -82,8 +82,8 @@ def build_runtime(cfg: AppConfig, detector=None) -> Runtime:
     corrections = CorrectionStore(open_review_db(store), cfg.corrections.dataset_dir
                                   or default_dataset_dir(cfg.storage))
     pipeline = Pipeline(cfg, detector, store, hub, metrics, publishers=outbox, corrections=corrections)
-    if corrections is not None:
-        corrections.menu = pipeline.menu  # corrected receipts are priced like detected ones
+    corrections.menu = pipeline.menu  # corrected receipts are priced like detected ones
+    corrections.dish_labels = tuple(getattr(detector, "labels", ()) or ())  # a typed label's known spelling
     return Runtime(cfg, store, hub, metrics, pipeline, outbox=outbox, corrections=corrections,
                    cluster=ClusterMember.for_config(cfg, pipeline))
 
@@ -122,7 +122,9 @@ def create_app(runtime: Runtime) -> FastAPI:
                 rt.corrections.db.close()
             rt.store.close()
 
-    app = FastAPI(title="dishtrack", version="0.1.0", lifespan=lifespan)
+    # max_body_size: Starlette reads a whole body into memory before a route checks it and uvicorn
+    # sets no limit; over it, 413 (by Content-Length before reading, or as a chunked body passes it)
+    app = FastAPI(title="dishtrack", version="0.1.0", lifespan=lifespan, max_body_size=rt.cfg.api.max_body_bytes)
     app.state.runtime = rt
     install_security(app, rt.cfg)  # Host/Origin allow-lists, rate limits, tokens (+ /login)
     app.include_router(admin_router(rt.cfg))  # /config (admin role)

@@ -20,6 +20,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from dishtrack.tracking.types import CheckoutEvent, CheckoutItem
 
@@ -52,9 +53,10 @@ class Change:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    record: dict  # the event's latest revision, as GET /events serves it
+    record: dict  # the revision the request named, as GET /events serves it
     revision: int  # the revision the request named
     created: bool  # False: the same revision was already stored (idempotent replay)
+    latest: bool = True  # the event's latest revision (a replay may name an older one)
 
 
 def _unit_dict(u: EvidenceUnit) -> dict:
@@ -67,7 +69,28 @@ class CorrectionStore:
         self.db = db
         self.dataset = Path(dataset_dir)
         self.menu = menu
+        self.dish_labels: tuple[str, ...] = ()  # the detector's (set by the runtime), before the menu's
         self._write_lock = threading.Lock()  # one correction at a time in this process (manifest file)
+
+    def known_labels(self) -> list[str]:
+        """Dishes the page offers: the detector's, then the menu's (every date's too)."""
+        known = list(self.dish_labels)
+        if self.menu is not None:
+            for items in (self.menu.data.items, *(d.items for d in self.menu.data.dates.values())):
+                known += [k for k in items if k not in known]
+        return known
+
+    def canonical(self, label: str) -> str:
+        """A typed label as the known dish it names: case and runs of spaces do not make a second dish
+        (counts, analytics, and ``enrol`` refuses a dataset naming a dish two ways). An exact match wins
+        (a detector's "bread" beside a menu's "Bread": each picks itself); a name no known dish has is a
+        new dish, kept as typed (stripped)."""
+        typed = label.strip()
+        known = self.known_labels()
+        if typed in known:
+            return typed
+        key = " ".join(typed.split()).casefold()
+        return next((k for k in known if " ".join(k.split()).casefold() == key), typed)
 
     # -- evidence
     def save_evidence(self, event_id: str, units: list[EvidenceUnit]) -> None:
@@ -114,15 +137,23 @@ class CorrectionStore:
 
     # -- corrections
     def correct(self, event_id: str, revision: int, changes: list[Change], who: str,
-                now: float | None = None) -> Outcome:
+                now: float | None = None, publish: Callable[[dict], None] | None = None) -> Outcome:
+        """``publish`` gets the record while this correction still holds the lock, so two corrections
+        of one event reach subscribers in revision order; a replay of the latest revision publishes it
+        again (repairs a publish lost after the commit; subscribers key by event_id + revision). A
+        replay does not write training examples again: on another node sharing the database it
+        would copy the winner's crops into a second dataset."""
         with self._write_lock:
             try:
-                return self._correct(event_id, revision, changes, who, now)
+                out = self._correct(event_id, revision, changes, who, now)
             except RevisionConflict as e:  # another node committed in between: judge against what it stored
                 if e.current is None:
                     raise CorrectionError(404, f"no event {event_id!r}") from None
                 log.info("event %s: revision %d was committed first by another correction", event_id, revision)
-                return self._correct(event_id, revision, changes, who, now)
+                out = self._correct(event_id, revision, changes, who, now)
+            if publish is not None and out.latest:
+                publish(out.record)
+            return out
 
     def _correct(self, event_id: str, revision: int, changes: list[Change], who: str, now: float | None) -> Outcome:
         got = self.units(event_id)
@@ -133,7 +164,7 @@ class CorrectionStore:
         if revision <= current:
             stored = self.db.revision(event_id, revision)
             if stored is not None and stored.changes == [c.to_dict() for c in changes]:
-                return Outcome(record, revision, False)
+                return Outcome({"seq": record["seq"], **stored.payload}, revision, False, revision == current)
             raise CorrectionError(409, f"event {event_id} already has revision {revision} "
                                   f"(latest {current}) with other changes; correct the latest")
         if revision != current + 1:
@@ -160,8 +191,9 @@ class CorrectionStore:
             raise CorrectionError(422, f"unknown op {c.op!r} (one of {', '.join(OPS)})")
         if c.op in ("relabel", "add") and (not isinstance(c.label, str) or not _LABEL.match(c.label.strip())):
             raise CorrectionError(422, f"{c.op}: label must be 1..64 printable characters, got {c.label!r}")
+        label = self.canonical(c.label) if c.op in ("relabel", "add") else None
         if c.op == "add":
-            u = {"index": len(units), "track_id": None, "label": c.label.strip(), "model_label": None,
+            u = {"index": len(units), "track_id": None, "label": label, "model_label": None,
                  "confidence": 1.0, "crop": False, "removed": False, "added": True}
             units.append(u)
             return u["index"], "add", None, u["label"]
@@ -172,7 +204,7 @@ class CorrectionStore:
         if c.op == "remove":
             u["removed"] = True
             return c.unit, "remove", before, None
-        u["label"], u["confidence"] = c.label.strip(), 1.0
+        u["label"], u["confidence"] = label, 1.0
         return c.unit, "relabel", before, u["label"]
 
     def _payload(self, record: dict, units: list[dict], revision: int, who: str, now: float) -> dict:
@@ -216,23 +248,35 @@ class CorrectionStore:
                 tmp.replace(self.dataset / rel)
             mf = self.dataset / "manifest.jsonl"
             names = {rel for rel, *_ in rows}
-            kept = [ln for ln in (mf.read_text().splitlines() if mf.exists() else [])
-                    if ln.strip() and json.loads(ln).get("image") not in names]
+            kept = [ln for ln in (mf.read_text(encoding="utf-8-sig", errors="surrogateescape").splitlines()
+                                  if mf.exists() else [])
+                    if ln.strip() and _manifest_image(ln) not in names]
             kept += [json.dumps({"image": rel, "boxes": [box], "labels": [u["label"]], "event_id": event_id,
                                  "unit": u["index"], "revision": revision, "model_label": u["model_label"],
                                  "corrected_by": who}) for rel, _, box, u in rows]
             tmp = mf.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
+            tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8", errors="surrogateescape")
             tmp.replace(mf)
             trays = self.dataset / "trays.csv"
-            listed = set(trays.read_text().splitlines()[1:]) if trays.exists() else set()
+            listed = set(trays.read_text(encoding="utf-8-sig", errors="surrogateescape").splitlines()[1:]) if trays.exists() else set()
             new = [f"{rel},{event_id}" for rel, *_ in rows if f"{rel},{event_id}" not in listed]
-            with trays.open("a") as fh:
+            with trays.open("a", encoding="utf-8") as fh:
                 if not listed and trays.stat().st_size == 0:
                     fh.write("image,tray\n")
                 fh.writelines(r + "\n" for r in new)
-        except OSError as e:  # the correction itself is stored; the example can be re-exported later
-            log.error("corrected crops of event %s not written to %s: %s", event_id, self.dataset, e)
+        except Exception:  # noqa: BLE001 - the correction is committed; its answer and publish must follow
+            log.exception("corrected crops of event %s not written to %s", event_id, self.dataset)
+
+
+def _manifest_image(line: str) -> str | None:
+    """The image a manifest line is about; None for a line this cannot read (an operator's edit):
+    it is kept as it is, and the importer ``train`` uses reports it with its line number."""
+    try:
+        got = json.loads(line)
+    except ValueError:
+        return None
+    image = got.get("image") if isinstance(got, dict) else None
+    return image if isinstance(image, str) else None
 
 
 def default_dataset_dir(storage) -> Path:

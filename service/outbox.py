@@ -2,8 +2,9 @@
 
 ``submit`` only puts the persisted record on a bounded in-memory queue, so
 detection and tracking never wait for a disk or a network. A writer thread adds
-one row per (sink, event) to the outbox file (``UNIQUE(sink, event_id)``: an
-event submitted twice, e.g. after a retried store write, is sent once); one
+one row per (sink, event, revision) to the outbox file (``UNIQUE(sink, event_id,
+revision)``: an event submitted twice, e.g. after a retried store write, is sent
+once; a cashier's correction is the event's next revision, sent after it); one
 worker thread per sink delivers that sink's rows strictly in order (a failing
 head row holds the later ones back), retries it with exponential backoff
 (``retry_initial_s`` doubling to ``retry_max_s``) and records status, attempts
@@ -26,11 +27,12 @@ from .sinks import DeliveryResult, OutMessage, Sink
 
 log = logging.getLogger(__name__)
 
-_SCHEMA = """
+_TABLE = """
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     sink TEXT NOT NULL,
     event_id TEXT NOT NULL,
+    revision INTEGER NOT NULL DEFAULT 0,
     seq INTEGER NOT NULL,
     camera_id TEXT NOT NULL,
     zone_id TEXT NOT NULL,
@@ -41,12 +43,16 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error TEXT,
     created_at REAL NOT NULL,
     delivered_at REAL,
-    UNIQUE(sink, event_id)
+    UNIQUE(sink, event_id, revision)
 );
+"""
+_INDEXES = """
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(sink, status, id);
 CREATE INDEX IF NOT EXISTS outbox_event ON outbox(event_id);
 """
-_SCHEMA_VERSION = 1
+_COLUMNS_V1 = ("id, sink, event_id, seq, camera_id, zone_id, body, status, attempts, next_at, last_error, "
+               "created_at, delivered_at")
+_SCHEMA_VERSION = 2  # 2: a row per revision (corrections); 1: per event
 _BATCH = 100
 _PRUNE_EVERY_S = 60.0
 STATUSES = ("pending", "delivered", "failed")
@@ -62,8 +68,7 @@ class Outbox:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
-        self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+        self._migrate()
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(cfg.queue_max)
         self.dropped = 0  # events lost because the in-memory queue was full
@@ -73,7 +78,41 @@ class Outbox:
         self._threads += [threading.Thread(target=self._deliver_loop, args=(name,), name=f"outbox-{name}", daemon=True)
                           for name in self.sinks]
 
-    # -- producer side (pipeline thread)
+    def _migrate(self) -> None:
+        """Create the table, or bring a version-1 file (one row per event, rows of an older process not
+        yet delivered) to a row per revision, keeping every row, its id (the delivery order, and the
+        id counter, so ``/admin/deliveries?after=`` paging goes on) and status. Decided on the table's
+        columns inside the write lock: another process opening the file at the same time, or an older
+        release that reopened a migrated file (it sets the version back), migrates nothing twice."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > _SCHEMA_VERSION:
+                raise RuntimeError(f"{self.path}: outbox version {version} is newer than this dishtrack's "
+                                   f"({_SCHEMA_VERSION})")
+            columns = {r[1] for r in db.execute("PRAGMA table_info(outbox)")}
+            if columns and "revision" not in columns:
+                db.execute("ALTER TABLE outbox RENAME TO outbox_v1")  # its sqlite_sequence row goes with it
+                db.execute(_TABLE)
+                db.execute(f"INSERT INTO outbox({_COLUMNS_V1}) SELECT {_COLUMNS_V1} FROM outbox_v1")
+                counter = db.execute("SELECT MAX(seq) FROM sqlite_sequence WHERE name IN ('outbox', 'outbox_v1')"
+                                     ).fetchone()[0]
+                db.execute("DROP TABLE outbox_v1")  # its indexes and counter with it
+                if counter is not None:
+                    db.execute("DELETE FROM sqlite_sequence WHERE name = 'outbox'")
+                    db.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('outbox', ?)", (counter,))
+                log.info("%s: outbox migrated to version %d (a row per revision)", self.path, _SCHEMA_VERSION)
+            db.execute(_TABLE)
+            for stmt in _INDEXES.strip().splitlines():
+                db.execute(stmt)
+            db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    # -- producer side (pipeline thread, correction routes)
     def submit(self, record: dict) -> None:
         """Never blocks: a full queue (outbox disk stalled) drops the event for the sinks, counted and logged
         (it is in the event store already)."""
@@ -142,14 +181,15 @@ class Outbox:
 
     def _write(self, batch: list[dict]) -> None:
         now = time.time()
-        rows = [(sink, r["event_id"], r["seq"], r["camera_id"], r["zone_id"],
+        rows = [(sink, r["event_id"], int(r.get("revision", 0)), r["seq"], r["camera_id"], r["zone_id"],
                  json.dumps(r, separators=(",", ":")), now) for r in batch for sink in self.sinks]
         while True:
             try:
                 with self._lock:
                     self._db.execute("BEGIN IMMEDIATE")
-                    self._db.executemany("INSERT INTO outbox(sink, event_id, seq, camera_id, zone_id, body, created_at)"
-                                         " VALUES (?,?,?,?,?,?,?) ON CONFLICT(sink, event_id) DO NOTHING", rows)
+                    self._db.executemany("INSERT INTO outbox(sink, event_id, revision, seq, camera_id, zone_id, body,"
+                                         " created_at) VALUES (?,?,?,?,?,?,?,?)"
+                                         " ON CONFLICT(sink, event_id, revision) DO NOTHING", rows)
                     self._db.execute("COMMIT")
                 break
             except sqlite3.Error as e:  # disk full / locked: keep the batch, in order, and retry
@@ -179,15 +219,16 @@ class Outbox:
     def _head(self, sink: str) -> tuple[list[OutMessage], float]:
         """The oldest pending rows of ``sink``, or ([], seconds to wait) while none is due."""
         with self._lock:
-            rows = self._db.execute("SELECT id, event_id, camera_id, zone_id, body, attempts, next_at FROM outbox"
+            rows = self._db.execute("SELECT id, event_id, revision, camera_id, zone_id, body, attempts, next_at"
+                                    " FROM outbox"
                                     " WHERE sink = ? AND status = 'pending' ORDER BY id LIMIT ?",
                                     (sink, _BATCH)).fetchall()
         if not rows:
             return [], 1.0
         if (wait := rows[0]["next_at"] - time.time()) > 0:
             return [], wait  # backing off
-        return [OutMessage(r["id"], r["event_id"], r["camera_id"], r["zone_id"], r["body"], r["attempts"])
-                for r in rows], 0.0
+        return [OutMessage(r["id"], r["event_id"], r["camera_id"], r["zone_id"], r["body"], r["attempts"],
+                           r["revision"]) for r in rows], 0.0
 
     def _deliver_loop(self, name: str) -> None:
         sink, wake = self.sinks[name], self._wake[name]
@@ -255,7 +296,7 @@ class Outbox:
                 where.append(f"{col} = ?")
                 args.append(v)
         with self._lock:
-            rows = self._db.execute(f"SELECT id, sink, event_id, seq, camera_id, status, attempts, last_error, "
+            rows = self._db.execute(f"SELECT id, sink, event_id, revision, seq, camera_id, status, attempts, last_error, "
                                     f"created_at, delivered_at, next_at FROM outbox WHERE {' AND '.join(where)} "
                                     "ORDER BY id LIMIT ?", (*args, limit)).fetchall()
         return [{**dict(r), "next_at": r["next_at"] if r["status"] == "pending" and r["next_at"] else None}

@@ -18,7 +18,8 @@ class ChangeIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     op: Literal["relabel", "remove", "add"]
     unit: int | None = Field(None, ge=0, description="dish index (relabel, remove): `units[].index` of the evidence")
-    label: str | None = Field(None, description="the right dish (relabel, add)")
+    label: str | None = Field(None, max_length=64, description="the right dish (relabel, add); a known dish's "
+                              "name in other case or spacing is that dish (`GET /labels`), another name a new dish")
 
 
 class CorrectionIn(BaseModel):
@@ -64,12 +65,10 @@ def review_router(rt) -> APIRouter:
 
     @r.get("/labels")
     def labels() -> dict:
-        """Dish labels the page offers for corrections: the detector's, then the menu's."""
-        known = list(getattr(rt.pipeline.detector, "labels", ()) or ())
-        menu = rt.pipeline.menu
-        if menu is not None:
-            known += [k for k in menu.data.items if k not in known]
-        return {"labels": known}
+        """Dish labels the page offers for corrections: the detector's, then the menu's (every date's)."""
+        if rt.corrections is None:
+            return {"labels": list(getattr(rt.pipeline.detector, "labels", ()) or ())}
+        return {"labels": rt.corrections.known_labels()}
 
     @r.get("/events/{event_id}/evidence", responses=_err(404, 503))
     def evidence(event_id: str) -> dict:
@@ -99,6 +98,14 @@ def review_router(rt) -> APIRouter:
             raise HTTPException(404, f"no event {event_id!r}")
         return {"event_id": event_id, "revisions": hist}
 
+    def publish(record: dict) -> None:
+        """A corrected receipt goes where a detected one goes. Websockets: with SQLite this node's;
+        with PostgreSQL the hub ignores it and the store feed delivers it to every node's (review_pg:
+        feed_seq), this one's included. MQTT and webhooks: this node's outbox, as the next revision."""
+        rt.hub.publish(record)
+        if rt.outbox is not None:
+            rt.outbox.submit(record)
+
     @r.post("/events/{event_id}/corrections", status_code=201,
             responses={200: {"description": "this revision was already stored (idempotent replay)"},
                        400: {"model": ErrorBody, "description": "malformed JSON body (or a Host not allowed: text)",
@@ -109,14 +116,13 @@ def review_router(rt) -> APIRouter:
         re-publishes the event on the websocket and writes relabelled crops to the corrections dataset."""
         try:
             out = corrections().correct(event_id, body.revision,
-                                        [Change(c.op, c.unit, c.label) for c in body.changes], _who(request))
+                                        [Change(c.op, c.unit, c.label) for c in body.changes], _who(request),
+                                        publish=publish)
         except CorrectionError as e:
             if e.status == 422:  # the same body as every other 422 (pydantic error list)
                 raise RequestValidationError([{"type": "value_error", "loc": ("body", "changes"), "msg": str(e),
                                                "input": body.model_dump()["changes"]}]) from None
             raise HTTPException(e.status, str(e)) from None
-        if out.created:  # SQLite: to this node's websockets; PostgreSQL: ignored, the store feed delivers it
-            rt.hub.publish(out.record)  # to every node's (review_pg: feed_seq), this one's included
         return JSONResponse({"created": out.created, "revision": out.revision, "event": out.record},
                             status_code=201 if out.created else 200)
 

@@ -27,6 +27,7 @@ class OutMessage:
     zone_id: str
     body: str  # the event record as JSON text (what is signed and sent)
     attempts: int
+    revision: int = 0  # 0: as detected; N: the N-th cashier correction
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +56,8 @@ def sign(secret: str, body: bytes) -> str:
 class WebhookSink:
     """POSTs each event as JSON to a point-of-sale URL, signed (``X-Dishtrack-Signature``); any 2xx
     is delivered. The receiver verifies the HMAC over the raw body and de-duplicates by
-    ``X-Dishtrack-Event-Id`` (a retry after a lost response repeats a delivery)."""
+    ``X-Dishtrack-Event-Id`` + ``X-Dishtrack-Revision`` (a retry after a lost response repeats a
+    delivery; a correction comes as the same event id with the next revision, which replaces it)."""
 
     def __init__(self, cfg: WebhookConfig) -> None:
         self.cfg = cfg
@@ -74,6 +76,7 @@ class WebhookSink:
             req = urllib.request.Request(self.cfg.url, data=body, method="POST", headers={
                 "Content-Type": "application/json", "User-Agent": "dishtrack",
                 SIGNATURE_HEADER: sign(self.cfg.secret, body), "X-Dishtrack-Event-Id": m.event_id,
+                "X-Dishtrack-Revision": str(m.revision),
                 "X-Dishtrack-Attempt": str(m.attempts + 1)})
             try:
                 with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:

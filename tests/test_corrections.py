@@ -211,3 +211,102 @@ def test_evidence_keeper_keeps_the_best_frame_and_stays_bounded():
     units = keeper.take(ev)
     assert [u.jpeg is not None for u in units] == [True, False]  # track 1 was pushed out by the bound
     assert [u.label for u in units] == ["person", "person"] and keeper.held("cam0") == 7
+
+
+def test_a_label_differing_only_in_case_or_spaces_is_the_known_dish(server):
+    """A cashier typing " BICYCLE " means the detector's "bicycle": one dish in the counts, the
+    analytics and the training examples (a second spelling made `enrol` refuse the dataset)."""
+    (ev, units), = _events_with_crops(server)[:1]
+    r = _post(server, ev["event_id"], {"revision": 1, "changes": [{"op": "relabel", "unit": 0, "label": " BICYCLE "},
+                                                                   {"op": "add", "label": "Dog"}]})
+    assert r.status_code == 201, r.text
+    labels = {i["label"] for i in r.json()["event"]["items"]}
+    assert {"bicycle", "dog"} <= labels and not {"BICYCLE", " BICYCLE ", "Dog"} & labels
+    assert "bicycle" in server.get("/labels", token=VIEWER).json()["labels"]
+
+
+def test_an_oversized_correction_is_refused_before_it_is_read(server):
+    (ev, _), = _events_with_crops(server)[:1]
+    long = _post(server, ev["event_id"], {"revision": 1, "changes": [{"op": "add", "label": "a" * 100_000}]})
+    assert long.status_code == 422 and long.json()["detail"][0]["loc"][-1] == "label"  # names the field
+    huge = {"revision": 1, "changes": [{"op": "add", "label": "a" * 5_000_000}]}  # over api.max_body_bytes
+    r = _post(server, ev["event_id"], huge)
+    assert r.status_code == 413 and len(r.content) < 1000
+    # chunked, without a Content-Length: counted as it arrives
+    r = httpx.post(f"{server.base}/events/{ev['event_id']}/corrections", headers={**_h(ADMIN),
+                   "content-type": "application/json"}, content=iter([json.dumps(huge).encode()]), timeout=10)
+    assert r.status_code == 413
+    assert server.get(f"/events/{ev['event_id']}", token=VIEWER).json().get("revision", 0) == 0
+
+
+def test_an_edited_manifest_does_not_lose_the_correction(server):
+    """The operator edits manifest.jsonl (an editor's BOM, a half-written line): a later correction is
+    still stored, published and written; the operator's lines are kept as they were."""
+    (ev, units), = _events_with_crops(server)[:1]
+    mf = server.dataset / "manifest.jsonl"
+    server.dataset.mkdir(parents=True, exist_ok=True)
+    before = mf.read_text(encoding="utf-8-sig") if mf.exists() else ""
+    mf.write_text("\ufeff" + before + '{"image": "crops/half\n', encoding="utf-8")
+    with ws_connect(f"{server.ws}/ws/events", additional_headers=_h(VIEWER), open_timeout=10) as ws:
+        r = _post(server, ev["event_id"], {"revision": 1, "changes": [{"op": "relabel", "unit": 0, "label": "dog"}]})
+        assert r.status_code == 201, r.text
+        while (msg := json.loads(ws.recv(timeout=10)))["event_id"] != ev["event_id"]:
+            pass
+        assert msg["revision"] == 1
+    assert not mf.read_bytes().startswith(b"\xef\xbb\xbf")  # read past the BOM (the first line parsed)
+    text = mf.read_text(encoding="utf-8")
+    assert '{"image": "crops/half' in text and all(ln in text for ln in before.splitlines())
+    assert f'crops/{ev["event_id"]}_0.jpg' in text
+
+
+def test_two_corrections_of_one_event_are_published_in_revision_order(tmp_path):
+    """Cashier A's revision 1 is committed, then cashier B's revision 2, before A's thread publishes:
+    subscribers must still get 1 before 2 (a client keeping the last message per event would
+    otherwise end on the old receipt). Also: replaying the latest revision publishes it again (a
+    publish lost to a crash after the commit is repaired; subscribers key by event_id + revision)."""
+    import threading
+    import time
+
+    from dishtrack.service.corrections import Change, CorrectionStore
+    from dishtrack.service.review_db import open_review_db
+    from dishtrack.service.store import EventStore
+    from dishtrack.tracking.types import CheckoutEvent, CheckoutItem
+
+    store = EventStore(str(tmp_path / "ev.sqlite3"))
+    store.save(CheckoutEvent("e1", "cam", "z", 0.0, 1.0, (CheckoutItem("Plate", 2, 0.7),), (1, 2), 0.7))
+    corr = CorrectionStore(open_review_db(store), tmp_path / "ds")
+    got, a_committed = [], threading.Event()
+
+    def slow_publish(record):
+        a_committed.set()
+        time.sleep(0.3)  # A's thread is slow to hand the record on
+        got.append(record["revision"])
+
+    a = threading.Thread(target=corr.correct, args=("e1", 1, [Change("relabel", 0, "Bread")], "a"),
+                         kwargs={"publish": slow_publish})
+    a.start()
+    assert a_committed.wait(10)
+    corr.correct("e1", 2, [Change("remove", 1)], "b", publish=lambda r: got.append(r["revision"]))
+    a.join(10)
+    assert got == [1, 2]
+    out = corr.correct("e1", 2, [Change("remove", 1)], "b", publish=lambda r: got.append(r["revision"]))
+    assert not out.created and out.record["revision"] == 2 and got == [1, 2, 2]
+    old = corr.correct("e1", 1, [Change("relabel", 0, "Bread")], "a", publish=lambda r: got.append(r["revision"]))
+    assert old.record["revision"] == 1 and got == [1, 2, 2]  # the stored revision; an old one is not re-sent
+
+
+def test_typed_labels_map_to_the_detectors_and_every_dates_menu_dishes(tmp_path):
+    from dishtrack.service.corrections import CorrectionStore
+    from dishtrack.service.review_db import open_review_db
+    from dishtrack.service.store import EventStore
+    from dishtrack.tracking.menu import Menu, MenuFile
+
+    menu = Menu(MenuFile.model_validate({"currency": "EUR", "items": {"Bread": {"name": "Bread", "price": 1}},
+                                         "dates": {"2026-12-24": {"items": {"Christmas Pudding": {
+                                             "name": "Pudding", "price": 4}}}}}))
+    corr = CorrectionStore(open_review_db(EventStore(str(tmp_path / "ev.sqlite3"))), tmp_path / "ds", menu)
+    corr.dish_labels = ("bread", "Plate")
+    assert corr.known_labels() == ["bread", "Plate", "Bread", "Christmas Pudding"]
+    assert corr.canonical("Bread") == "Bread" and corr.canonical("bread ") == "bread"  # an exact match wins
+    assert corr.canonical(" PLATE") == "Plate" and corr.canonical("christmas  pudding") == "Christmas Pudding"
+    assert corr.canonical(" Fried  rice ") == "Fried  rice"  # a new dish: as typed, stripped

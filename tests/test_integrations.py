@@ -295,6 +295,55 @@ def test_outbox_survives_a_restart_while_the_receiver_is_down(tmp_path):
     assert pos.delivered() == records
 
 
+def test_an_outbox_file_of_the_previous_version_is_kept_and_takes_revisions(tmp_path):
+    """An outbox written by the version before corrections reached the sinks (one row per event):
+    its undelivered row is still delivered, in order, and a correction of that event is then sent
+    as its next revision (the old UNIQUE(sink, event_id) refused it)."""
+    import sqlite3
+
+    path = tmp_path / "outbox.sqlite3"
+    store = EventStore(tmp_path / "events.sqlite3")
+    r0, r1 = store.save(ev(0)), store.save(ev(1))
+    with sqlite3.connect(path) as db:  # the version-1 schema, as that release wrote it
+        db.executescript("""
+            CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, sink TEXT NOT NULL, event_id TEXT NOT NULL,
+                seq INTEGER NOT NULL, camera_id TEXT NOT NULL, zone_id TEXT NOT NULL, body TEXT NOT NULL,
+                status TEXT NOT NULL DEFAULT 'pending', attempts INTEGER NOT NULL DEFAULT 0,
+                next_at REAL NOT NULL DEFAULT 0, last_error TEXT, created_at REAL NOT NULL, delivered_at REAL,
+                UNIQUE(sink, event_id));
+            CREATE INDEX outbox_pending ON outbox(sink, status, id);
+            CREATE INDEX outbox_event ON outbox(event_id);
+            PRAGMA user_version=1;""")
+        for r, status in ((r0, "delivered"), (r1, "pending")):
+            db.execute("INSERT INTO outbox(sink, event_id, seq, camera_id, zone_id, body, status, attempts, created_at)"
+                       " VALUES ('webhook:pos', ?, ?, 'cam0', 'z0', ?, ?, ?, ?)",
+                       (r["event_id"], r["seq"], json.dumps(r), status, int(status == "delivered"), time.time()))
+        db.execute("UPDATE sqlite_sequence SET seq = 5 WHERE name = 'outbox'")  # rows 3-5 delivered and pruned
+    pos = PosServer()
+    cfg = IntegrationsConfig.model_validate({"outbox_path": str(path), "retry_initial_s": 0.1,
+                                             "webhooks": [{"name": "pos", "url": pos.url, "secret": SECRET}]})
+    box = build_outbox(cfg).start()
+    try:
+        wait_until(lambda: len(pos.delivered()) == 1, 10, what="the old pending row")
+        corrected = {**r1, "revision": 1, "corrected": True, "items": [{"label": "bread", "count": 1}]}
+        box.submit(corrected)
+        box.submit(corrected)  # re-sent (a replayed correction): delivered once
+        box.submit(r1)  # the detected revision again: already delivered
+        wait_until(lambda: len(pos.delivered()) == 2 and box.pending() == 0, 10, what="the correction")
+        rows = box.deliveries(sink="webhook:pos")
+    finally:
+        box.stop()
+        pos.close()
+    assert pos.delivered() == [r1, corrected]
+    assert [h["X-Dishtrack-Revision"] for _, h, _ in pos.requests] == ["0", "1"]
+    assert [(r["id"], r["event_id"], r["revision"], r["status"]) for r in rows] == [
+        (1, r0["event_id"], 0, "delivered"), (2, r1["event_id"], 0, "delivered"),
+        (6, r1["event_id"], 1, "delivered")]  # ids go on after the pruned ones: ?after= paging skips nothing
+    again = Outbox(cfg, [])  # opened again (another process, a restart): nothing migrated twice
+    assert [(r["id"], r["revision"]) for r in again.deliveries(sink="webhook:pos")] == [(1, 0), (2, 0), (6, 1)]
+    again.stop()
+
+
 # -- the service
 def service_cfg(tmp_path, **over) -> AppConfig:
     return AppConfig.model_validate({
@@ -363,6 +412,45 @@ def test_two_nodes_on_postgres_events_reach_mqtt_the_pos_and_the_other_nodes_web
     # secrets masked in GET /config
     assert config["integrations"]["webhooks"][0]["secret"] == "***" and "postgres@" not in config["storage"]["url"]
     sub.close()
+
+
+def test_a_corrected_receipt_reaches_mqtt_and_the_pos_as_its_next_revision(tmp_path, broker, detector):
+    """A cashier's correction in the service goes where the detected receipt went: the point-of-sale
+    and MQTT get the same event id with revision 1 after revision 0; the correction sent again
+    (idempotent replay) is not delivered twice."""
+    pos = PosServer()
+    sub = Subscriber(broker.port, ["dishtrack/#"])
+    wait_until(lambda: sub.client.is_connected(), 10, what="subscriber connected")
+    cfg = service_cfg(tmp_path, integrations={
+        "outbox_path": str(tmp_path / "outbox.sqlite3"), "retry_initial_s": 0.1,
+        "mqtt": {"host": "127.0.0.1", "port": broker.port},
+        "webhooks": [{"name": "pos", "url": pos.url, "secret": SECRET}]})
+    rt = build_runtime(cfg, detector=detector)
+    try:
+        with AppServer(create_app(rt)) as node:
+            wait_until(rt.pipeline.finished.is_set, 180, what="the video to finish")
+            assert rt.outbox.flush(15)
+            first = node.get("/events", params={"limit": 1000}).json()["items"][0]
+            url = f"{node.base}/events/{first['event_id']}/corrections"
+            body = {"revision": 1, "changes": [{"op": "add", "label": "bread"}]}
+            assert httpx.post(url, json=body, timeout=10).status_code == 201
+            assert httpx.post(url, json=body, timeout=10).status_code == 200  # replayed
+            assert rt.outbox.flush(15)
+            deliveries = node.get("/admin/deliveries", params={"event_id": first["event_id"]}).json()["items"]
+        wait_until(lambda: [e.get("revision", 0) for e in sub.events() if e["event_id"] == first["event_id"]]
+                   == [0, 1], 10, what="both revisions over MQTT")
+    finally:
+        pos.close()
+        sub.close()
+    sent = [e for e in pos.delivered() if e["event_id"] == first["event_id"]]
+    assert [e.get("revision", 0) for e in sent] == [0, 1]
+    assert {i["label"]: i["count"] for i in sent[1]["items"]}.get("bread") == 1 and sent[1]["corrected"] is True
+    heads = [h for _, h, b in pos.requests if json.loads(b)["event_id"] == first["event_id"]]
+    assert [h["X-Dishtrack-Revision"] for h in heads] == ["0", "1"] and all(
+        valid_signature(h, b) for _, h, b in pos.requests)
+    assert sorted((d["sink"], d["revision"], d["status"]) for d in deliveries) == [
+        ("mqtt", 0, "delivered"), ("mqtt", 1, "delivered"), ("webhook:pos", 0, "delivered"),
+        ("webhook:pos", 1, "delivered")]
 
 
 def test_deliveries_need_admin_and_secrets_are_masked():
