@@ -28,7 +28,7 @@ from .exemplars import embed_labelled_boxes
 from .importers import DatasetError, LabelledData, load_dataset
 from .localiser import ImageCache
 from .sample import Sample
-from .train import CropViews, class_weights, localiser_proposals, split_by_group, validation_thresholds
+from .train import CropViews, class_weights, localiser_proposals, one_cycle, split_by_group, validation_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def train_head(clf: DishClassifier, data: EmbeddedCrops, epochs: int = 40, lr: f
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-3)
     n = len(data.y)
     steps = max(1, math.ceil(n / batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs) * steps, pct_start=0.1)
+    sched = one_cycle(opt, lr, max(1, epochs) * steps, 0.1)
     weights = class_weights(data.y, n_out)
     if len(few_shot):
         counts = torch.bincount(data.y, minlength=n_out).float()
@@ -216,16 +216,19 @@ def enrol_model(model: DishModel, classes: Sequence[str], train_s: Sequence[Samp
 
 
 def thresholds_for(model: DishModel, val_s: Sequence[Sample], val_labels, old: dict[str, float],
-                   progress: bool) -> tuple[dict[str, float], list[dict]]:
+                   progress: bool, keep: Sequence[str] = ()) -> tuple[dict[str, float], list[dict]]:
     """Per-dish thresholds on the validation photos; a dish without validation boxes keeps its old
-    threshold, a new one takes the median of the others (nothing to choose it on)."""
+    threshold, a new one takes the median of the others (nothing to choose it on). ``keep``: dishes
+    whose old threshold stays even with validation boxes (their rows were not refitted: the old one
+    was chosen on the training run's validation trays, not on an enrolment's few photos)."""
     classes = model.spec.classes
     default = float(np.median(list(old.values()))) if old else 0.3
     if not val_s:
         return {c: old.get(c, default) for c in classes}, []
     preds, chosen = validation_thresholds(DishDetector(model, "cpu"), list(val_s), val_labels, classes, progress)
     seen = {classes[k] for lb in val_labels for k in lb}
-    return {c: (chosen[c] if c in seen else old.get(c, default)) for c in classes}, preds
+    return {c: (chosen[c] if c in seen and not (c in keep and c in old) else old.get(c, default))
+            for c in classes}, preds
 
 
 def enrol(checkpoint: str | Path, data: Sequence[str | Path], out: str | Path, val_fraction: float = 0.2,
@@ -256,7 +259,8 @@ def enrol(checkpoint: str | Path, data: Sequence[str | Path], out: str | Path, v
     lab = lambda xs: [[cidx[lb] for lb in x.labels] for x in xs]  # noqa: E731
     enrol_model(model, classes, train_s, lab(train_s), views, epochs, seed, progress, shot_views,
                 exemplar_weight=exemplar_weight, keep_old=keep_old)
-    thresholds, preds = thresholds_for(model, val_s, lab(val_s), dict(model.spec.thresholds), progress)
+    thresholds, preds = thresholds_for(model, val_s, lab(val_s), dict(model.spec.thresholds), progress,
+                                       keep=old_classes if keep_old and new else ())
     model.spec = DishModelSpec(**{**model.spec.__dict__, "thresholds": thresholds})
     report = ({k: v for k, v in evaluate_predictions(val_s, classes, preds, thresholds).items() if k != "confusion"}
               if val_s else {})

@@ -158,6 +158,16 @@ def run_phase(name: str, epochs: int, module: torch.nn.Module, opt: torch.optim.
 
 
 # ---------------------------------------------------------------- localiser
+def one_cycle(opt: torch.optim.Optimizer, max_lr, total_steps: int, pct_start: float, **kw):
+    """torch's OneCycleLR, except for the one length it divides by zero on: a warm-up of exactly one
+    step (``pct_start * total_steps == 1``, e.g. ``enrol --epochs 5`` on two batches); that warm-up is
+    made 1.5 steps."""
+    total_steps = max(1, total_steps)
+    if abs(pct_start * total_steps - 1.0) < 1e-9:
+        pct_start = 1.5 / total_steps
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start, **kw)
+
+
 def focal_loss(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     """CenterNet's penalty-reduced pixel-wise focal loss."""
     pred = pred.clamp(1e-4, 1 - 1e-4)
@@ -282,9 +292,8 @@ def train_localiser(s: TrainSettings, model: CenterNetModel, train_c: ImageCache
                 p.requires_grad_(True)
         opt = torch.optim.AdamW(groups, weight_decay=1e-4)
         # short warm-up, then cosine decay: the last epochs settle instead of hopping around
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups],
-                                                    total_steps=s.loc_epochs_finetune * len(tl), pct_start=0.1,
-                                                    div_factor=10.0, final_div_factor=100.0)
+        sched = one_cycle(opt, [g["lr"] for g in groups], s.loc_epochs_finetune * len(tl), 0.1,
+                          div_factor=10.0, final_div_factor=100.0)
         ph = run_phase("localiser-finetune", s.loc_epochs_finetune, model, opt, sched,
                        train_epoch("localiser fine-tune", opt, sched), validate, state, s.patience)
         hist += [{"phase": "localiser-finetune", **h} for h in ph["history"]]
@@ -449,8 +458,7 @@ def train_classifier(s: TrainSettings, model: DishModel, classes: tuple[str, ...
     opt = torch.optim.AdamW(groups, weight_decay=1e-4)
     bs = 64
     steps_per_epoch = max(1, math.ceil(len(tv.y) / bs))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups],
-                                                total_steps=max(1, s.cls_epochs) * steps_per_epoch, pct_start=0.15)
+    sched = one_cycle(opt, [g["lr"] for g in groups], max(1, s.cls_epochs) * steps_per_epoch, 0.15)
     gen = torch.Generator().manual_seed(s.seed)
     weights = class_weights(tv.y, c + 1)
     log.info("classifier loss weights %s", {n: round(float(w), 2) for n, w in zip((*classes, "background"), weights)})

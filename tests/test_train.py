@@ -507,6 +507,23 @@ def test_enrol_adds_a_new_dish_without_touching_the_trunk(tiny_checkpoint, tmp_p
     assert named >= 1
 
 
+def test_enrol_keeps_the_known_dishes_thresholds(tiny_checkpoint, tmp_path):
+    """Their rows are kept as trained, so their thresholds (chosen on the training run's validation
+    trays) stay too; chosen again on an enrolment's few validation photos they would fit a handful
+    of photos (the enrolment benchmark's numbers are with them kept). The new dish's is chosen."""
+    from dishtrack.models.dish_detector import load_dish_checkpoint
+    from dishtrack.models.enrol import enrol
+
+    out, _ = tiny_checkpoint
+    _relabelled_coco(tmp_path, 12, "Fruit", "Pineapple")
+    got = enrol(out, [tmp_path / "new.json"], tmp_path / "e.pt", val_fraction=0.4, views=1, epochs=5,
+                progress=False)
+    assert got["val_photos"] > 0 and got["new_classes"] == ["Pineapple"]
+    before, after = load_dish_checkpoint(out), load_dish_checkpoint(tmp_path / "e.pt")
+    assert {c: after.spec.thresholds[c] for c in before.spec.classes} == before.spec.thresholds
+    assert "Pineapple" in after.spec.thresholds
+
+
 def test_enrol_refuses_a_label_that_differs_from_a_known_dish_only_by_case(tiny_checkpoint, tmp_path):
     out, _ = tiny_checkpoint
     _relabelled_coco(tmp_path, 6, "Plate", "plate")
@@ -540,3 +557,22 @@ def test_imprinted_new_dish_outscores_old_dishes_on_its_own_examples():
     with torch.no_grad():
         pred = clf.head(emb, geo)[:, :3].argmax(1)
     assert torch.equal(pred, y)
+
+
+def test_a_schedule_with_a_one_step_warm_up_runs():
+    """torch's OneCycleLR divides by zero when pct_start * total_steps is exactly 1 (``enrol --epochs 5``
+    on two batches crashed); one_cycle makes that warm-up 1.5 steps and leaves every other length as is."""
+    from dishtrack.models.train import one_cycle
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    with pytest.raises(ZeroDivisionError):
+        torch.optim.lr_scheduler.OneCycleLR(torch.optim.SGD([p], lr=0.1), max_lr=0.1, total_steps=10, pct_start=0.1)
+    opt = torch.optim.SGD([p], lr=0.1)
+    sched = one_cycle(opt, 0.1, 10, 0.1)
+    lrs = []
+    for _ in range(10):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert max(lrs) <= 0.1 + 1e-9 and lrs[-1] < 0.01
+    assert one_cycle(torch.optim.SGD([p], lr=0.1), 0.1, 40, 0.1).total_steps == 40
