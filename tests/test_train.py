@@ -564,9 +564,7 @@ def test_a_schedule_with_a_one_step_warm_up_runs():
     on two batches crashed); one_cycle makes that warm-up 1.5 steps and leaves every other length as is."""
     from dishtrack.models.train import one_cycle
 
-    p = torch.nn.Parameter(torch.zeros(1))
-    with pytest.raises(ZeroDivisionError):
-        torch.optim.lr_scheduler.OneCycleLR(torch.optim.SGD([p], lr=0.1), max_lr=0.1, total_steps=10, pct_start=0.1)
+    p = torch.nn.Parameter(torch.zeros(1))  # (torch 2.14: OneCycleLR(total_steps=10, pct_start=0.1) raises)
     opt = torch.optim.SGD([p], lr=0.1)
     sched = one_cycle(opt, 0.1, 10, 0.1)
     lrs = []
