@@ -165,6 +165,14 @@ def test_admin_corrects_a_receipt_in_the_page(server, chromium, tmp_path):
 
     li = wait_until(editable, 60, what="an event with its evidence crops and correction inputs")
     eid = li.get_attribute("data-event-id")
+    # a refused correction says why in words (a 422's detail is a list: it read "[object Object]")
+    add = li.find_element(By.CSS_SELECTOR, ".add-input")
+    add.send_keys("x" * 70)
+    li.find_element(By.CSS_SELECTOR, ".save-correction").click()
+    err = li.find_element(By.CSS_SELECTOR, ".correction-error")
+    wait_until(lambda: err.text or None, 10, what="the error line")
+    assert err.text.startswith("422") and "64 characters" in err.text and "object" not in err.text, err.text
+    add.clear()
     first = li.find_element(By.CSS_SELECTOR, ".label-input")
     first.clear()
     first.send_keys("bicycle")
