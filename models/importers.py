@@ -557,7 +557,9 @@ def _read(path: Path) -> _Raw:
 # ---------------------------------------------------------------- shared checks
 
 
-def _norm(name: str) -> str:
+def label_key(name: str) -> str:
+    """What makes two label names the same dish: case and runs of spaces do not (also the service's
+    corrections use it, so a typed "BREAD " is the dataset's "Bread")."""
     return " ".join(name.split()).casefold()
 
 
@@ -568,12 +570,12 @@ class _ClassMap:
         self.known = tuple(known)
         self.by_norm: dict[str, str] = {}
         for c in self.known:
-            self.by_norm.setdefault(_norm(c), c)
+            self.by_norm.setdefault(label_key(c), c)
 
     def map(self, name: str) -> tuple[str | None, str]:
         if name in self.known:
             return name, ""
-        close = self.by_norm.get(_norm(name))
+        close = self.by_norm.get(label_key(name))
         if close is not None:
             return None, f"class '{name}' differs only in case/whitespace from '{close}' (did you mean '{close}'?)"
         sugg = difflib.get_close_matches(name, self.known, n=1, cutoff=0.6)
@@ -586,18 +588,18 @@ def _classes_from_labels(raw: _Raw) -> list[str]:
     counts = Counter(b.label for it in raw.items for b in it.boxes if isinstance(b.label, str))
     best: dict[str, str] = {}
     for name, _ in counts.most_common():
-        best.setdefault(_norm(name), name)
+        best.setdefault(label_key(name), name)
     return sorted(best.values())
 
 
 def _declared_duplicates(raw: _Raw) -> None:
     seen: dict[str, str] = {}
     for c in raw.classes or []:
-        if _norm(c) in seen:
+        if label_key(c) in seen:
             raw.problems.append(Problem(raw.classes_file or str(raw.root), None,
-                                        f"class '{c}' differs only in case/whitespace from '{seen[_norm(c)]}'",
+                                        f"class '{c}' differs only in case/whitespace from '{seen[label_key(c)]}'",
                                         "kept as separate classes", "class-case"))
-        seen.setdefault(_norm(c), c)
+        seen.setdefault(label_key(c), c)
 
 
 def _image_size(p: Path) -> tuple[int, int] | str:

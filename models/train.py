@@ -157,7 +157,6 @@ def run_phase(name: str, epochs: int, module: torch.nn.Module, opt: torch.optim.
     return ph
 
 
-# ---------------------------------------------------------------- localiser
 def one_cycle(opt: torch.optim.Optimizer, max_lr, total_steps: int, pct_start: float, **kw):
     """torch's OneCycleLR, except for the one length it divides by zero on: a warm-up of exactly one
     step (``pct_start * total_steps == 1``, e.g. ``enrol --epochs 5`` on two batches); that warm-up is
@@ -168,6 +167,7 @@ def one_cycle(opt: torch.optim.Optimizer, max_lr, total_steps: int, pct_start: f
     return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start, **kw)
 
 
+# ---------------------------------------------------------------- localiser
 def focal_loss(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     """CenterNet's penalty-reduced pixel-wise focal loss."""
     pred = pred.clamp(1e-4, 1 - 1e-4)

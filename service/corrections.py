@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from dishtrack.models.importers import label_key
 from dishtrack.tracking.types import CheckoutEvent, CheckoutItem
 
 from .evidence import EvidenceUnit
@@ -89,8 +90,7 @@ class CorrectionStore:
         known = self.known_labels()
         if typed in known:
             return typed
-        key = " ".join(typed.split()).casefold()
-        return next((k for k in known if " ".join(k.split()).casefold() == key), typed)
+        return next((k for k in known if label_key(k) == label_key(typed)), typed)
 
     # -- evidence
     def save_evidence(self, event_id: str, units: list[EvidenceUnit]) -> None:
@@ -258,7 +258,8 @@ class CorrectionStore:
             tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8", errors="surrogateescape")
             tmp.replace(mf)
             trays = self.dataset / "trays.csv"
-            listed = set(trays.read_text(encoding="utf-8-sig", errors="surrogateescape").splitlines()[1:]) if trays.exists() else set()
+            listed = (set(trays.read_text(encoding="utf-8-sig", errors="surrogateescape").splitlines()[1:])
+                      if trays.exists() else set())
             new = [f"{rel},{event_id}" for rel, *_ in rows if f"{rel},{event_id}" not in listed]
             with trays.open("a", encoding="utf-8") as fh:
                 if not listed and trays.stat().st_size == 0:
