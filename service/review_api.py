@@ -63,12 +63,10 @@ def review_router(rt) -> APIRouter:
         p = getattr(request.state, "principal", None)
         return {"name": p.name, "role": p.role} if p is not None else {"name": None, "role": "admin"}
 
-    @r.get("/labels")
+    @r.get("/labels", responses=_err(503))
     def labels() -> dict:
         """Dish labels the page offers for corrections: the detector's, then the menu's (every date's)."""
-        if rt.corrections is None:
-            return {"labels": list(getattr(rt.pipeline.detector, "labels", ()) or ())}
-        return {"labels": rt.corrections.known_labels()}
+        return {"labels": corrections().known_labels()}
 
     @r.get("/events/{event_id}/evidence", responses=_err(404, 503))
     def evidence(event_id: str) -> dict:
