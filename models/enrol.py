@@ -25,7 +25,7 @@ from .dish_classifier import DishClassifier
 from .dish_detector import DishDetector, DishModel, DishModelSpec, load_dish_checkpoint, save_dish_checkpoint
 from .evaluate import evaluate_predictions
 from .exemplars import embed_labelled_boxes
-from .importers import DatasetError, LabelledData, load_dataset
+from .importers import DatasetError, LabelledData, label_key, load_dataset
 from .localiser import ImageCache
 from .sample import Sample
 from .train import CropViews, class_weights, localiser_proposals, one_cycle, split_by_group, validation_thresholds
@@ -147,19 +147,21 @@ def concat(a: EmbeddedCrops, b: EmbeddedCrops) -> EmbeddedCrops:
 
 def merged_classes(old: Sequence[str], datasets: Sequence[LabelledData]) -> tuple[str, ...]:
     """The checkpoint's classes, then each dataset's new ones in order. A label that differs from a
-    known dish only by case or spaces is an error: it would silently become a second dish."""
+    known dish only by case or spaces (``label_key``, as corrections and importers compare names)
+    is an error: it would silently become a second dish."""
     out = list(old)
-    folded = {c.casefold().strip(): c for c in out}
+    folded = {label_key(c): c for c in out}
     for d in datasets:
         for c in d.classes:
             if c in out:
                 continue
-            twin = folded.get(c.casefold().strip())
+            twin = folded.get(label_key(c))
             if twin is not None:
-                raise DatasetError(f"class '{c}' differs from the checkpoint's '{twin}' only by case or spaces: "
+                where = "the checkpoint's" if twin in old else "an earlier dataset's"
+                raise DatasetError(f"class '{c}' differs from {where} '{twin}' only by case or spaces: "
                                    f"rename it in the labels")
             out.append(c)
-            folded[c.casefold().strip()] = c
+            folded[label_key(c)] = c
     return tuple(out)
 
 

@@ -276,13 +276,16 @@ def create_app(runtime: Runtime) -> FastAPI:
         return rec
 
     @app.websocket("/ws/events")
-    async def ws_events(ws: WebSocket, after: int | None = None) -> None:
+    async def ws_events(ws: WebSocket, after: int | None = None, revisions_after: int | None = None) -> None:
         """Live events. With ``?after=SEQ`` the stored events after SEQ are sent
-        first, so a reconnecting client misses nothing."""
+        first, so a reconnecting client misses nothing; a correction keeps its event's
+        seq, so ``?revisions_after=F`` (the last ``feed_seq`` received) also sends the
+        corrected revisions committed since. Keep the highest revision per event_id."""
         await ws.accept()
         sub = rt.hub.subscribe()
         try:
             last = -1
+            last_feed = -1
             if after is not None:
                 cursor = after
                 while True:
@@ -293,20 +296,33 @@ def create_app(runtime: Runtime) -> FastAPI:
                     if page.next_after is None:
                         break
                     cursor = page.next_after
+            if revisions_after is not None and rt.corrections is not None:
+                last_feed = revisions_after
+                while True:
+                    got = await asyncio.to_thread(rt.corrections.db.corrected_after, last_feed, 500)
+                    for feed_seq, rec in got:
+                        await ws.send_json(rec)
+                        last_feed = feed_seq
+                    if len(got) < 500:
+                        break
             while True:
                 if rt.stopping.is_set():
                     await ws.close(code=1001, reason="server shutting down")
                     return
                 if sub.overflowed:
-                    await ws.close(code=1013, reason="subscriber too slow; reconnect with ?after=<last seq>")
+                    await ws.close(code=1013, reason="subscriber too slow; reconnect with ?after=<last seq>"
+                                   "&revisions_after=<last feed_seq>")
                     return
                 try:
                     rec = await asyncio.wait_for(sub.queue.get(), timeout=0.25)
                 except asyncio.TimeoutError:
                     continue
-                if rec["seq"] > last or rec.get("revision", 0) > 0:  # a correction re-publishes an event
+                if rec.get("revision", 0) > 0:  # a correction re-publishes an event (its seq is old)
+                    if rec.get("feed_seq", 0) > last_feed:  # not one the replay above already sent
+                        await ws.send_json(rec)
+                elif rec["seq"] > last:
                     await ws.send_json(rec)
-                    last = max(last, rec["seq"])  # an older event's revision does not move the cursor back
+                    last = rec["seq"]
         except WebSocketDisconnect:
             pass
         finally:

@@ -178,12 +178,12 @@ class CorrectionStore:
         original = None
         if revision == 1:  # keep what the pipeline stored as revision 0
             original = Revision(0, {k: v for k, v in record.items() if k != "seq"}, units, [], None, None)
-        self.db.commit_revision(NewRevision(
+        feed_seq = self.db.commit_revision(NewRevision(
             event_id, record["seq"], revision, payload, new_units, [c.to_dict() for c in changes],
             tuple(CorrectionRow(unit, op, new_units[unit]["model_label"], before, after)
                   for unit, op, before, after in logged), who, now, original))
         self._write_examples(event_id, revision, new_units, logged, who)
-        return Outcome({"seq": record["seq"], **payload}, revision, True)
+        return Outcome({"seq": record["seq"], **payload, "feed_seq": feed_seq}, revision, True)
 
     def _apply(self, units: list[dict], c: Change) -> tuple:
         """Apply one change in place; returns (unit, op, original label, corrected label)."""

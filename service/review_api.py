@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, HTTPException, Path, Request
+from fastapi import APIRouter, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -95,6 +95,15 @@ def review_router(rt) -> APIRouter:
         if hist is None:
             raise HTTPException(404, f"no event {event_id!r}")
         return {"event_id": event_id, "revisions": hist}
+
+    @r.get("/revisions", responses=_err(503))
+    def revisions_feed(after: int = Query(0, ge=0, le=2**63 - 1, description="return corrected revisions with "
+                                          "feed_seq greater than this"),
+                       limit: int = Query(50, ge=1, le=1000)) -> dict:
+        """Corrected revisions in commit order, each the event as GET /events/{id} served it then (with
+        ``feed_seq``): a correction keeps its event's seq, so ``GET /events?after=`` never brings it back."""
+        got = corrections().db.corrected_after(after, limit)
+        return {"items": [rec for _, rec in got], "next_after": got[-1][0] if len(got) == limit else None}
 
     def publish(record: dict) -> None:
         """A corrected receipt goes where a detected one goes. Websockets: with SQLite this node's;

@@ -111,10 +111,20 @@ class ReviewDb(Protocol):
     def revisions(self, event_id: str) -> list[Revision]:
         """Every stored revision, oldest first ([] while the event was never corrected)."""
 
-    def commit_revision(self, new: NewRevision) -> None:
+    def commit_revision(self, new: NewRevision) -> int:
         """Atomically: keep revision 0 (first correction), store the new revision and its
         correction rows, and make it the event's payload and label counts. Raises
-        ``RevisionConflict`` unless the event is at ``new.revision - 1`` at commit time."""
+        ``RevisionConflict`` unless the event is at ``new.revision - 1`` at commit time.
+        Returns the revision's ``feed_seq`` (its place in the corrections feed, in commit order,
+        never reused), which the stored payload carries too."""
+
+    def last_feed_seq(self) -> int:
+        """The newest corrected revision's ``feed_seq`` (0: none yet)."""
+
+    def corrected_after(self, cursor: int, limit: int = 500) -> list[tuple[int, dict]]:
+        """(feed_seq, record as ``GET /events/{id}`` served it then) of corrected revisions after
+        ``cursor``, oldest first: what a reconnecting client missed (corrections keep their event's
+        ``seq``, so the events cursor never brings them back)."""
 
     def analytics(self, since: float | None, until: float | None, camera: str | None, bucket_s: int,
                   top_pairs: int) -> AnalyticsRows: ...

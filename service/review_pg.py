@@ -82,8 +82,7 @@ class PgReviewDb:
                              (event_id,)).fetchall()
         return [Revision(*r) for r in rows]
 
-    def commit_revision(self, new: NewRevision) -> None:
-        p = new.payload
+    def commit_revision(self, new: NewRevision) -> int:
         try:
             with self._w.use() as c, c.transaction():
                 row = c.execute("SELECT COALESCE((payload->>'revision')::int, 0) FROM events WHERE event_id=%s"
@@ -96,10 +95,12 @@ class PgReviewDb:
                               " VALUES (%s, 0, %s, %s, '[]') ON CONFLICT DO NOTHING",
                               (new.event_id, Jsonb(o.payload), Jsonb(o.units)))
                 c.execute("SELECT pg_advisory_xact_lock(%s)", (REVISION_LOCK,))  # feed_seq in commit order
+                feed_seq = c.execute("SELECT nextval('event_revisions_feed_seq')").fetchone()[0]
+                p = {**new.payload, "feed_seq": feed_seq}
                 c.execute("INSERT INTO event_revisions(event_id, revision, payload, units, changes, corrected_by,"
-                          " corrected_at, feed_seq) VALUES (%s,%s,%s,%s,%s,%s,%s, nextval('event_revisions_feed_seq'))",
+                          " corrected_at, feed_seq) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
                           (new.event_id, new.revision, Jsonb(p), Jsonb(new.units), Jsonb(new.changes),
-                           new.corrected_by, new.corrected_at))
+                           new.corrected_by, new.corrected_at, feed_seq))
                 with c.cursor() as cur:
                     if new.rows:
                         cur.executemany(
@@ -117,6 +118,7 @@ class PgReviewDb:
                 c.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"r{new.seq}"))  # wakes every node's feed
         except psycopg.errors.UniqueViolation:  # the key decided it (the row lock should have already)
             raise RevisionConflict(new.revision) from None
+        return feed_seq
 
     # -- the websocket feed (feed.StoreFeed): corrected revisions in commit order
     def last_feed_seq(self) -> int:

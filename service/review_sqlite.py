@@ -46,6 +46,10 @@ CREATE TABLE IF NOT EXISTS corrections (
     corrected_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS corrections_event ON corrections(event_id, unit);
+CREATE TABLE IF NOT EXISTS revision_feed (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    last INTEGER NOT NULL
+);
 CREATE TRIGGER IF NOT EXISTS events_delete_corrections AFTER DELETE ON events BEGIN
     DELETE FROM event_evidence WHERE event_id = OLD.event_id;
     DELETE FROM event_revisions WHERE event_id = OLD.event_id;
@@ -80,6 +84,10 @@ class SqliteReviewDb:
         with store.transaction() as db:  # migration step: the review tables (idempotent)
             for stmt in _statements(CORRECTIONS_MIGRATION):
                 db.execute(stmt)
+            # files from before the corrections feed: revisions stored then have none (they were published)
+            if "feed_seq" not in {r[1] for r in db.execute("PRAGMA table_info(event_revisions)")}:
+                db.execute("ALTER TABLE event_revisions ADD COLUMN feed_seq INTEGER")
+            db.execute("CREATE UNIQUE INDEX IF NOT EXISTS event_revisions_feed ON event_revisions(feed_seq)")
 
     def close(self) -> None:
         pass  # the store's connection: closed with the store
@@ -114,8 +122,7 @@ class SqliteReviewDb:
         return [_revision(r) for r in self.store.query(
             "SELECT * FROM event_revisions WHERE event_id=? ORDER BY revision", (event_id,))]
 
-    def commit_revision(self, new: NewRevision) -> None:
-        p = new.payload
+    def commit_revision(self, new: NewRevision) -> int:
         with self.store.transaction() as db:
             row = db.execute("SELECT COALESCE(json_extract(payload, '$.revision'), 0) FROM events WHERE event_id=?",
                              (new.event_id,)).fetchone()
@@ -125,10 +132,14 @@ class SqliteReviewDb:
                 o = new.original
                 db.execute("INSERT OR IGNORE INTO event_revisions(event_id, revision, payload, units, changes)"
                            " VALUES (?,0,?,?,'[]')", (new.event_id, json.dumps(o.payload), json.dumps(o.units)))
+            # a counter row, not MAX(feed_seq) + 1: retention deleting the newest revision must not reuse it
+            feed_seq = db.execute("INSERT INTO revision_feed(id, last) VALUES (1, 1) ON CONFLICT(id) DO UPDATE"
+                                  " SET last = last + 1 RETURNING last").fetchone()[0]
+            p = {**new.payload, "feed_seq": feed_seq}
             db.execute("INSERT INTO event_revisions(event_id, revision, payload, units, changes, corrected_by,"
-                       " corrected_at) VALUES (?,?,?,?,?,?,?)",
+                       " corrected_at, feed_seq) VALUES (?,?,?,?,?,?,?,?)",
                        (new.event_id, new.revision, json.dumps(p), json.dumps(new.units), json.dumps(new.changes),
-                        new.corrected_by, new.corrected_at))
+                        new.corrected_by, new.corrected_at, feed_seq))
             db.executemany("INSERT INTO corrections(event_id, revision, unit, op, model_label, original_label,"
                            " corrected_label, corrected_by, corrected_at) VALUES (?,?,?,?,?,?,?,?,?)",
                            [(new.event_id, new.revision, c.unit, c.op, c.model_label, c.original_label,
@@ -139,6 +150,17 @@ class SqliteReviewDb:
             db.execute("DELETE FROM event_labels WHERE seq=?", (new.seq,))
             db.executemany("INSERT INTO event_labels(seq, label, count) VALUES (?,?,?)",
                            [(new.seq, i["label"], i["count"]) for i in p["items"]])
+        return feed_seq
+
+    def last_feed_seq(self) -> int:
+        rows = self.store.query("SELECT last FROM revision_feed WHERE id = 1")
+        return rows[0]["last"] if rows else 0
+
+    def corrected_after(self, cursor: int, limit: int = 500) -> list[tuple[int, dict]]:
+        rows = self.store.query("SELECT r.feed_seq, e.seq, r.payload FROM event_revisions r JOIN events e"
+                                " ON e.event_id = r.event_id WHERE r.feed_seq > ? ORDER BY r.feed_seq LIMIT ?",
+                                (cursor, limit))
+        return [(r["feed_seq"], {"seq": r["seq"], **json.loads(r["payload"])}) for r in rows]
 
     def analytics(self, since: float | None, until: float | None, camera: str | None, bucket_s: int,
                   top_pairs: int) -> AnalyticsRows:

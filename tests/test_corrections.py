@@ -267,6 +267,48 @@ def test_an_edited_manifest_does_not_lose_the_correction(server):
     assert f'crops/{ev["event_id"]}_0.jpg' in text
 
 
+def _revisions_from(ws, want: set[tuple[str, int]], seconds: float = 10) -> list[dict]:
+    """Corrected revisions (revision > 0) off the websocket until every (event_id, revision) in ``want`` came."""
+    got = []
+    while not want <= {(m["event_id"], m["revision"]) for m in got}:
+        msg = json.loads(ws.recv(timeout=seconds))
+        if msg.get("revision", 0) > 0:
+            got.append(msg)
+    return got
+
+
+def test_a_reconnecting_client_gets_the_corrections_it_missed(server):
+    """A correction of an event the client already has keeps that event's seq, so ``?after=SEQ`` alone
+    never replays it: a till that reconnected kept the uncorrected receipt. Every corrected revision
+    carries ``feed_seq`` (commit order); ``?revisions_after=F`` replays those after F before the live
+    feed, and ``GET /revisions?after=F`` pages them for REST pollers."""
+    (e1, _), (e2, _) = _events_with_crops(server, 2)[:2]
+    relabel = [{"op": "relabel", "unit": 0, "label": "dog"}]
+    with ws_connect(f"{server.ws}/ws/events", additional_headers=_h(VIEWER), open_timeout=10) as ws:
+        assert _post(server, e1["event_id"], {"revision": 1, "changes": relabel}).status_code == 201
+        seen, = _revisions_from(ws, {(e1["event_id"], 1)})[-1:]
+    f1 = seen["feed_seq"]
+    assert isinstance(f1, int) and f1 >= 1
+    last_seq = max(e["seq"] for e in server.get("/events?limit=1000", token=VIEWER).json()["items"])
+    # while the client is away: a second revision of the first event, a first one of the second
+    assert _post(server, e1["event_id"], {"revision": 2, "changes": [{"op": "remove", "unit": 0}]}).status_code == 201
+    assert _post(server, e2["event_id"], {"revision": 1, "changes": relabel}).status_code == 201
+    missed = {(e1["event_id"], 2), (e2["event_id"], 1)}
+    url = f"{server.ws}/ws/events?after={last_seq}&revisions_after={f1}"
+    with ws_connect(url, additional_headers=_h(VIEWER), open_timeout=10) as ws:
+        got = _revisions_from(ws, missed)
+    assert [(m["event_id"], m["revision"]) for m in got] == [(e1["event_id"], 2), (e2["event_id"], 1)]
+    assert got[0]["feed_seq"] > f1 and got[1]["feed_seq"] > got[0]["feed_seq"]
+    assert got[0]["seq"] == e1["seq"] and got[1]["seq"] == e2["seq"]
+    # the same feed over REST, paged
+    page = server.get(f"/revisions?after={f1}&limit=1", token=VIEWER).json()
+    assert [(m["event_id"], m["revision"]) for m in page["items"]] == [(e1["event_id"], 2)]
+    rest = server.get(f"/revisions?after={page['next_after']}", token=VIEWER).json()
+    assert [(m["event_id"], m["revision"]) for m in rest["items"]] == [(e2["event_id"], 1)]
+    assert rest["next_after"] is None and rest["items"][0] == got[1]
+    assert server.get("/revisions?after=-1", token=VIEWER).status_code == 422
+
+
 def test_two_corrections_of_one_event_are_published_in_revision_order(tmp_path):
     """Cashier A's revision 1 is committed, then cashier B's revision 2, before A's thread publishes:
     subscribers must still get 1 before 2 (a client keeping the last message per event would
@@ -318,3 +360,39 @@ def test_typed_labels_map_to_the_detectors_and_every_dates_menu_dishes(tmp_path)
     assert corr.canonical("Bread") == "Bread" and corr.canonical("bread ") == "bread"  # an exact match wins
     assert corr.canonical(" PLATE") == "Plate" and corr.canonical("christmas  pudding") == "Christmas Pudding"
     assert corr.canonical(" Fried  rice ") == "Fried  rice"  # a new dish: as typed, stripped
+
+
+def test_an_event_file_from_before_the_corrections_feed_is_migrated_and_never_reuses_a_position(tmp_path):
+    """A file whose revisions have no feed_seq (stored before the feed) opens, keeps them, and feeds only
+    new corrections; a position is never handed out twice, also after retention deletes the newest one
+    (MAX(feed_seq) + 1 would give it again, and a client holding it would skip the new correction)."""
+    import sqlite3
+
+    from dishtrack.service.corrections import Change, CorrectionStore
+    from dishtrack.service.review_db import open_review_db
+    from dishtrack.service.store import EventStore
+    from dishtrack.tracking.types import CheckoutEvent, CheckoutItem
+
+    path = tmp_path / "ev.sqlite3"
+    store = EventStore(str(path))
+    for eid in ("old", "e1", "e2"):
+        store.save(CheckoutEvent(eid, "cam", "z", 0.0, 1.0, (CheckoutItem("Plate", 2, 0.7),), (1, 2), 0.7))
+    with sqlite3.connect(path) as db:  # the review table as the previous version created it
+        db.execute("CREATE TABLE event_revisions (event_id TEXT NOT NULL, revision INTEGER NOT NULL, payload TEXT"
+                   " NOT NULL, units TEXT NOT NULL, changes TEXT NOT NULL, corrected_by TEXT, corrected_at REAL,"
+                   " PRIMARY KEY (event_id, revision))")
+        db.execute("INSERT INTO event_revisions VALUES ('old', 1, '{\"revision\": 1}', '[]', '[]', 'a', 1.0)")
+    corr = CorrectionStore(open_review_db(store), tmp_path / "ds")
+    assert corr.db.last_feed_seq() == 0 and corr.db.corrected_after(0) == []
+    assert [r.revision for r in corr.db.revisions("old")] == [1]  # kept
+    first = corr.correct("e1", 1, [Change("relabel", 0, "Bread")], "a")
+    assert first.record["feed_seq"] == 1 and corr.db.corrected_after(0) == [(1, first.record)]
+    assert corr.db.event("e1")["feed_seq"] == 1  # GET /events/{id} serves it too
+    store.prune(max_events=1)  # retention: the oldest events go (old, e1), their revisions with them
+    assert corr.db.corrected_after(0) == [] and corr.db.event("e1") is None
+    second = corr.correct("e2", 1, [Change("remove", 0)], "a")
+    assert second.record["feed_seq"] == 2 and corr.db.last_feed_seq() == 2
+    store.close()
+    again = EventStore(str(path))  # reopening migrates nothing twice
+    assert open_review_db(again).corrected_after(1) == [(2, second.record)]
+    again.close()

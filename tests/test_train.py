@@ -535,6 +535,22 @@ def test_enrol_refuses_a_label_that_differs_from_a_known_dish_only_by_case(tiny_
     assert not (tmp_path / "x.pt").exists()
 
 
+def test_enrol_treats_labels_as_the_corrections_and_importers_do():
+    """One notion of the same dish everywhere (``importers.label_key``): a label that differs from a
+    known dish only in inner spacing is refused as well (casefold().strip() let "Fruit  salad" in
+    as a second dish beside "Fruit salad"), and a new dish is added once however it is spelt."""
+    from types import SimpleNamespace
+
+    from dishtrack.models.enrol import merged_classes
+    from dishtrack.models.sample import DatasetError
+
+    with pytest.raises(DatasetError, match="'Fruit  salad'.*'Fruit salad'"):
+        merged_classes(("Plate", "Fruit salad"), [SimpleNamespace(classes=("Fruit  salad",))])
+    with pytest.raises(DatasetError, match="'Soup '"):
+        merged_classes(("Plate",), [SimpleNamespace(classes=("Soup",)), SimpleNamespace(classes=("Soup ",))])
+    assert merged_classes(("Plate",), [SimpleNamespace(classes=("Soup", "Plate"))]) == ("Plate", "Soup")
+
+
 def test_imprinted_new_dish_outscores_old_dishes_on_its_own_examples():
     """From zero weights (bias -2) a dish seen a handful of times loses to every trained dish;
     imprinted from its examples' mean it wins on them, and old dishes keep winning on theirs."""
