@@ -276,7 +276,8 @@ def create_app(runtime: Runtime) -> FastAPI:
         return rec
 
     @app.websocket("/ws/events")
-    async def ws_events(ws: WebSocket, after: int | None = None, revisions_after: int | None = None) -> None:
+    async def ws_events(ws: WebSocket, after: int | None = Query(None, ge=0, le=_SEQ_MAX),
+                        revisions_after: int | None = Query(None, ge=0, le=_SEQ_MAX)) -> None:
         """Live events. With ``?after=SEQ`` the stored events after SEQ are sent
         first, so a reconnecting client misses nothing; a correction keeps its event's
         seq, so ``?revisions_after=F`` (the last ``feed_seq`` received) also sends the

@@ -58,6 +58,11 @@ class Outcome:
     revision: int  # the revision the request named
     created: bool  # False: the same revision was already stored (idempotent replay)
     latest: bool = True  # the event's latest revision (a replay may name an older one)
+    feed_seq: int | None = None  # the revision's place in the corrections feed
+
+    def message(self) -> dict:
+        """The record as the corrections feed sends it (websocket, outbox): with ``feed_seq``."""
+        return self.record if self.feed_seq is None else {**self.record, "feed_seq": self.feed_seq}
 
 
 def _unit_dict(u: EvidenceUnit) -> dict:
@@ -152,7 +157,7 @@ class CorrectionStore:
                 log.info("event %s: revision %d was committed first by another correction", event_id, revision)
                 out = self._correct(event_id, revision, changes, who, now)
             if publish is not None and out.latest:
-                publish(out.record)
+                publish(out.message())
             return out
 
     def _correct(self, event_id: str, revision: int, changes: list[Change], who: str, now: float | None) -> Outcome:
@@ -164,7 +169,8 @@ class CorrectionStore:
         if revision <= current:
             stored = self.db.revision(event_id, revision)
             if stored is not None and stored.changes == [c.to_dict() for c in changes]:
-                return Outcome({"seq": record["seq"], **stored.payload}, revision, False, revision == current)
+                return Outcome({"seq": record["seq"], **stored.payload}, revision, False, revision == current,
+                               stored.feed_seq)
             raise CorrectionError(409, f"event {event_id} already has revision {revision} "
                                   f"(latest {current}) with other changes; correct the latest")
         if revision != current + 1:
@@ -183,7 +189,7 @@ class CorrectionStore:
             tuple(CorrectionRow(unit, op, new_units[unit]["model_label"], before, after)
                   for unit, op, before, after in logged), who, now, original))
         self._write_examples(event_id, revision, new_units, logged, who)
-        return Outcome({"seq": record["seq"], **payload, "feed_seq": feed_seq}, revision, True)
+        return Outcome({"seq": record["seq"], **payload}, revision, True, True, feed_seq)
 
     def _apply(self, units: list[dict], c: Change) -> tuple:
         """Apply one change in place; returns (unit, op, original label, corrected label)."""

@@ -102,8 +102,10 @@ def review_router(rt) -> APIRouter:
                        limit: int = Query(50, ge=1, le=1000)) -> dict:
         """Corrected revisions in commit order, each the event as GET /events/{id} served it then (with
         ``feed_seq``): a correction keeps its event's seq, so ``GET /events?after=`` never brings it back."""
-        got = corrections().db.corrected_after(after, limit)
-        return {"items": [rec for _, rec in got], "next_after": got[-1][0] if len(got) == limit else None}
+        got = corrections().db.corrected_after(after, limit + 1)  # one more: is there a next page?
+        more = len(got) > limit
+        got = got[:limit]
+        return {"items": [rec for _, rec in got], "next_after": got[-1][0] if more else None}
 
     def publish(record: dict) -> None:
         """A corrected receipt goes where a detected one goes. Websockets: with SQLite this node's;

@@ -49,6 +49,7 @@ class Revision:
     changes: list[dict]  # the request's changes (op, unit, label); [] for revision 0
     corrected_by: str | None
     corrected_at: float | None
+    feed_seq: int | None = None  # its place in the corrections feed (None: revision 0, or stored before the feed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,16 +116,18 @@ class ReviewDb(Protocol):
         """Atomically: keep revision 0 (first correction), store the new revision and its
         correction rows, and make it the event's payload and label counts. Raises
         ``RevisionConflict`` unless the event is at ``new.revision - 1`` at commit time.
-        Returns the revision's ``feed_seq`` (its place in the corrections feed, in commit order,
-        never reused), which the stored payload carries too."""
+        Returns the revision's ``feed_seq``: its place in the corrections feed, in commit order,
+        never reused. It is kept beside the payload, not in it: only feed messages carry it, so a
+        client's resume point moves in feed order (an event record corrected to F=10 must not
+        move it past a correction F=9 still on its way)."""
 
     def last_feed_seq(self) -> int:
         """The newest corrected revision's ``feed_seq`` (0: none yet)."""
 
     def corrected_after(self, cursor: int, limit: int = 500) -> list[tuple[int, dict]]:
-        """(feed_seq, record as ``GET /events/{id}`` served it then) of corrected revisions after
-        ``cursor``, oldest first: what a reconnecting client missed (corrections keep their event's
-        ``seq``, so the events cursor never brings them back)."""
+        """(feed_seq, record as ``GET /events/{id}`` served it then, plus ``feed_seq``) of corrected
+        revisions after ``cursor``, oldest first: what a reconnecting client missed (corrections keep
+        their event's ``seq``, so the events cursor never brings them back)."""
 
     def analytics(self, since: float | None, until: float | None, camera: str | None, bucket_s: int,
                   top_pairs: int) -> AnalyticsRows: ...

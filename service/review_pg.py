@@ -26,7 +26,7 @@ def _rows(cur) -> list[dict]:
     return [dict(zip(names, r)) for r in cur.fetchall()]
 
 
-_REVISION_COLS = "revision, payload, units, changes, corrected_by, corrected_at"
+_REVISION_COLS = "revision, payload, units, changes, corrected_by, corrected_at, feed_seq"
 
 
 class PgReviewDb:
@@ -96,7 +96,7 @@ class PgReviewDb:
                               (new.event_id, Jsonb(o.payload), Jsonb(o.units)))
                 c.execute("SELECT pg_advisory_xact_lock(%s)", (REVISION_LOCK,))  # feed_seq in commit order
                 feed_seq = c.execute("SELECT nextval('event_revisions_feed_seq')").fetchone()[0]
-                p = {**new.payload, "feed_seq": feed_seq}
+                p = new.payload
                 c.execute("INSERT INTO event_revisions(event_id, revision, payload, units, changes, corrected_by,"
                           " corrected_at, feed_seq) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
                           (new.event_id, new.revision, Jsonb(p), Jsonb(new.units), Jsonb(new.changes),
@@ -131,7 +131,7 @@ class PgReviewDb:
             rows = c.execute("SELECT r.feed_seq, e.seq, r.payload FROM event_revisions r JOIN events e"
                              " ON e.event_id = r.event_id WHERE r.feed_seq > %s ORDER BY r.feed_seq LIMIT %s",
                              (cursor, limit)).fetchall()
-        return [(f, _record(seq, payload)) for f, seq, payload in rows]
+        return [(f, {**_record(seq, payload), "feed_seq": f}) for f, seq, payload in rows]
 
     def analytics(self, since: float | None, until: float | None, camera: str | None, bucket_s: int,
                   top_pairs: int) -> AnalyticsRows:

@@ -10,7 +10,7 @@ import sqlite3
 from .evidence import EvidenceUnit
 from .review_db import (AnalyticsRows, EvidenceRow, NewRevision, Revision, RevisionConflict, StoredCrop,
                         event_filter)
-from .store import EventStore
+from .store import EventStore, _record
 
 CORRECTIONS_MIGRATION = """
 CREATE TABLE IF NOT EXISTS event_evidence (
@@ -75,7 +75,7 @@ def _statements(script: str) -> list[str]:
 
 def _revision(r: sqlite3.Row) -> Revision:
     return Revision(r["revision"], json.loads(r["payload"]), json.loads(r["units"]), json.loads(r["changes"]),
-                    r["corrected_by"], r["corrected_at"])
+                    r["corrected_by"], r["corrected_at"], r["feed_seq"])
 
 
 class SqliteReviewDb:
@@ -88,6 +88,9 @@ class SqliteReviewDb:
             if "feed_seq" not in {r[1] for r in db.execute("PRAGMA table_info(event_revisions)")}:
                 db.execute("ALTER TABLE event_revisions ADD COLUMN feed_seq INTEGER")
             db.execute("CREATE UNIQUE INDEX IF NOT EXISTS event_revisions_feed ON event_revisions(feed_seq)")
+            # the counter starts above any position already handed out (a file restored without its row)
+            db.execute("INSERT OR IGNORE INTO revision_feed(id, last)"
+                       " SELECT 1, COALESCE(MAX(feed_seq), 0) FROM event_revisions")
 
     def close(self) -> None:
         pass  # the store's connection: closed with the store
@@ -133,9 +136,9 @@ class SqliteReviewDb:
                 db.execute("INSERT OR IGNORE INTO event_revisions(event_id, revision, payload, units, changes)"
                            " VALUES (?,0,?,?,'[]')", (new.event_id, json.dumps(o.payload), json.dumps(o.units)))
             # a counter row, not MAX(feed_seq) + 1: retention deleting the newest revision must not reuse it
-            feed_seq = db.execute("INSERT INTO revision_feed(id, last) VALUES (1, 1) ON CONFLICT(id) DO UPDATE"
-                                  " SET last = last + 1 RETURNING last").fetchone()[0]
-            p = {**new.payload, "feed_seq": feed_seq}
+            db.execute("UPDATE revision_feed SET last = last + 1 WHERE id = 1")
+            feed_seq = db.execute("SELECT last FROM revision_feed WHERE id = 1").fetchone()[0]
+            p = new.payload
             db.execute("INSERT INTO event_revisions(event_id, revision, payload, units, changes, corrected_by,"
                        " corrected_at, feed_seq) VALUES (?,?,?,?,?,?,?,?)",
                        (new.event_id, new.revision, json.dumps(p), json.dumps(new.units), json.dumps(new.changes),
@@ -160,7 +163,7 @@ class SqliteReviewDb:
         rows = self.store.query("SELECT r.feed_seq, e.seq, r.payload FROM event_revisions r JOIN events e"
                                 " ON e.event_id = r.event_id WHERE r.feed_seq > ? ORDER BY r.feed_seq LIMIT ?",
                                 (cursor, limit))
-        return [(r["feed_seq"], {"seq": r["seq"], **json.loads(r["payload"])}) for r in rows]
+        return [(r["feed_seq"], {**_record(r["seq"], r["payload"]), "feed_seq": r["feed_seq"]}) for r in rows]
 
     def analytics(self, since: float | None, until: float | None, camera: str | None, bucket_s: int,
                   top_pairs: int) -> AnalyticsRows:

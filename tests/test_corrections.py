@@ -10,6 +10,7 @@ import cv2
 import httpx
 import numpy as np
 import pytest
+from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 from conftest import VIDEO, AppServer, wait_until
@@ -307,6 +308,12 @@ def test_a_reconnecting_client_gets_the_corrections_it_missed(server):
     assert [(m["event_id"], m["revision"]) for m in rest["items"]] == [(e2["event_id"], 1)]
     assert rest["next_after"] is None and rest["items"][0] == got[1]
     assert server.get("/revisions?after=-1", token=VIEWER).status_code == 422
+    # only feed messages carry feed_seq: an event record corrected to F=10 must not move a client's
+    # resume point past a correction F=9 still on its way
+    assert "feed_seq" not in server.get(f"/events/{e1['event_id']}", token=VIEWER).json()
+    assert all("feed_seq" not in e for e in server.get("/events?limit=1000", token=VIEWER).json()["items"])
+    with pytest.raises(InvalidStatus):  # refused at the handshake (was a 1011 close and a traceback)
+        ws_connect(f"{server.ws}/ws/events?revisions_after={2**63}", additional_headers=_h(VIEWER), open_timeout=10)
 
 
 def test_two_corrections_of_one_event_are_published_in_revision_order(tmp_path):
@@ -386,13 +393,20 @@ def test_an_event_file_from_before_the_corrections_feed_is_migrated_and_never_re
     assert corr.db.last_feed_seq() == 0 and corr.db.corrected_after(0) == []
     assert [r.revision for r in corr.db.revisions("old")] == [1]  # kept
     first = corr.correct("e1", 1, [Change("relabel", 0, "Bread")], "a")
-    assert first.record["feed_seq"] == 1 and corr.db.corrected_after(0) == [(1, first.record)]
-    assert corr.db.event("e1")["feed_seq"] == 1  # GET /events/{id} serves it too
+    assert first.feed_seq == 1 and corr.db.corrected_after(0) == [(1, {**first.record, "feed_seq": 1})]
+    assert "feed_seq" not in corr.db.event("e1")  # only feed messages carry it
     store.prune(max_events=1)  # retention: the oldest events go (old, e1), their revisions with them
     assert corr.db.corrected_after(0) == [] and corr.db.event("e1") is None
     second = corr.correct("e2", 1, [Change("remove", 0)], "a")
-    assert second.record["feed_seq"] == 2 and corr.db.last_feed_seq() == 2
+    assert second.feed_seq == 2 and corr.db.last_feed_seq() == 2
     store.close()
     again = EventStore(str(path))  # reopening migrates nothing twice
-    assert open_review_db(again).corrected_after(1) == [(2, second.record)]
+    assert open_review_db(again).corrected_after(1) == [(2, second.message())]
     again.close()
+    # a file restored without its counter row: the counter starts above the positions already given
+    with sqlite3.connect(path) as db:
+        db.execute("DELETE FROM revision_feed")
+    restored = EventStore(str(path))
+    assert CorrectionStore(open_review_db(restored), tmp_path / "ds").correct(
+        "e2", 2, [Change("remove", 1)], "a").feed_seq == 3
+    restored.close()
