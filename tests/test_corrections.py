@@ -191,6 +191,47 @@ def test_admin_corrects_a_receipt_in_the_page(server, chromium, tmp_path):
     drv.save_screenshot(str(tmp_path / "corrected.png"))
 
 
+@pytest.mark.browser
+def test_the_page_shows_a_correction_made_while_its_websocket_was_down(server, chromium):
+    """The page's websocket drops and reconnects (1 s later); a correction committed in between, of an
+    event the page shows, must still replace the receipt shown: it keeps its event's seq, so the
+    reconnection's ?after= never brought it (the page kept the uncorrected receipt)."""
+    from selenium.webdriver.common.by import By
+
+    drv = chromium
+    drv.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """
+        window.__sockets = [];
+        const Native = window.WebSocket;
+        window.WebSocket = function (url, protocols) {
+          const ws = new Native(url, protocols); window.__sockets.push(ws); return ws; };
+        window.WebSocket.prototype = Native.prototype;"""})  # the test can then drop the page's socket
+    candidates = {ev["event_id"]: ev for ev, _ in _events_with_crops(server)}
+    drv.get(server.base + "/")
+    wait_until(lambda: drv.current_url.endswith("/login"), 10, what="redirect to /login")
+    drv.find_element(By.ID, "token").send_keys(VIEWER)
+    drv.find_element(By.ID, "login").click()
+    wait_until(lambda: drv.find_element(By.ID, "status").text == "live", 20, what="websocket live")
+
+    def shown():
+        for li in drv.find_elements(By.CSS_SELECTOR, "#events li.event[data-revision='0']"):
+            if li.get_attribute("data-event-id") in candidates:
+                return li.get_attribute("data-event-id")
+        return None
+
+    eid = wait_until(shown, 30, what="an uncorrected event with evidence in the page")
+    drv.execute_script("window.__sockets[window.__sockets.length - 1].close()")  # no message after this
+    r = _post(server, eid, {"revision": 1, "changes": [{"op": "relabel", "unit": 0, "label": "unicycle"}]})
+    assert r.status_code == 201, r.text
+
+    def corrected():
+        el = drv.find_element(By.CSS_SELECTOR, f"#events li.event[data-event-id='{eid}']")
+        return el if el.get_attribute("data-revision") == "1" and "unicycle" in el.text else None
+
+    wait_until(corrected, 20, what="the correction made while the websocket was down, in the page")
+    urls = drv.execute_script("return window.__sockets.map(w => w.url)")
+    assert len(urls) >= 2 and "revisions_after=" not in urls[0] and "revisions_after=" in urls[-1], urls
+
+
 def test_evidence_keeper_keeps_the_best_frame_and_stays_bounded():
     """Real video frames, track snapshots as the tracker reports them: the crop follows the wholly
     visible, larger view; crops held per camera never exceed max_tracks; take() forgets them."""
