@@ -136,7 +136,9 @@ class CheckoutAssembler:
       its box is within ``link_gap`` dish sizes (size = sqrt(box area), the
       larger of the two dishes, so a cup next to a plate links) of some
       member's box (members extrapolated along their velocity to the crossing
-      time) and its velocity
+      time), directly or through a chain of dishes on screen that move with
+      the tray and have yet to cross (a yogurt and a fruit at opposite edges
+      of a tray are linked by the plate between them), and its velocity
       is within ``speed_tol`` of the members' mean velocity (plus half a dish
       size per second, so two nearly stopped dishes count as equal). A clearly
       separate cluster (e.g. the next tray, a gap behind along the motion)
@@ -164,6 +166,7 @@ class CheckoutAssembler:
         self.params = params or TrayParams(gap_s=tray_gap_s, max_s=tray_max_s)
         self._open: list[Crossing] = []
         self._latest: dict[int, tuple[float, Track, bool]] = {}  # track id -> (time, snapshot, live)
+        self._on_screen: tuple[Track, ...] = ()  # the latest frame's tracks (possible links between members)
         self._image_size: tuple[int, int] | None = None
 
     @property
@@ -201,6 +204,7 @@ class CheckoutAssembler:
     # -- grouping
     def _observe(self, update: TrackUpdate) -> None:
         self._image_size = update.image_size
+        self._on_screen = tuple(update.tracks)
         if not self._open:
             return
         members = {c.track_id for c in self._open}
@@ -228,23 +232,52 @@ class CheckoutAssembler:
         members = [(ts, t) for ts, t, _ in self._latest.values() if 0 <= c.timestamp - ts <= p.gap_s]
         if not members:
             return None
-        box = c.track.box
-        near, vels = False, []
+        boxes, vels = [], []
         for ts, t in members:
             v = track_velocity(t, p.velocity_window_s)
-            mbox = t.box if v is None else (np.asarray(t.box) + np.tile(v, 2) * (c.timestamp - ts))
-            if _box_gap(box, mbox) <= p.link_gap * max(_size(box), _size(mbox)):
-                near = True
+            boxes.append(t.box if v is None else (np.asarray(t.box) + np.tile(v, 2) * (c.timestamp - ts)))
             if v is not None:
                 vels.append(v)
-        if not near:
+        vm = np.mean(vels, axis=0) if vels else None
+        if not self._linked(c.track, boxes, vm, {t.track_id for _, t in members}):
             return False
         cv = track_velocity(c.track, p.velocity_window_s)
-        if cv is None or not vels:
+        if cv is None or vm is None:
             return True  # co-located, motion unknown
-        vm = np.mean(vels, axis=0)
-        diff = float(np.linalg.norm(cv - vm))
-        return diff <= p.speed_tol * max(float(np.linalg.norm(cv)), float(np.linalg.norm(vm))) + 0.5 * _size(box)
+        return self._moves_with(cv, vm, c.track.box)
+
+    def _near(self, box, others) -> bool:
+        return any(_box_gap(box, o) <= self.params.link_gap * max(_size(box), _size(o)) for o in others)
+
+    def _moves_with(self, v: np.ndarray, vm: np.ndarray, box) -> bool:
+        diff = float(np.linalg.norm(v - vm))
+        return diff <= self.params.speed_tol * max(float(np.linalg.norm(v)), float(np.linalg.norm(vm))) + 0.5 * _size(box)
+
+    def _linked(self, track: Track, boxes: list, vm: np.ndarray | None, members: set[int]) -> bool:
+        """``track`` is near a member's box, or near a chain of on-screen dishes that move with the
+        tray (velocity known and matching) starting near one: single linkage through dishes of the
+        tray that have yet to cross. Bounded by the frame's tracks."""
+        if self._near(track.box, boxes):
+            return True
+        if vm is None:
+            return False
+        links = []
+        for t in self._on_screen:
+            if t.track_id == track.track_id or t.track_id in members:
+                continue
+            v = track_velocity(t, self.params.velocity_window_s)
+            if v is not None and self._moves_with(v, vm, t.box):
+                links.append(t.box)
+        reached = list(boxes)
+        while links:
+            grown = [b for b in links if self._near(b, reached)]
+            if not grown:
+                return False
+            if self._near(track.box, grown):
+                return True
+            reached += grown
+            links = [b for b in links if not any(b is g for g in grown)]
+        return False
 
     def _parked(self, now: float) -> bool:
         p = self.params
