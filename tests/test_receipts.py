@@ -108,6 +108,29 @@ def test_dishes_far_apart_on_one_tray_are_one_event_through_the_plate_between_th
     assert len(events) == 1 and sorted((i.label, i.count) for i in events[0].items) == [("bowl", 1), ("plate", 2)]
 
 
+def test_a_big_plate_on_the_next_tray_does_not_chain_it_to_the_tray_ahead():
+    """Tray B 260 px behind tray A (B's front cup 130 px behind A's rear dish) carries a 200 px plate
+    behind its cup: within one *plate* size of A's rear dish and of the cup, so a chain step of the
+    larger dish's size made A and B one event (found by review)."""
+    a = [Dish(tray_path(100, 200, 0)), Dish(tray_path(100, 270, -70))]
+    b = [Dish(tray_path(-160, 120, 0)), Dish(tray_path(-160, 330, -110), cls=lambda t: 1, size=200)]
+    crossings, events = run_scene(a + b, 6.0, PARAMS)
+    assert len(crossings) == 4
+    assert [sum(i.count for i in e.items) for e in events] == [2, 2]
+
+
+def test_a_still_big_dish_by_the_line_does_not_chain_two_trays():
+    """A 200 px dish standing still on the counter, straddling the line below the lane, 50 px from
+    each of two trays: with the size slack of the crossing rule (0.5 x 200 px/s) it 'moved with'
+    both and linked them (found by review)."""
+    two = [Dish(tray_path(100, 200, 0)), Dish(tray_path(100, 270, -70)),
+           Dish(tray_path(-160, 200, 0)), Dish(tray_path(-160, 280, -70))]
+    still = Dish(lambda t: (330.0, 390.0), size=200)
+    crossings, events = run_scene(two + [still], 5.0, PARAMS)
+    assert len(crossings) == 4
+    assert [sum(i.count for i in e.items) for e in events] == [2, 2]
+
+
 def test_tray_stopped_on_the_line_for_3s_is_one_event():
     # three dishes in a row; the tray stops with its rear dish straddling the line
     stop = dict(stop_at=430.0, stop_s=3.0)

@@ -254,29 +254,44 @@ class CheckoutAssembler:
         return diff <= self.params.speed_tol * max(float(np.linalg.norm(v)), float(np.linalg.norm(vm))) + 0.5 * _size(box)
 
     def _linked(self, track: Track, boxes: list, vm: np.ndarray | None, members: set[int]) -> bool:
-        """``track`` is near a member's box, or near a chain of on-screen dishes that move with the
-        tray (velocity known and matching) starting near one: single linkage through dishes of the
-        tray that have yet to cross. Bounded by the frame's tracks."""
+        """``track`` is near a member's box, or near a chain of on-screen dishes of the tray that have
+        yet to cross, starting near a member: single linkage. A link is a confirmed track on the
+        approach side of the line whose velocity matches the tray's without the size slack (a still
+        plate would "move with" any tray) and each chain step spans at most ``link_gap`` times the
+        *smaller* dish (a big plate of the next tray must not reach the tray ahead). A (nearly)
+        stopped tray has no motion to tell its dishes from anything else on screen: no chain.
+        Bounded by the frame's tracks."""
+        p = self.params
         if self._near(track.box, boxes):
             return True
-        if vm is None:
+        speed = 0.0 if vm is None else float(np.linalg.norm(vm))
+        if vm is None or speed < _size(track.box) or p.line is None or self._image_size is None:
             return False
+        w, h = self._image_size
+        a, b = (p.line[0][0] * w, p.line[0][1] * h), (p.line[1][0] * w, p.line[1][1] * h)
+        came_from = tuple(np.asarray(track.center) - vm * 0.5)  # half a second back along the tray's motion
+        approach = np.sign(side_of_line(came_from, a, b))
         links = []
         for t in self._on_screen:
-            if t.track_id == track.track_id or t.track_id in members:
+            if (t.state is not TrackState.CONFIRMED or t.track_id == track.track_id or t.track_id in members
+                    or np.sign(side_of_line(t.center, a, b)) != approach):
                 continue
-            v = track_velocity(t, self.params.velocity_window_s)
-            if v is not None and self._moves_with(v, vm, t.box):
+            v = track_velocity(t, p.velocity_window_s)
+            if v is not None and float(np.linalg.norm(v - vm)) <= p.speed_tol * max(float(np.linalg.norm(v)), speed):
                 links.append(t.box)
+
+        def near(box, others) -> bool:
+            return any(_box_gap(box, o) <= p.link_gap * min(_size(box), _size(o)) for o in others)
+
         reached = list(boxes)
         while links:
-            grown = [b for b in links if self._near(b, reached)]
+            grown = [lb for lb in links if near(lb, reached)]
             if not grown:
                 return False
-            if self._near(track.box, grown):
+            if near(track.box, grown):
                 return True
             reached += grown
-            links = [b for b in links if not any(b is g for g in grown)]
+            links = [lb for lb in links if not any(lb is g for g in grown)]
         return False
 
     def _parked(self, now: float) -> bool:
