@@ -144,17 +144,24 @@ def test_correction_is_a_new_revision_idempotent_republished_and_a_training_exam
     assert "dog" not in {i["label"] for i in r2.json()["event"]["items"]}
 
 
+def _log_in(drv, server, token) -> None:
+    """The page: redirected to /login, the token typed in, back on the page with its websocket live."""
+    from selenium.webdriver.common.by import By
+
+    drv.get(server.base + "/")
+    wait_until(lambda: drv.current_url.endswith("/login"), 10, what="redirect to /login")
+    drv.find_element(By.ID, "token").send_keys(token)
+    drv.find_element(By.ID, "login").click()
+    wait_until(lambda: drv.find_element(By.ID, "status").text == "live", 20, what="websocket live")
+
+
 @pytest.mark.browser
 def test_admin_corrects_a_receipt_in_the_page(server, chromium, tmp_path):
     from selenium.webdriver.common.by import By
 
     _events_with_crops(server)
     drv = chromium
-    drv.get(server.base + "/")
-    wait_until(lambda: drv.current_url.endswith("/login"), 10, what="redirect to /login")
-    drv.find_element(By.ID, "token").send_keys(ADMIN)
-    drv.find_element(By.ID, "login").click()
-    wait_until(lambda: drv.find_element(By.ID, "status").text == "live", 20, what="websocket live")
+    _log_in(drv, server, ADMIN)
 
     def editable():
         for li in drv.find_elements(By.CSS_SELECTOR, "#events li.event[data-revision='0']"):
@@ -206,11 +213,7 @@ def test_the_page_shows_a_correction_made_while_its_websocket_was_down(server, c
           const ws = new Native(url, protocols); window.__sockets.push(ws); return ws; };
         window.WebSocket.prototype = Native.prototype;"""})  # the test can then drop the page's socket
     candidates = {ev["event_id"]: ev for ev, _ in _events_with_crops(server)}
-    drv.get(server.base + "/")
-    wait_until(lambda: drv.current_url.endswith("/login"), 10, what="redirect to /login")
-    drv.find_element(By.ID, "token").send_keys(VIEWER)
-    drv.find_element(By.ID, "login").click()
-    wait_until(lambda: drv.find_element(By.ID, "status").text == "live", 20, what="websocket live")
+    _log_in(drv, server, VIEWER)
 
     def shown():
         for li in drv.find_elements(By.CSS_SELECTOR, "#events li.event[data-revision='0']"):
