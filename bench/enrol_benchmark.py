@@ -67,6 +67,10 @@ def main() -> None:
     ap.add_argument("--localiser", required=True, help="a dish checkpoint trained on the same split (seed)")
     ap.add_argument("--dish", action="append", required=True)
     ap.add_argument("--shots", type=int, default=5, help="boxes of the new dish given (corrections)")
+    ap.add_argument("--pick", choices=("first", "diverse"), default="first",
+                    help="which photos' boxes are given: the first met (one per tray, random tray order), or "
+                    "the most varied looks: farthest-first on the base model's embeddings of the dish's boxes, "
+                    "one photo per tray (what `dishtrack shots` would put in front of the cashier)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="runs/enrol", help="base checkpoints are kept here and reused")
     ap.add_argument("--folds", help="cross-validation folds (train --val-fold), 'all' or e.g. 0,1; --localiser "
@@ -123,6 +127,49 @@ def fmt(x) -> str:
     return "–" if x is None else f"{x:.2f}"
 
 
+def pick_examples(args, tr: list, dish: str, base) -> tuple[set[int], int]:
+    """The training photos whose ``dish`` boxes are given as the cashier's corrections (at most
+    ``--shots`` boxes, one photo per tray): ``first`` the first photo of each tray in a random tray
+    order; ``diverse`` starts there, then farthest-first (k-center, cosine) on the mean embedding of
+    each photo's dish boxes under ``base`` (which never saw the dish)."""
+    trays = sorted({x.group for x in tr})
+    random.Random(args.seed).shuffle(trays)
+    first = [next(i for i, x in enumerate(tr) if x.group == t and dish in x.labels) for t in trays
+             if any(x.group == t and dish in x.labels for x in tr)]
+    if args.pick == "first":
+        order = first
+    else:
+        import cv2
+
+        det = DishDetector(base, "cpu")
+        cand = [i for i, x in enumerate(tr) if dish in x.labels]
+        emb = []
+        for i in cand:
+            x = tr[i]
+            boxes = np.asarray(x.boxes, np.float32)[[lb == dish for lb in x.labels]]
+            e = det.embed_boxes(cv2.imread(str(x.image)), boxes).mean(0)
+            emb.append((e / e.norm()).numpy())
+        emb = np.stack(emb)
+        pos = {i: k for k, i in enumerate(cand)}
+        order = [first[0]]
+        dist = 1 - emb @ emb[pos[first[0]]]
+        while len(order) < len(cand):
+            used = {tr[i].group for i in order}
+            free = [k for k, i in enumerate(cand) if tr[i].group not in used]
+            if not free:
+                break
+            k = max(free, key=lambda k: dist[k])
+            order.append(cand[k])
+            dist = np.minimum(dist, 1 - emb @ emb[k])
+    given, shots = set(), 0
+    for i in order:
+        if shots >= args.shots:
+            break
+        given.add(i)
+        shots += tr[i].labels.count(dish)
+    return given, shots
+
+
 def run_split(args, data, work: Path, fold: int | None) -> list[dict]:
     """Every ``--dish`` on one tray split (``fold``; None: the default split of ``--seed``)."""
     s = TrainSettings(data=args.data, out=str(work / "x.pt"), progress=False, seed=args.seed)
@@ -158,16 +205,7 @@ def run_split(args, data, work: Path, fold: int | None) -> list[dict]:
             finish_model(model, tr, lab(tr), va, lab(va))  # as train ends (the localiser checkpoint's were its own)
             save_dish_checkpoint(base_path, model)
         base_s = time.time() - t0
-        # the corrections: the first boxes of the dish met in the training trays, in a random tray order
-        trays = sorted({x.group for x in tr})
-        random.Random(args.seed).shuffle(trays)
-        given, shots = set(), 0
-        for t in trays:
-            for i, x in enumerate(tr):
-                if x.group == t and dish in x.labels and shots < args.shots:
-                    given.add(i)
-                    shots += x.labels.count(dish)
-                    break
+        given, shots = pick_examples(args, tr, dish, model)
         full = classes + (dish,)
         fidx = {c: i for i, c in enumerate(full)}
         tl = [[fidx[lb] if (lb != dish or i in given) else -1 for lb in x.labels] for i, x in enumerate(tr)]
@@ -189,6 +227,7 @@ def run_split(args, data, work: Path, fold: int | None) -> list[dict]:
             rep = evaluate_predictions(va, full, preds, thr)
             got = tray_counts(va, preds, full, thr, dish)
             row = {"dish": dish, "variant": variant, "fold": fold, "shots": shots, "photos_given": len(given),
+                   "pick": args.pick,
                    "val_trays_with_dish": len(got),
                    "recognised_trays": sum(p == g for g, p in got.values()),
                    "named_at_all_trays": sum(p > 0 for g, p in got.values()),
