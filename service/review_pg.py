@@ -83,6 +83,7 @@ class PgReviewDb:
         return [Revision(*r) for r in rows]
 
     def commit_revision(self, new: NewRevision) -> int:
+        p = new.payload
         try:
             with self._w.use() as c, c.transaction():
                 row = c.execute("SELECT COALESCE((payload->>'revision')::int, 0) FROM events WHERE event_id=%s"
@@ -96,7 +97,6 @@ class PgReviewDb:
                               (new.event_id, Jsonb(o.payload), Jsonb(o.units)))
                 c.execute("SELECT pg_advisory_xact_lock(%s)", (REVISION_LOCK,))  # feed_seq in commit order
                 feed_seq = c.execute("SELECT nextval('event_revisions_feed_seq')").fetchone()[0]
-                p = new.payload
                 c.execute("INSERT INTO event_revisions(event_id, revision, payload, units, changes, corrected_by,"
                           " corrected_at, feed_seq) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
                           (new.event_id, new.revision, Jsonb(p), Jsonb(new.units), Jsonb(new.changes),

@@ -126,6 +126,7 @@ class SqliteReviewDb:
             "SELECT * FROM event_revisions WHERE event_id=? ORDER BY revision", (event_id,))]
 
     def commit_revision(self, new: NewRevision) -> int:
+        p = new.payload
         with self.store.transaction() as db:
             row = db.execute("SELECT COALESCE(json_extract(payload, '$.revision'), 0) FROM events WHERE event_id=?",
                              (new.event_id,)).fetchone()
@@ -138,7 +139,6 @@ class SqliteReviewDb:
             # a counter row, not MAX(feed_seq) + 1: retention deleting the newest revision must not reuse it
             db.execute("UPDATE revision_feed SET last = last + 1 WHERE id = 1")
             feed_seq = db.execute("SELECT last FROM revision_feed WHERE id = 1").fetchone()[0]
-            p = new.payload
             db.execute("INSERT INTO event_revisions(event_id, revision, payload, units, changes, corrected_by,"
                        " corrected_at, feed_seq) VALUES (?,?,?,?,?,?,?,?)",
                        (new.event_id, new.revision, json.dumps(p), json.dumps(new.units), json.dumps(new.changes),

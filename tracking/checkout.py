@@ -244,14 +244,24 @@ class CheckoutAssembler:
         cv = track_velocity(c.track, p.velocity_window_s)
         if cv is None or vm is None:
             return True  # co-located, motion unknown
-        return self._moves_with(cv, vm, c.track.box)
+        return self._moves_with(cv, vm, slack=0.5 * _size(c.track.box))
 
-    def _near(self, box, others) -> bool:
-        return any(_box_gap(box, o) <= self.params.link_gap * max(_size(box), _size(o)) for o in others)
+    def _near(self, box, others, size=max) -> bool:
+        """Within ``link_gap`` dish sizes of one of ``others``; ``size`` picks which of the two dishes."""
+        return any(_box_gap(box, o) <= self.params.link_gap * size(_size(box), _size(o)) for o in others)
 
-    def _moves_with(self, v: np.ndarray, vm: np.ndarray, box) -> bool:
+    def _moves_with(self, v: np.ndarray, vm: np.ndarray, slack: float = 0.0) -> bool:
+        """Velocity ``v`` within ``speed_tol`` of the tray's ``vm``, plus ``slack`` px/s."""
         diff = float(np.linalg.norm(v - vm))
-        return diff <= self.params.speed_tol * max(float(np.linalg.norm(v)), float(np.linalg.norm(vm))) + 0.5 * _size(box)
+        return diff <= self.params.speed_tol * max(float(np.linalg.norm(v)), float(np.linalg.norm(vm))) + slack
+
+    def _line_px(self) -> tuple[tuple[float, float], tuple[float, float]] | None:
+        """The zone's line in pixels of the latest frame (None: no line, or no frame seen yet)."""
+        p = self.params
+        if p.line is None or self._image_size is None:
+            return None
+        w, h = self._image_size
+        return (p.line[0][0] * w, p.line[0][1] * h), (p.line[1][0] * w, p.line[1][1] * h)
 
     def _linked(self, track: Track, boxes: list, vm: np.ndarray | None, members: set[int]) -> bool:
         """``track`` is near a member's box, or near a chain of on-screen dishes of the tray that have
@@ -261,48 +271,40 @@ class CheckoutAssembler:
         *smaller* dish (a big plate of the next tray must not reach the tray ahead). A (nearly)
         stopped tray has no motion to tell its dishes from anything else on screen: no chain.
         Bounded by the frame's tracks."""
-        p = self.params
         if self._near(track.box, boxes):
             return True
-        speed = 0.0 if vm is None else float(np.linalg.norm(vm))
-        if vm is None or speed < _size(track.box) or p.line is None or self._image_size is None:
+        line = self._line_px()
+        if vm is None or float(np.linalg.norm(vm)) < _size(track.box) or line is None:
             return False
-        w, h = self._image_size
-        a, b = (p.line[0][0] * w, p.line[0][1] * h), (p.line[1][0] * w, p.line[1][1] * h)
         came_from = tuple(np.asarray(track.center) - vm * 0.5)  # half a second back along the tray's motion
-        approach = np.sign(side_of_line(came_from, a, b))
+        approach = np.sign(side_of_line(came_from, *line))
         links = []
         for t in self._on_screen:
             if (t.state is not TrackState.CONFIRMED or t.track_id == track.track_id or t.track_id in members
-                    or np.sign(side_of_line(t.center, a, b)) != approach):
+                    or np.sign(side_of_line(t.center, *line)) != approach):
                 continue
-            v = track_velocity(t, p.velocity_window_s)
-            if v is not None and float(np.linalg.norm(v - vm)) <= p.speed_tol * max(float(np.linalg.norm(v)), speed):
+            v = track_velocity(t, self.params.velocity_window_s)
+            if v is not None and self._moves_with(v, vm):
                 links.append(t.box)
-
-        def near(box, others) -> bool:
-            return any(_box_gap(box, o) <= p.link_gap * min(_size(box), _size(o)) for o in others)
-
         reached = list(boxes)
         while links:
-            grown = [lb for lb in links if near(lb, reached)]
+            step = [self._near(lb, reached, min) for lb in links]
+            grown = [lb for lb, near in zip(links, step) if near]
             if not grown:
                 return False
-            if near(track.box, grown):
+            if self._near(track.box, grown, min):
                 return True
             reached += grown
-            links = [lb for lb in links if not any(lb is g for g in grown)]
+            links = [lb for lb, near in zip(links, step) if not near]
         return False
 
     def _parked(self, now: float) -> bool:
         p = self.params
-        if p.line is None or self._image_size is None:
+        line = self._line_px()
+        if line is None:
             return False
-        w, h = self._image_size
-        a = (p.line[0][0] * w, p.line[0][1] * h)
-        b = (p.line[1][0] * w, p.line[1][1] * h)
         return any(live and now - ts <= p.gap_s
-                   and _point_segment_distance(t.center, a, b) <= (0.5 + p.link_gap) * _size(t.box)
+                   and _point_segment_distance(t.center, *line) <= (0.5 + p.link_gap) * _size(t.box)
                    for ts, t, live in self._latest.values())
 
     # -- receipt
