@@ -239,7 +239,8 @@ def evaluate(args) -> dict:
     if isinstance(detector, CachedPredictions):
         detector.save()
     events = [EventCounts((to_video_s(e["started_at"]) + to_video_s(e["ended_at"])) / 2,
-                          {i["label"]: i["count"] for i in e["items"]}) for e in raw]
+                          {i["label"]: i["count"] for i in e["items"]}, bool(e.get("needs_review")))
+              for e in raw]
     score = score_receipts(events, trays_from_receipts(receipts))
     z = cfg.zones[0]
     score["setup"] = {
@@ -263,12 +264,15 @@ def print_table(s: dict) -> None:
             ("trays split (>1 event)", s["trays_split"]),
             ("exact receipts", f"{s['exact_receipts']} ({s['exact_receipt_rate']:.1%})"),
             ("item precision", f"{s['item_precision']:.3f}"), ("item recall", f"{s['item_recall']:.3f}"),
-            ("events per tray", f"{s['events_per_tray']:.2f}")]
+            ("events per tray", f"{s['events_per_tray']:.2f}"),
+            ("trays flagged for review", f"{s['trays_flagged']} (wrong among them: {s['wrong_flagged']})"),
+            ("wrong and not flagged", f"{s['wrong_unflagged']} ({s['wrong_unflagged'] / max(s['trays'], 1):.1%})")]
     for k, v in rows:
         print(f"  {k:<32} {v}")
     for r in s["per_tray"]:
         if not r["exact"]:
-            print(f"  tray {r['tray']:>3}: {r['events']} event(s), gt {r['gt']} pred {r['pred']}")
+            print(f"  tray {r['tray']:>3}: {r['events']} event(s), gt {r['gt']} pred {r['pred']}"
+                  + (" (flagged)" if r["flagged"] else ""))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

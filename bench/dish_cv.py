@@ -186,16 +186,19 @@ def fold_videos(args, folds: list[int], data, base: TrainSettings) -> list[dict]
              "--predictions", str(Path(args.out) / f"fold{k}" / "video_predictions.pkl")]))
         scores.append({"fold": k, **{key: v for key, v in s.items() if not isinstance(v, (dict, list))}})
     trays = sum(s["trays"] for s in scores)
-    print("\n| fold | video trays | trays with one event | exact receipts | item precision | item recall |")
-    print("|---|---|---|---|---|---|")
+    print("\n| fold | video trays | trays with one event | exact receipts | item precision | item recall | "
+          "flagged for review (wrong among them) | wrong, not flagged |")
+    print("|---|---|---|---|---|---|---|---|")
     for s in scores:
         print(f"| {s['fold']} | {s['trays']} | {s['trays_one_event']} | {s['exact_receipts']} "
-              f"({s['exact_receipt_rate']:.1%}) | {s['item_precision']:.3f} | {s['item_recall']:.3f} |")
+              f"({s['exact_receipt_rate']:.1%}) | {s['item_precision']:.3f} | {s['item_recall']:.3f} | "
+              f"{s['trays_flagged']} ({s['wrong_flagged']}) | {s['wrong_unflagged']} |")
     one, exact = sum(s["trays_one_event"] for s in scores), sum(s["exact_receipts"] for s in scores)
     prec = sum(s["item_precision"] * s["trays"] for s in scores) / max(trays, 1)
     rec = sum(s["item_recall"] * s["trays"] for s in scores) / max(trays, 1)
+    flagged, caught, trusted = (sum(s[k] for s in scores) for k in ("trays_flagged", "wrong_flagged", "wrong_unflagged"))
     print(f"| all | {trays} | {one} ({one / max(trays, 1):.1%}) | {exact} ({exact / max(trays, 1):.1%}) | "
-          f"{prec:.3f} | {rec:.3f} |")
+          f"{prec:.3f} | {rec:.3f} | {flagged} ({caught}) | {trusted} ({trusted / max(trays, 1):.1%}) |")
     return scores
 
 

@@ -157,6 +157,9 @@ class TrackerConfig(_Strict):
                                  description="2nd-chance match of occluded tracks by centre distance / box diagonal; 0 = off")
     buffer_iou: float = Field(0.0, ge=0.0, le=2.0,
                               description="C-BIoU pass for hidden tracks: boxes widened by this share per side; 0 = off")
+    class_vote: Literal["soft", "top"] = Field(
+        "soft", description="a track's lifetime class vote when the detector gives class probabilities: 'soft' sums "
+        "them (score-weighted; the margin says how sure the dish was), 'top' counts each frame's top class")
 
 
 class LineConfig(_Strict):
@@ -194,6 +197,9 @@ class ZoneConfig(_Strict):
     velocity_window_s: float = Field(0.5, gt=0, description="trajectory span a track's velocity is fitted over")
     review_margin: float = Field(0.3, ge=0, le=1, description="items whose class vote margin (top share minus "
                                  "runner-up) is below this are marked needs_review")
+    review_confidence: float = Field(0.6, ge=0, le=1, description="items whose track's mean detection score is "
+                                     "below this are marked needs_review (0: off; a dish checkpoint's scores read "
+                                     "0.6 at each dish's validated threshold)")
     same_dish_overlap: float = Field(0.3, gt=0, le=1, description="two crossings of one tray named the same dish "
                                      "whose boxes (the earlier moved along its velocity to the later one's time) "
                                      "cover this share of the smaller are one dish counted twice; 1: off")

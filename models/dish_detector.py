@@ -256,7 +256,8 @@ class DishDetector:
         keep = (cal >= self.low_confidence) & self._allowed[p["class_ids"]]
         return Detections(camera_id=frame.camera_id, frame_index=frame.index, timestamp=frame.timestamp,
                           boxes=p["boxes"][keep], scores=cal[keep], class_ids=p["class_ids"][keep],
-                          labels=self.labels, image_size=frame.size, embeddings=p["embeddings"][keep])
+                          labels=self.labels, image_size=frame.size, embeddings=p["embeddings"][keep],
+                          probs=p["probs"][keep][:, :len(self.labels)].astype(np.float32))
 
 
 def save_dish_checkpoint(path: str | Path, model: DishModel, meta: dict | None = None) -> None:

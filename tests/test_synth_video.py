@@ -157,6 +157,18 @@ def test_score_missing_item():
     assert s["exact_receipts"] == 2 and s["trays_one_event"] == 3
     assert s["item_precision"] == 1.0 and s["item_recall"] == pytest.approx(5 / 6)
     assert [r["exact"] for r in s["per_tray"]] == [True, False, True]
+    assert (s["trays_flagged"], s["wrong_flagged"], s["wrong_unflagged"]) == (0, 0, 1)
+
+
+def test_score_review_flags():
+    """A wrong receipt flagged for review is caught; a right one flagged costs a review; a wrong one
+    not flagged is charged as it is."""
+    evs = [EventCounts(4.1, {"Bread": 1, "Plate": 1}, needs_review=True),   # right, reviewed anyway
+           EventCounts(7.9, {"Plate": 1, "Drink": 1}, needs_review=True),   # wrong, caught
+           EventCounts(12.2, {"Plate": 2})]                                 # wrong, trusted
+    s = score_receipts(evs, GT)
+    assert (s["trays_flagged"], s["wrong_flagged"], s["wrong_unflagged"]) == (2, 1, 1)
+    assert [r["flagged"] for r in s["per_tray"]] == [True, True, False]
 
 
 def test_score_split_tray():

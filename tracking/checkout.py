@@ -80,6 +80,10 @@ class TrayParams:
     speed_tol: float = 0.5  # motion rule: relative velocity difference to the tray's mean
     velocity_window_s: float = 0.5  # trajectory span a velocity is fitted over
     review_margin: float = 0.3  # an item whose class vote margin is below this needs review
+    # ... or whose track's mean detection score is below this (0: off). A dish detector's scores are
+    # calibrated so that each dish's validated threshold reads 0.6: below it, the track was mostly
+    # seen under the threshold its dish is counted at
+    review_confidence: float = 0.6
     # two crossings named the same dish whose boxes overlap this much (share of the smaller) are one
     # dish counted twice (a bottle boxed whole and by its cap became two tracks); 1: off
     same_dish_overlap: float = 0.3
@@ -89,7 +93,8 @@ class TrayParams:
     def from_config(cls, zcfg) -> "TrayParams":
         return cls(gap_s=zcfg.tray_gap_s, max_s=zcfg.tray_max_s, link_gap=zcfg.tray_link_gap,
                    speed_tol=zcfg.tray_speed_tol, velocity_window_s=zcfg.velocity_window_s,
-                   review_margin=zcfg.review_margin, same_dish_overlap=zcfg.same_dish_overlap,
+                   review_margin=zcfg.review_margin, review_confidence=zcfg.review_confidence,
+                   same_dish_overlap=zcfg.same_dish_overlap,
                    line=(tuple(zcfg.line.p1), tuple(zcfg.line.p2)))
 
 
@@ -345,10 +350,10 @@ class CheckoutAssembler:
                 by_label[label].append((conf, margin, c))
         units = [u for us in by_label.values() for u in us]
         kept = {id(c) for _, _, c in units}
-        rm = self.params.review_margin
+        rm, rc = self.params.review_margin, self.params.review_confidence
         items = tuple(
             CheckoutItem(label=lbl, count=len(us), confidence=round(sum(u[0] for u in us) / len(us), 4),
-                         needs_review=any(u[1] < rm for u in us))
+                         needs_review=any(u[1] < rm or u[0] < rc for u in us))
             for lbl, us in sorted(by_label.items())
         )
         return CheckoutEvent(

@@ -6,6 +6,11 @@ merges (one event holding two trays, leaving the other with none) are both
 wrong. Item precision/recall credit per label ``min(predicted, true)`` so a
 split tray's items still count, while a merged pair's extra items are false
 positives and the empty tray's items misses.
+
+Review flags (``needs_review``) are scored as a cashier uses them: a receipt
+that is wrong but flagged gets looked at, one that is wrong and unflagged is
+trusted and charged wrong; flagging every receipt would catch every error at
+the cost of reviewing them all, so both shares are reported.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ class GtTray:
 class EventCounts:
     time_s: float  # when the event's crossings happened (video seconds; e.g. mid of first..last)
     counts: Mapping[str, int]
+    needs_review: bool = False
 
 
 def trays_from_receipts(doc: Mapping) -> list[GtTray]:
@@ -61,7 +67,8 @@ def score_receipts(events: Sequence[EventCounts], trays: Sequence[GtTray]) -> di
                 pred[lbl] = pred.get(lbl, 0) + int(n)
         tp += sum(min(n, pred.get(lbl, 0)) for lbl, n in t.counts.items())
         exact = len(evs) == 1 and _nonzero(evs[0].counts) == _nonzero(t.counts)
-        rows.append({"tray": t.tray, "events": len(evs), "exact": exact, "gt": dict(t.counts), "pred": pred})
+        rows.append({"tray": t.tray, "events": len(evs), "exact": exact, "gt": dict(t.counts), "pred": pred,
+                     "flagged": any(ev.needs_review for ev in evs)})
     n_gt = sum(sum(t.counts.values()) for t in trays)
     n_pred = sum(sum(int(n) for n in ev.counts.values()) for ev in events)
     n_trays = len(trays)
@@ -77,6 +84,10 @@ def score_receipts(events: Sequence[EventCounts], trays: Sequence[GtTray]) -> di
         "item_precision": tp / n_pred if n_pred else 0.0,
         "item_recall": tp / n_gt if n_gt else 0.0,
         "events_per_tray": len(events) / n_trays if n_trays else 0.0,
+        # review: trays with a flagged event; wrong ones among them (caught) and not (trusted, wrong)
+        "trays_flagged": sum(r["flagged"] for r in rows),
+        "wrong_flagged": sum(r["flagged"] and not r["exact"] for r in rows),
+        "wrong_unflagged": sum(not r["flagged"] and not r["exact"] for r in rows),
         "per_tray": rows,
     }
 

@@ -85,6 +85,12 @@ class TrackerParams:
     # side, since a walker re-emerges beside the occluder, often just off the
     # coasted box (0 disables; off by default: measured in README "Tracker accuracy")
     buffer_iou: float = 0.0
+    # the class vote when detections carry class probabilities (Detections.probs):
+    # "soft" sums each frame's probabilities weighted by its score (class = the
+    # largest sum, margin = its lead over the runner-up), so a dish that was 55 / 45
+    # between two classes every frame gets a small margin and is marked for review;
+    # "top" counts each frame's top class only (margin 1 after any number of 55 / 45 frames)
+    class_vote: str = "soft"
 
     @classmethod
     def sort(cls) -> "TrackerParams":
@@ -117,10 +123,11 @@ class TrackUpdate:
 class _Meta:
     """Per-track state that is not a number: class votes and trajectory."""
 
-    __slots__ = ("votes", "score_sum", "trajectory", "_traj", "_vote")
+    __slots__ = ("votes", "psum", "score_sum", "trajectory", "_traj", "_vote")
 
     def __init__(self, traj_len: int) -> None:
         self.votes: dict[int, float] = {}  # class id -> summed score; bounded by #classes
+        self.psum: np.ndarray | None = None  # score-weighted sum of class probabilities (soft vote)
         self.score_sum = 0.0
         self.trajectory: collections.deque = collections.deque(maxlen=traj_len)
         self._traj: tuple | None = ()
@@ -131,9 +138,12 @@ class _Meta:
         self.trajectory.append((ts, cx, cy))
         self._traj = None
 
-    def observe(self, score: float, class_id: int, ts: float, cx: float, cy: float) -> None:
+    def observe(self, score: float, class_id: int, ts: float, cx: float, cy: float,
+                probs: np.ndarray | None = None) -> None:
         self.score_sum += score
         self.votes[class_id] = self.votes.get(class_id, 0.0) + score
+        if probs is not None:
+            self.psum = score * probs if self.psum is None or len(self.psum) != len(probs) else self.psum + score * probs
         self.trajectory.append((ts, cx, cy))
         self._traj = None
         self._vote = None
@@ -145,6 +155,10 @@ class _Meta:
         return self._vote
 
     def _count_vote(self) -> tuple[int, float, float]:
+        if self.psum is not None and len(self.psum) > 1 and self.psum.sum() > 0:  # soft vote
+            p = self.psum / self.psum.sum()
+            second, cid = np.argsort(p)[-2:].tolist()
+            return cid, float(p[cid]), float(p[cid] - p[second])
         if not self.votes:
             return -1, 0.0, 0.0
         if len(self.votes) == 1:  # the common case, without the ranking
@@ -206,6 +220,7 @@ class Tracker:
         scores = dets.scores[keep].astype(np.float64)
         cls = dets.class_ids[keep]
         emb = dets.embeddings[keep] if dets.embeddings is not None else None
+        probs = dets.probs[keep].astype(np.float64) if dets.probs is not None and p.class_vote == "soft" else None
         high = scores >= p.high_score
 
         prev_box = a["box"].copy()
@@ -216,14 +231,14 @@ class Tracker:
         a["streak"][a["tsu"] > 1] = 0
 
         mt, md = self._associate(pred, boxes, scores, high, emb, dets.timestamp)
-        self._apply_matches(mt, md, boxes, scores, cls, emb, dets.timestamp)
+        self._apply_matches(mt, md, boxes, scores, cls, emb, dets.timestamp, probs)
         if p.group_motion:
             self._follow_group(mt, prev_box)
 
         spawn = high.copy()
         spawn[md] = False
         unmatched_d = np.flatnonzero(spawn)
-        self._spawn(unmatched_d, boxes, scores, cls, emb, dets.timestamp)
+        self._spawn(unmatched_d, boxes, scores, cls, emb, dets.timestamp, probs)
 
         removed = self._advance_states(mt, boxes, dets.timestamp, dets.image_size)
         labels = dets.labels
@@ -354,7 +369,7 @@ class Tracker:
 
     # ---- state changes ---------------------------------------------------
 
-    def _apply_matches(self, mt, md, boxes, scores, cls, emb, ts) -> None:
+    def _apply_matches(self, mt, md, boxes, scores, cls, emb, ts, probs=None) -> None:
         p, a, kf = self.params, self._a, self._kf
         if len(mt) == 0:
             return
@@ -381,8 +396,9 @@ class Tracker:
         if emb is not None:
             self._blend_embeddings(mt, emb[md])
         meta = self._meta
-        for i, sc, cl, (cx, cy) in zip(mt.tolist(), scores[md].tolist(), cls[md].tolist(), centers(a["box"][mt]).tolist()):
-            meta[i].observe(sc, cl, ts, cx, cy)
+        for j, (i, sc, cl, (cx, cy)) in enumerate(zip(mt.tolist(), scores[md].tolist(), cls[md].tolist(),
+                                                       centers(a["box"][mt]).tolist())):
+            meta[i].observe(sc, cl, ts, cx, cy, None if probs is None else probs[md[j]])
 
     def _blend_embeddings(self, rows, e) -> None:
         m = self.params.appearance_momentum
@@ -423,7 +439,7 @@ class Tracker:
             kf.x[i, 4:6] = move
             a["box"][i] = prev_box[i] + np.array([move[0], move[1], move[0], move[1]])
 
-    def _spawn(self, idx, boxes, scores, cls, emb, ts) -> None:
+    def _spawn(self, idx, boxes, scores, cls, emb, ts, probs=None) -> None:
         if len(idx) == 0:
             return
         a, n = self._a, len(idx)
@@ -449,7 +465,8 @@ class Tracker:
         c = centers(boxes[idx])
         for j, d in enumerate(idx):
             m = _Meta(self.params.trajectory_len)
-            m.observe(float(scores[d]), int(cls[d]), ts, float(c[j, 0]), float(c[j, 1]))
+            m.observe(float(scores[d]), int(cls[d]), ts, float(c[j, 0]), float(c[j, 1]),
+                      None if probs is None else probs[d])
             self._meta.append(m)
 
     def _advance_states(self, mt, boxes, ts, image_size) -> np.ndarray:

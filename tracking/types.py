@@ -45,6 +45,9 @@ class Detections:
     # (N, D) float32, L2-normalised appearance vectors from the detector's own
     # trunk; the tracker uses them to re-identify objects after an occlusion
     embeddings: np.ndarray | None = None
+    # (N, len(labels)) float32, each box's class probabilities (the classifier's, background
+    # left out): the tracker's class vote then weighs how sure each frame was, not only its top dish
+    probs: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.boxes)
@@ -55,6 +58,8 @@ class Detections:
             )
         if self.embeddings is not None and (self.embeddings.ndim != 2 or len(self.embeddings) != n):
             raise ValueError(f"embeddings must be (N, D) with N={n}, got {self.embeddings.shape}")
+        if self.probs is not None and self.probs.shape != (n, len(self.labels)):
+            raise ValueError(f"probs must be (N, len(labels)) = ({n}, {len(self.labels)}), got {self.probs.shape}")
 
     def __len__(self) -> int:
         return len(self.boxes)
