@@ -80,6 +80,7 @@ class CachedPredictions:
     def __init__(self, detector, path: Path, key: str) -> None:
         self.detector = detector
         self.labels = detector.labels
+        self.calibrated_threshold = getattr(detector, "calibrated_threshold", None)
         self.path, self.key = path, key
         saved = pickle.loads(path.read_bytes()) if path.is_file() else {}
         # predictions of another checkpoint are stale
@@ -104,6 +105,7 @@ class FrameClock:
 
     def __init__(self, detector) -> None:
         self.detector = detector
+        self.calibrated_threshold = getattr(detector, "calibrated_threshold", None)
         self.ts: list[float] = []
         self.index: list[int] = []
 
@@ -185,7 +187,8 @@ def run_direct(cfg: AppConfig, detector, video: Path, fps: float, latency: int =
     tracker = Tracker(cam, TrackerParams.from_config(cfg.tracker))
     zones = [(LineCrossingCounter(LineSpec(z.id, cam, tuple(z.line.p1), tuple(z.line.p2), z.line.direction,
                                            z.min_track_hits)),
-              CheckoutAssembler(z.id, cam, params=TrayParams.from_config(z))) for z in cfg.zones]
+              CheckoutAssembler(z.id, cam, params=TrayParams.from_config(
+                  z, getattr(detector, "calibrated_threshold", None)))) for z in cfg.zones]
     events = []
     scfg = cfg.detector.stride  # fixed k here (no load to adapt to): detect frames 0, k, 2k, ...
     flow = FlowPropagator(FlowParams.from_config(scfg)) if (scfg.k > 1 or latency) and scfg.flow else None
@@ -246,7 +249,8 @@ def evaluate(args) -> dict:
     score["setup"] = {
         "mode": args.mode, "realtime": args.realtime, "detector": "oracle" if args.oracle else cfg.detector.kind,
         "zone": {"line": [list(z.line.p1), list(z.line.p2)], "direction": z.line.direction,
-                 "tray_gap_s": z.tray_gap_s, "tray_max_s": z.tray_max_s, "min_track_hits": z.min_track_hits},
+                 "tray_gap_s": z.tray_gap_s, "tray_max_s": z.tray_max_s, "min_track_hits": z.min_track_hits,
+                 "review_margin": z.review_margin, "review_confidence": z.review_confidence},
         "tracker": cfg.tracker.model_dump(), "stride": cfg.detector.stride.k, "wall_s": round(wall, 2), "frames": receipts["frames"],
         "oracle": {"jitter": args.jitter, "min_visibility": args.min_visibility, "drop": args.drop} if args.oracle else None,
     }

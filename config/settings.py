@@ -197,9 +197,10 @@ class ZoneConfig(_Strict):
     velocity_window_s: float = Field(0.5, gt=0, description="trajectory span a track's velocity is fitted over")
     review_margin: float = Field(0.3, ge=0, le=1, description="items whose class vote margin (top share minus "
                                  "runner-up) is below this are marked needs_review")
-    review_confidence: float = Field(0.6, ge=0, le=1, description="items whose track's mean detection score is "
-                                     "below this are marked needs_review (0: off; a dish checkpoint's scores read "
-                                     "0.6 at each dish's validated threshold)")
+    review_confidence: float | None = Field(
+        None, ge=0, le=1, description="items whose track's mean detection score is below this are marked needs_review "
+        "(0: off). Default: a dish checkpoint's calibrated threshold (its scores read 0.6 at each dish's validated "
+        "threshold); other detectors' scores are raw: 0 (off)")
     same_dish_overlap: float = Field(0.3, gt=0, le=1, description="two crossings of one tray named the same dish "
                                      "whose boxes (the earlier moved along its velocity to the later one's time) "
                                      "cover this share of the smaller are one dish counted twice; 1: off")

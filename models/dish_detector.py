@@ -130,6 +130,9 @@ def classify(clf: DishClassifier, images: list[torch.Tensor], boxes: list[torch.
 class DishDetector:
     """Stage object: frames in, dish detections (with appearance embeddings) out."""
 
+    # its scores are calibrated: every dish is counted from this score up (checkout review rule)
+    calibrated_threshold = CALIBRATED_THRESHOLD
+
     def __init__(self, model: DishModel, device: torch.device | str = "cpu", nms_iou: float = NMS_IOU,
                  max_detections: int = 50, classes: list[str] | None = None, backend=None,
                  calibration_images: str | None = None, low_confidence: float = LOW_CONFIDENCE) -> None:
@@ -257,7 +260,8 @@ class DishDetector:
         return Detections(camera_id=frame.camera_id, frame_index=frame.index, timestamp=frame.timestamp,
                           boxes=p["boxes"][keep], scores=cal[keep], class_ids=p["class_ids"][keep],
                           labels=self.labels, image_size=frame.size, embeddings=p["embeddings"][keep],
-                          probs=p["probs"][keep][:, :len(self.labels)].astype(np.float32))
+                          # dishes outside detector.classes get no share of a track's vote
+                          probs=(p["probs"][keep][:, :len(self.labels)] * self._allowed).astype(np.float32))
 
 
 def save_dish_checkpoint(path: str | Path, model: DishModel, meta: dict | None = None) -> None:

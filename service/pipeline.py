@@ -35,11 +35,11 @@ TRACK_QUEUE_BATCHES = 4  # detector batches waiting for the tracking stage befor
 
 
 class _Zone:
-    def __init__(self, zcfg, camera_id: str) -> None:
+    def __init__(self, zcfg, camera_id: str, calibrated_threshold: float | None = None) -> None:
         self.cfg = zcfg
         self.counter = LineCrossingCounter(LineSpec(zcfg.id, camera_id, tuple(zcfg.line.p1), tuple(zcfg.line.p2),
                                                     zcfg.line.direction, zcfg.min_track_hits))
-        self.assembler = CheckoutAssembler(zcfg.id, camera_id, params=TrayParams.from_config(zcfg))
+        self.assembler = CheckoutAssembler(zcfg.id, camera_id, params=TrayParams.from_config(zcfg, calibrated_threshold))
 
 
 class Pipeline:
@@ -57,7 +57,8 @@ class Pipeline:
         self.readers = {c.id: CameraReader(c, LatestFrameSlot(self._arrived)) for c in cfg.cameras}
         params = TrackerParams.from_config(cfg.tracker)
         self.trackers = {c.id: Tracker(c.id, params) for c in cfg.cameras}
-        self.zones = {c.id: [_Zone(z, c.id) for z in cfg.zones if z.camera == c.id] for c in cfg.cameras}
+        self.zones = {c.id: [_Zone(z, c.id, getattr(detector, "calibrated_threshold", None))
+                          for z in cfg.zones if z.camera == c.id] for c in cfg.cameras}
         self.streams = {c.id: JpegSlot() for c in cfg.cameras}
         self.last_update: dict[str, TrackUpdate] = {}
         self._last_image: dict[str, object] = {}  # one raw frame per camera, for the NO SIGNAL picture
@@ -204,7 +205,8 @@ class Pipeline:
             cam = self._released.popleft()
             self._flush(cam)
             self.trackers[cam] = Tracker(cam, TrackerParams.from_config(self.cfg.tracker))
-            self.zones[cam] = [_Zone(z.cfg, cam) for z in self.zones[cam]]
+            self.zones[cam] = [_Zone(z.cfg, cam, getattr(self.detector, "calibrated_threshold", None))
+                               for z in self.zones[cam]]
             self._flow[cam] = self._new_flow()
             self._reset_at[cam] = time.time()
             self._clock.pop(cam, None)

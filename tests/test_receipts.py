@@ -264,13 +264,22 @@ def test_an_item_seen_mostly_under_its_threshold_needs_review():
     t0 = 50.0
     cr = [_crossing(1, t0, (100, 100, 200, 200), "Plate", 0.8),
           _crossing(2, t0 + 0.1, (220, 100, 300, 180), "Yogurt", 0.45)]
-    asm = CheckoutAssembler("z", "cam", params=PARAMS)
+    asm = CheckoutAssembler("z", "cam", params=dataclasses.replace(PARAMS, review_confidence=0.6))
     (ev,) = asm.assemble(cr, now=t0 + 0.2) + asm.flush()
     items = {i.label: i for i in ev.items}
     assert items["Yogurt"].needs_review and not items["Plate"].needs_review and ev.needs_review
-    off = CheckoutAssembler("z", "cam", params=dataclasses.replace(PARAMS, review_confidence=0.0))
+    off = CheckoutAssembler("z", "cam", params=PARAMS)  # 0: off
     (ev,) = off.assemble(cr, now=t0 + 0.2) + off.flush()
     assert not ev.needs_review
+    # the zone's setting defaults to the detector's calibrated threshold (a dish checkpoint: 0.6);
+    # raw scores (COCO CenterNet) leave it off; a setting in the config wins
+    zone = load_config(None).zones[0]
+    assert zone.review_confidence is None
+    assert TrayParams.from_config(zone, 0.6).review_confidence == 0.6
+    assert TrayParams.from_config(zone).review_confidence == 0.0
+    assert TrayParams.from_config(zone.model_copy(update={"review_confidence": 0.5}), 0.6).review_confidence == 0.5
+    with pytest.raises(ValueError, match="class_vote"):
+        TrackerParams(class_vote="sof")
 
 
 # -- menu

@@ -123,8 +123,14 @@ def test_scores_are_calibrated_per_dish_and_weak_boxes_reach_the_tracker(tiny_ch
     d = det.to_detections(Frame("c", 0, 0.0, img), p)
     cal = det.calibrate(p["scores"], p["class_ids"])
     assert len(d) == int((cal >= LOW_CONFIDENCE).sum()) and (d.scores >= LOW_CONFIDENCE).all()
+    # the tracker's soft vote gets each box's dish probabilities (background, the last column, left out)
+    kept = cal >= LOW_CONFIDENCE
+    assert d.probs.shape == (len(d), len(det.labels))
+    np.testing.assert_allclose(d.probs, p["probs"][kept][:, :len(det.labels)], rtol=1e-6)
     only = load_detector(DetectorConfig(kind="checkpoint", checkpoint=str(out), device="cpu", classes=["Cheese"]))
-    assert set(only.to_detections(Frame("c", 0, 0.0, img), p).class_ids.tolist()) <= {7}
+    od = only.to_detections(Frame("c", 0, 0.0, img), p)
+    assert set(od.class_ids.tolist()) <= {7}
+    assert (od.probs[:, :7] == 0).all()  # a dish left out of detector.classes gets no share of a vote
 
 
 def test_checkpoint_holds_its_training_boxes_as_exemplars(tiny_checkpoint):

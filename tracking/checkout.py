@@ -83,17 +83,20 @@ class TrayParams:
     # ... or whose track's mean detection score is below this (0: off). A dish detector's scores are
     # calibrated so that each dish's validated threshold reads 0.6: below it, the track was mostly
     # seen under the threshold its dish is counted at
-    review_confidence: float = 0.6
+    review_confidence: float = 0.0
     # two crossings named the same dish whose boxes overlap this much (share of the smaller) are one
     # dish counted twice (a bottle boxed whole and by its cap became two tracks); 1: off
     same_dish_overlap: float = 0.3
     line: tuple[tuple[float, float], tuple[float, float]] | None = None  # normalised; enables "parked" trays
 
     @classmethod
-    def from_config(cls, zcfg) -> "TrayParams":
+    def from_config(cls, zcfg, calibrated_threshold: float | None = None) -> "TrayParams":
+        """``calibrated_threshold``: the detector's score at which a dish is counted, when its scores
+        are calibrated to one (a dish checkpoint: 0.6); the zone's ``review_confidence`` defaults to it."""
+        rc = zcfg.review_confidence
         return cls(gap_s=zcfg.tray_gap_s, max_s=zcfg.tray_max_s, link_gap=zcfg.tray_link_gap,
                    speed_tol=zcfg.tray_speed_tol, velocity_window_s=zcfg.velocity_window_s,
-                   review_margin=zcfg.review_margin, review_confidence=zcfg.review_confidence,
+                   review_margin=zcfg.review_margin, review_confidence=rc if rc is not None else calibrated_threshold or 0.0,
                    same_dish_overlap=zcfg.same_dish_overlap,
                    line=(tuple(zcfg.line.p1), tuple(zcfg.line.p2)))
 

@@ -92,6 +92,10 @@ class TrackerParams:
     # "top" counts each frame's top class only (margin 1 after any number of 55 / 45 frames)
     class_vote: str = "soft"
 
+    def __post_init__(self) -> None:
+        if self.class_vote not in ("soft", "top"):
+            raise ValueError(f"class_vote {self.class_vote!r}: 'soft' or 'top'")
+
     @classmethod
     def sort(cls) -> "TrackerParams":
         """Plain SORT (Bewley et al. 2016): one IoU pass, no coasting, no extra cues."""
@@ -143,7 +147,10 @@ class _Meta:
         self.score_sum += score
         self.votes[class_id] = self.votes.get(class_id, 0.0) + score
         if probs is not None:
-            self.psum = score * probs if self.psum is None or len(self.psum) != len(probs) else self.psum + score * probs
+            if self.psum is None or len(self.psum) != len(probs):
+                self.psum = score * probs  # a new array (the frame's row is not kept)
+            else:
+                self.psum += score * probs
         self.trajectory.append((ts, cx, cy))
         self._traj = None
         self._vote = None
@@ -155,10 +162,12 @@ class _Meta:
         return self._vote
 
     def _count_vote(self) -> tuple[int, float, float]:
-        if self.psum is not None and len(self.psum) > 1 and self.psum.sum() > 0:  # soft vote
-            p = self.psum / self.psum.sum()
-            second, cid = np.argsort(p)[-2:].tolist()
-            return cid, float(p[cid]), float(p[cid] - p[second])
+        if self.psum is not None and len(self.psum) > 1:  # soft vote
+            total = float(self.psum.sum())
+            if total > 0:
+                cid = int(self.psum.argmax())
+                top, second = np.partition(self.psum, -2)[-2:].tolist()[::-1]
+                return cid, top / total, (top - second) / total
         if not self.votes:
             return -1, 0.0, 0.0
         if len(self.votes) == 1:  # the common case, without the ranking

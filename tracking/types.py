@@ -88,7 +88,9 @@ class Track:
     age: int  # frames since the track was born
     time_since_update: int
     trajectory: tuple[tuple[float, float, float], ...]  # (timestamp, cx, cy), bounded
-    class_margin: float = 1.0  # top class vote share minus the runner-up's (1.0 with one class)
+    # top class vote share minus the runner-up's (count vote: 1.0 with one class; the soft vote
+    # of class probabilities: how far the summed probabilities put the top dish ahead)
+    class_margin: float = 1.0
 
     @property
     def center(self) -> tuple[float, float]:
@@ -114,7 +116,8 @@ class Crossing:
 @dataclass(frozen=True, slots=True)
 class CheckoutItem:
     """One receipt line. ``needs_review``: some unit's class vote margin was
-    below the zone's ``review_margin``. Price fields stay None without a menu;
+    below the zone's ``review_margin``, or its track's mean score below its
+    ``review_confidence``. Price fields stay None without a menu;
     ``unpriced``: the label is missing from the menu (never priced at 0)."""
 
     label: str
