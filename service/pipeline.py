@@ -57,8 +57,10 @@ class Pipeline:
         self.readers = {c.id: CameraReader(c, LatestFrameSlot(self._arrived)) for c in cfg.cameras}
         params = TrackerParams.from_config(cfg.tracker)
         self.trackers = {c.id: Tracker(c.id, params) for c in cfg.cameras}
-        self.zones = {c.id: [_Zone(z, c.id, getattr(detector, "calibrated_threshold", None))
-                          for z in cfg.zones if z.camera == c.id] for c in cfg.cameras}
+        # a dish checkpoint's calibrated threshold: the zones' review_confidence default
+        self._calibrated = getattr(detector, "calibrated_threshold", None)
+        self.zones = {c.id: [_Zone(z, c.id, self._calibrated) for z in cfg.zones if z.camera == c.id]
+                      for c in cfg.cameras}
         self.streams = {c.id: JpegSlot() for c in cfg.cameras}
         self.last_update: dict[str, TrackUpdate] = {}
         self._last_image: dict[str, object] = {}  # one raw frame per camera, for the NO SIGNAL picture
@@ -205,8 +207,7 @@ class Pipeline:
             cam = self._released.popleft()
             self._flush(cam)
             self.trackers[cam] = Tracker(cam, TrackerParams.from_config(self.cfg.tracker))
-            self.zones[cam] = [_Zone(z.cfg, cam, getattr(self.detector, "calibrated_threshold", None))
-                               for z in self.zones[cam]]
+            self.zones[cam] = [_Zone(z.cfg, cam, self._calibrated) for z in self.zones[cam]]
             self._flow[cam] = self._new_flow()
             self._reset_at[cam] = time.time()
             self._clock.pop(cam, None)

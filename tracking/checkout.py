@@ -94,10 +94,11 @@ class TrayParams:
         """``calibrated_threshold``: the detector's score at which a dish is counted, when its scores
         are calibrated to one (a dish checkpoint: 0.6); the zone's ``review_confidence`` defaults to it."""
         rc = zcfg.review_confidence
+        if rc is None:
+            rc = calibrated_threshold or 0.0
         return cls(gap_s=zcfg.tray_gap_s, max_s=zcfg.tray_max_s, link_gap=zcfg.tray_link_gap,
                    speed_tol=zcfg.tray_speed_tol, velocity_window_s=zcfg.velocity_window_s,
-                   review_margin=zcfg.review_margin, review_confidence=rc if rc is not None else calibrated_threshold or 0.0,
-                   same_dish_overlap=zcfg.same_dish_overlap,
+                   review_margin=zcfg.review_margin, review_confidence=rc, same_dish_overlap=zcfg.same_dish_overlap,
                    line=(tuple(zcfg.line.p1), tuple(zcfg.line.p2)))
 
 

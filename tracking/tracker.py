@@ -12,6 +12,7 @@ of live tracks times ``trajectory_len``.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -405,9 +406,10 @@ class Tracker:
         if emb is not None:
             self._blend_embeddings(mt, emb[md])
         meta = self._meta
-        for j, (i, sc, cl, (cx, cy)) in enumerate(zip(mt.tolist(), scores[md].tolist(), cls[md].tolist(),
-                                                       centers(a["box"][mt]).tolist())):
-            meta[i].observe(sc, cl, ts, cx, cy, None if probs is None else probs[md[j]])
+        rows = probs[md] if probs is not None else itertools.repeat(None)
+        for i, sc, cl, (cx, cy), pr in zip(mt.tolist(), scores[md].tolist(), cls[md].tolist(),
+                                           centers(a["box"][mt]).tolist(), rows):
+            meta[i].observe(sc, cl, ts, cx, cy, pr)
 
     def _blend_embeddings(self, rows, e) -> None:
         m = self.params.appearance_momentum
