@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dishtrack.models.dish_detector import DishDetector
-from dishtrack.models.evaluate import (SHRINK, THRESHOLD_GRID, _choose, coco_map, count_table, receipt_agreement)
+from dishtrack.models.evaluate import coco_map, heldout_threshold_labels, receipt_agreement
 from dishtrack.models.importers import load_dataset
 from dishtrack.models.train import split_by_group
 
@@ -105,21 +105,6 @@ def predict(det: DishDetector, samples, shift: Shift, cidx: dict[str, int], desc
     return out
 
 
-def heldout_labels(ref: list[dict], shifted: list[dict], n_classes: int) -> list[list[int]]:
-    """Each tray's dishes on its shifted photos, with thresholds chosen on the other trays'
-    unshifted photos (``heldout_threshold_receipts``' rule, thresholds from the training session)."""
-    table = count_table([p["gt"] for p in ref], [p["raw"] for p in ref], n_classes, THRESHOLD_GRID)
-    keys = np.array([p["group"] for p in ref])
-    labels: list[list[int]] = [[] for _ in shifted]
-    for tray in sorted(set(keys.tolist())):
-        _, idx = _choose(table[:, keys != tray], THRESHOLD_GRID, SHRINK)
-        thr = np.asarray(THRESHOLD_GRID, np.float32)[idx]
-        for i in np.flatnonzero(keys == tray):
-            _, s, c = shifted[i]["raw"]
-            labels[i] = list(np.asarray(c, np.int64)[np.asarray(s) >= thr[np.asarray(c, np.int64)]])
-    return labels
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/mealtray_kiosk_dev"))
@@ -152,7 +137,10 @@ def main() -> None:
         preds = {n: predict(det, val_s, SHIFTS[n][1], cidx, f"fold {k} {n}") for n in names}
         for n in names:
             per_shift[n] += preds[n]
-            labels[n] += heldout_labels(preds["none"], preds[n], len(classes))
+            ref = preds["none"]  # thresholds per tray chosen on the other trays' unchanged photos
+            labels[n] += heldout_threshold_labels([p["gt"] for p in ref], [p["raw"] for p in ref],
+                                                  [p["group"] for p in ref], classes,
+                                                  apply_to=[p["raw"] for p in preds[n]])
         log.info("fold %d done (%.1f min)", k, (time.time() - t0) / 60)
     rows = []
     for n in names:

@@ -159,6 +159,29 @@ def choose_thresholds(gt: Sequence[tuple[np.ndarray, np.ndarray]], pred: Sequenc
     return {name: float(grid[i]) for name, i in zip(classes, idx)}
 
 
+def heldout_threshold_labels(gt: Sequence[tuple[np.ndarray, np.ndarray]],
+                             pred: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                             groups: Sequence[str | None], classes: Sequence[str],
+                             grid: Sequence[float] = THRESHOLD_GRID,
+                             apply_to: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+                             ) -> list[list[int]]:
+    """Each photo's counted dishes with its tray's thresholds chosen on the *other* trays (leave
+    one tray out). ``apply_to``: other predictions of the same photos (e.g. under a changed light)
+    that meet the thresholds chosen on ``pred``."""
+    keys = np.array([str(g) if g is not None else f"__photo{i}" for i, g in enumerate(groups)])
+    table = count_table(gt, pred, len(classes), grid)
+    target = pred if apply_to is None else apply_to
+    labels: list[list[int]] = [[] for _ in target]
+    for tray in sorted(set(keys.tolist())):
+        _, idx = _choose(table[:, keys != tray], grid, SHRINK)
+        thr = np.asarray(grid, np.float32)[idx]
+        for i in np.flatnonzero(keys == tray):
+            _, s, c = target[i]
+            c = np.asarray(c, np.int64)
+            labels[i] = list(c[np.asarray(s) >= thr[c]])
+    return labels
+
+
 def heldout_threshold_receipts(gt: Sequence[tuple[np.ndarray, np.ndarray]],
                                pred: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
                                groups: Sequence[str | None], classes: Sequence[str],
@@ -167,18 +190,9 @@ def heldout_threshold_receipts(gt: Sequence[tuple[np.ndarray, np.ndarray]],
     out). When thresholds are chosen on the very photos they are scored on (``train``'s
     validation report), the plain rate is optimistic; this one is what a new tray would get.
     Empty with fewer than two trays (nothing to choose on)."""
-    keys = np.array([str(g) if g is not None else f"__photo{i}" for i, g in enumerate(groups)])
-    if len(set(keys.tolist())) < 2:
+    if len({str(g) if g is not None else f"__photo{i}" for i, g in enumerate(groups)}) < 2:
         return {}
-    table = count_table(gt, pred, len(classes), grid)
-    labels: list[list[int]] = [[] for _ in pred]
-    for tray in sorted(set(keys.tolist())):
-        _, idx = _choose(table[:, keys != tray], grid, SHRINK)
-        thr = np.asarray(grid, np.float32)[idx]
-        for i in np.flatnonzero(keys == tray):
-            _, s, c = pred[i]
-            c = np.asarray(c, np.int64)
-            labels[i] = list(c[np.asarray(s) >= thr[c]])
+    labels = heldout_threshold_labels(gt, pred, groups, classes, grid)
     rep = receipt_agreement([list(c) for _, c in gt], labels, groups)
     return {"receipt_exact_photo_heldout": rep["receipt_exact_photo"],
             "receipt_exact_tray_heldout": rep["receipt_exact_tray"]}
