@@ -29,9 +29,19 @@ RTSP_SERVER = SHARED / "rtsp_test_server.py"
 sys.path.insert(0, str(ROOT / "bench"))
 
 
+# session fixtures that train a model: whichever test asks first pays the training inside its own
+# pytest-timeout (setup counts), and on a loaded 2-core runner that first epoch alone took 293 s
+TRAINING_FIXTURES = {"tiny_checkpoint": 1200}
+
+
 def pytest_collection_modifyitems(config, items):
     if not DATA.is_dir():
         pytest.exit(f"real test data not found at {DATA} (set DISHTRACK_SHARED)", returncode=4)
+    for item in items:
+        budget = max((TRAINING_FIXTURES[f] for f in getattr(item, "fixturenames", ()) if f in TRAINING_FIXTURES),
+                     default=0)
+        if budget and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(budget))
 
 
 def free_port() -> int:

@@ -131,6 +131,26 @@ def test_a_still_big_dish_by_the_line_does_not_chain_two_trays():
     assert [sum(i.count for i in e.items) for e in events] == [2, 2]
 
 
+def test_a_tray_that_caught_up_with_the_tray_ahead_is_its_own_event():
+    """Tray B (210 px/s) catches up with tray A (150 px/s): when B's front cup crosses, 0.6 s after A's
+    rear dish, it is 30 px behind it and within the speed tolerance, so space, time and velocity all
+    said "one tray" (a generated checkout video merged two trays so). But dishes of one tray keep
+    their offsets, and B's cup closed 60 px/s on A's dishes for the whole time both were in view."""
+    a = [Dish(tray_path(150, 200, 0, v=150)), Dish(tray_path(150, 270, -70, v=150))]
+    b = [Dish(tray_path(-142, 200, 0, v=210)), Dish(tray_path(-142, 270, -70, v=210))]
+    crossings, events = run_scene(a + b, 4.0, PARAMS)
+    assert len(crossings) == 4
+    _, merged = run_scene(a + b, 4.0, dataclasses.replace(PARAMS, rigid_drift=0.0))
+    assert [sum(i.count for i in e.items) for e in merged] == [4]  # without the offsets: one tray
+    assert [sum(i.count for i in e.items) for e in events] == [2, 2]
+    first, second = events
+    assert set(first.track_ids).isdisjoint(second.track_ids)
+    zone = load_config(None).zones[0]  # the zone's settings reach the assembler
+    assert TrayParams.from_config(zone).rigid_drift == 0.4 == PARAMS.rigid_drift
+    tuned = TrayParams.from_config(zone.model_copy(update={"tray_rigid_drift": 0.0, "tray_rigid_span_s": 2.0}))
+    assert (tuned.rigid_drift, tuned.rigid_span_s) == (0.0, 2.0)
+
+
 def test_tray_stopped_on_the_line_for_3s_is_one_event():
     # three dishes in a row; the tray stops with its rear dish straddling the line
     stop = dict(stop_at=430.0, stop_s=3.0)

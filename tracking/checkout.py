@@ -79,6 +79,10 @@ class TrayParams:
     link_gap: float = 1.0  # space rule: box gap to the nearest member, in dish sizes
     speed_tol: float = 0.5  # motion rule: relative velocity difference to the tray's mean
     velocity_window_s: float = 0.5  # trajectory span a velocity is fitted over
+    # dishes of one tray keep their offsets: a crossing whose offset to every member it was tracked beside
+    # for rigid_span_s drifted by more than rigid_drift dish sizes is on another tray (0: off)
+    rigid_drift: float = 0.4
+    rigid_span_s: float = 1.0
     review_margin: float = 0.3  # an item whose class vote margin is below this needs review
     # ... or whose track's mean detection score is below this (0: off). A dish detector's scores are
     # calibrated so that each dish's validated threshold reads 0.6: below it, the track was mostly
@@ -98,6 +102,7 @@ class TrayParams:
             rc = calibrated_threshold or 0.0
         return cls(gap_s=zcfg.tray_gap_s, max_s=zcfg.tray_max_s, link_gap=zcfg.tray_link_gap,
                    speed_tol=zcfg.tray_speed_tol, velocity_window_s=zcfg.velocity_window_s,
+                   rigid_drift=zcfg.tray_rigid_drift, rigid_span_s=zcfg.tray_rigid_span_s,
                    review_margin=zcfg.review_margin, review_confidence=rc, same_dish_overlap=zcfg.same_dish_overlap,
                    line=(tuple(zcfg.line.p1), tuple(zcfg.line.p2)))
 
@@ -114,6 +119,27 @@ def track_velocity(track: Track, window_s: float) -> np.ndarray | None:
     if len(tr) < 2 or den <= 1e-12:
         return None
     return (dt @ (tr[:, 1:] - tr[:, 1:].mean(axis=0))) / den
+
+
+def _inside(track: Track, image_size: tuple[int, int] | None) -> dict[float, tuple[float, float]]:
+    """A track's trajectory points (time -> centre) where its box, at its present size, was wholly in
+    the image: a box cut by the border moves its centre at a fraction of the dish's speed."""
+    w, h = track.box[2] - track.box[0], track.box[3] - track.box[1]
+    W, H = image_size or (np.inf, np.inf)
+    return {round(t, 4): (x, y) for t, x, y in track.trajectory
+            if w / 2 <= x <= W - w / 2 and h / 2 <= y <= H - h / 2}
+
+
+def offset_drift(a: Track, b: Track, min_span_s: float, image_size: tuple[int, int] | None = None) -> float | None:
+    """How far ``a``'s offset to ``b`` moved over the time both were tracked wholly in view (px): the
+    median offset of the last third of their shared trajectory minus that of the first third (medians:
+    a hand over one dish jolts a few boxes). None when they share less than ``min_span_s``."""
+    pa, pb = _inside(a, image_size), _inside(b, image_size)
+    d = np.array([(t, x - pb[t][0], y - pb[t][1]) for t, (x, y) in sorted(pa.items()) if t in pb])
+    if len(d) < 3 or d[-1, 0] - d[0, 0] < min_span_s:
+        return None
+    n = max(1, len(d) // 3)
+    return float(np.linalg.norm(np.median(d[-n:, 1:], axis=0) - np.median(d[:n, 1:], axis=0)))
 
 
 def _size(box) -> float:
@@ -149,7 +175,10 @@ class CheckoutAssembler:
       the tray and have yet to cross (a yogurt and a fruit at opposite edges
       of a tray are linked by the plate between them), and its velocity
       is within ``speed_tol`` of the members' mean velocity (plus half a dish
-      size per second, so two nearly stopped dishes count as equal). A clearly
+      size per second, so two nearly stopped dishes count as equal), and it
+      kept its offset to some member it was tracked beside (``rigid_drift``:
+      a faster tray that caught up with the one ahead touches it and moves
+      at its speed, but its dishes closed in on the other tray's). A clearly
       separate cluster (e.g. the next tray, a gap behind along the motion)
       starts a new tray even within ``gap_s``; a co-moving dish joins even after
       a longer pause (a tray stopped on the line);
@@ -250,10 +279,21 @@ class CheckoutAssembler:
         vm = np.mean(vels, axis=0) if vels else None
         if not self._linked(c.track, boxes, vm, {t.track_id for _, t in members}):
             return False
+        if self._drifted(c.track, [t for _, t in members]):
+            return False
         cv = track_velocity(c.track, p.velocity_window_s)
         if cv is None or vm is None:
             return True  # co-located, motion unknown
         return self._moves_with(cv, vm, slack=0.5 * _size(c.track.box))
+
+    def _drifted(self, track: Track, members: list[Track]) -> bool:
+        """Tracked beside some members long enough, and its offset moved against every one of them."""
+        p = self.params
+        if p.rigid_drift <= 0:
+            return False
+        judged = [(d, min(_size(track.box), _size(m.box))) for m in members
+                  if (d := offset_drift(track, m, p.rigid_span_s, self._image_size)) is not None]
+        return bool(judged) and all(d > p.rigid_drift * s for d, s in judged)
 
     def _near(self, box, others, size=max) -> bool:
         """Within ``link_gap`` dish sizes of one of ``others``; ``size`` picks which of the two dishes."""
