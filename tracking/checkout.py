@@ -79,10 +79,11 @@ class TrayParams:
     link_gap: float = 1.0  # space rule: box gap to the nearest member, in dish sizes
     speed_tol: float = 0.5  # motion rule: relative velocity difference to the tray's mean
     velocity_window_s: float = 0.5  # trajectory span a velocity is fitted over
-    # dishes of one tray keep their offsets: a crossing whose offset to every member it was tracked beside
-    # for rigid_span_s drifted by more than rigid_drift dish sizes is on another tray (0: off)
-    rigid_drift: float = 0.4
-    rigid_span_s: float = 1.0
+    # dishes of one tray keep their distances: a crossing that closed in on every member it was tracked
+    # beside for rigid_span_s faster than closing_speed dish sizes per second is another tray that
+    # caught up with this one (0: off)
+    closing_speed: float = 0.25
+    rigid_span_s: float = 0.75
     review_margin: float = 0.3  # an item whose class vote margin is below this needs review
     # ... or whose track's mean detection score is below this (0: off). A dish detector's scores are
     # calibrated so that each dish's validated threshold reads 0.6: below it, the track was mostly
@@ -102,7 +103,7 @@ class TrayParams:
             rc = calibrated_threshold or 0.0
         return cls(gap_s=zcfg.tray_gap_s, max_s=zcfg.tray_max_s, link_gap=zcfg.tray_link_gap,
                    speed_tol=zcfg.tray_speed_tol, velocity_window_s=zcfg.velocity_window_s,
-                   rigid_drift=zcfg.tray_rigid_drift, rigid_span_s=zcfg.tray_rigid_span_s,
+                   closing_speed=zcfg.tray_closing_speed, rigid_span_s=zcfg.tray_rigid_span_s,
                    review_margin=zcfg.review_margin, review_confidence=rc, same_dish_overlap=zcfg.same_dish_overlap,
                    line=(tuple(zcfg.line.p1), tuple(zcfg.line.p2)))
 
@@ -121,25 +122,42 @@ def track_velocity(track: Track, window_s: float) -> np.ndarray | None:
     return (dt @ (tr[:, 1:] - tr[:, 1:].mean(axis=0))) / den
 
 
-def _inside(track: Track, image_size: tuple[int, int] | None) -> dict[float, tuple[float, float]]:
-    """A track's trajectory points (time -> centre) where its box, at its present size, was wholly in
-    the image: a box cut by the border moves its centre at a fraction of the dish's speed."""
-    w, h = track.box[2] - track.box[0], track.box[3] - track.box[1]
+def _inside(track: Track, wh: tuple[float, float],
+            image_size: tuple[int, int] | None) -> dict[float, tuple[float, float]]:
+    """A track's trajectory points (time -> centre) where a box of the dish's whole size ``wh`` lay
+    wholly in the image: a box cut by the border moves its centre at a fraction of the dish's speed."""
+    w, h = wh
     W, H = image_size or (np.inf, np.inf)
-    return {round(t, 4): (x, y) for t, x, y in track.trajectory
-            if w / 2 <= x <= W - w / 2 and h / 2 <= y <= H - h / 2}
+    return {t: (x, y) for t, x, y in track.trajectory if w / 2 <= x <= W - w / 2 and h / 2 <= y <= H - h / 2}
 
 
-def offset_drift(a: Track, b: Track, min_span_s: float, image_size: tuple[int, int] | None = None) -> float | None:
-    """How far ``a``'s offset to ``b`` moved over the time both were tracked wholly in view (px): the
-    median offset of the last third of their shared trajectory minus that of the first third (medians:
-    a hand over one dish jolts a few boxes). None when they share less than ``min_span_s``."""
-    pa, pb = _inside(a, image_size), _inside(b, image_size)
-    d = np.array([(t, x - pb[t][0], y - pb[t][1]) for t, (x, y) in sorted(pa.items()) if t in pb])
-    if len(d) < 3 or d[-1, 0] - d[0, 0] < min_span_s:
+def closing_speed(a: Track, b: Track, min_span_s: float, image_size: tuple[int, int] | None = None,
+                  whole: tuple[tuple[float, float], tuple[float, float]] | None = None) -> float | None:
+    """How fast ``a`` closed in on ``b`` while both were wholly in view (px/s): the centre distance's
+    least-squares slope over each half of their shared trajectory, the slower of the two falls. A tray
+    catching up with another closes in steadily, in both halves; a hand pushing a dish, or two tracks
+    swapping ids, jump once (one half at most), and a tray turning as it slides keeps its distances.
+    ``whole``: each dish's whole box size (w, h) for the in-view test (default: the present boxes).
+    None when they share less than ``min_span_s``."""
+    wa, wb = whole or ((a.box[2] - a.box[0], a.box[3] - a.box[1]), (b.box[2] - b.box[0], b.box[3] - b.box[1]))
+    pa, pb = _inside(a, wa, image_size), _inside(b, wb, image_size)
+    d = np.array([(t, np.hypot(x - pb[t][0], y - pb[t][1])) for t, (x, y) in sorted(pa.items()) if t in pb])
+    if len(d) < 6 or d[-1, 0] - d[0, 0] < min_span_s:
         return None
-    n = max(1, len(d) // 3)
-    return float(np.linalg.norm(np.median(d[-n:, 1:], axis=0) - np.median(d[:n, 1:], axis=0)))
+    falls = []
+    for h in (d[: len(d) // 2], d[len(d) // 2:]):
+        dt = h[:, 0] - h[:, 0].mean()
+        falls.append(-float(dt @ (h[:, 1] - h[:, 1].mean())) / max(float(dt @ dt), 1e-12))
+    return max(0.0, min(falls))
+
+
+def _whole(box, at_line) -> tuple[float, float]:
+    """A dish's whole box size (w, h): the larger of its box now and at its crossing (a dish leaving
+    the image is cut by the border now; at the line it was whole)."""
+    w, h = box[2] - box[0], box[3] - box[1]
+    if at_line is not None:
+        w, h = max(w, at_line[2] - at_line[0]), max(h, at_line[3] - at_line[1])
+    return float(w), float(h)
 
 
 def _size(box) -> float:
@@ -176,9 +194,9 @@ class CheckoutAssembler:
       of a tray are linked by the plate between them), and its velocity
       is within ``speed_tol`` of the members' mean velocity (plus half a dish
       size per second, so two nearly stopped dishes count as equal), and it
-      kept its offset to some member it was tracked beside (``rigid_drift``:
+      did not close in on every member it was tracked beside (``closing_speed``:
       a faster tray that caught up with the one ahead touches it and moves
-      at its speed, but its dishes closed in on the other tray's). A clearly
+      at its speed, but its dishes had closed in on the other tray's). A clearly
       separate cluster (e.g. the next tray, a gap behind along the motion)
       starts a new tray even within ``gap_s``; a co-moving dish joins even after
       a longer pause (a tray stopped on the line);
@@ -279,21 +297,27 @@ class CheckoutAssembler:
         vm = np.mean(vels, axis=0) if vels else None
         if not self._linked(c.track, boxes, vm, {t.track_id for _, t in members}):
             return False
-        if self._drifted(c.track, [t for _, t in members]):
+        if self._caught_up(c.track, [t for _, t in members]):
             return False
         cv = track_velocity(c.track, p.velocity_window_s)
         if cv is None or vm is None:
             return True  # co-located, motion unknown
         return self._moves_with(cv, vm, slack=0.5 * _size(c.track.box))
 
-    def _drifted(self, track: Track, members: list[Track]) -> bool:
-        """Tracked beside some members long enough, and its offset moved against every one of them."""
+    def _caught_up(self, track: Track, members: list[Track]) -> bool:
+        """Tracked beside some members long enough, and closing in on every one of them."""
         p = self.params
-        if p.rigid_drift <= 0:
+        if p.closing_speed <= 0:
             return False
-        judged = [(d, min(_size(track.box), _size(m.box))) for m in members
-                  if (d := offset_drift(track, m, p.rigid_span_s, self._image_size)) is not None]
-        return bool(judged) and all(d > p.rigid_drift * s for d, s in judged)
+        at_line = {c.track_id: c.track.box for c in self._open if c.track is not None}
+        me = _whole(track.box, None)
+        judged = []
+        for m in members:
+            other = _whole(m.box, at_line.get(m.track_id))
+            v = closing_speed(track, m, p.rigid_span_s, self._image_size, (me, other))
+            if v is not None:  # in dish sizes (sqrt of the whole box's area), the smaller dish's
+                judged.append(v > p.closing_speed * np.sqrt(min(me[0] * me[1], other[0] * other[1])))
+        return bool(judged) and all(judged)
 
     def _near(self, box, others, size=max) -> bool:
         """Within ``link_gap`` dish sizes of one of ``others``; ``size`` picks which of the two dishes."""
