@@ -195,12 +195,12 @@ class ZoneConfig(_Strict):
                                  "tray member (box gap) moves with that tray")
     tray_speed_tol: float = Field(0.5, ge=0, description="relative velocity difference still 'moving together'")
     velocity_window_s: float = Field(0.5, gt=0, description="trajectory span a track's velocity is fitted over")
-    tray_closing_speed: float = Field(0.25, ge=0, description="a crossing dish that closed in steadily on every "
-                                      "tray member it was tracked beside for tray_rigid_span_s, faster than this "
-                                      "many dish sizes (the smaller) per second, is on another tray (one tray "
-                                      "catching up another); 0: off")
-    tray_rigid_span_s: float = Field(0.75, gt=0, description="shared trajectory time a dish pair needs before "
-                                     "tray_closing_speed judges it")
+    tray_closing_speed: float = Field(0.3, ge=0, description="a crossing dish that closed in on every tray member "
+                                      "it was tracked beside faster than this many dish sizes (the smaller) per "
+                                      "second, in every third of some stretch of 2 x tray_rigid_span_s, is on "
+                                      "another tray (one tray catching up another); 0: off")
+    tray_rigid_span_s: float = Field(0.75, gt=0, description="shared in-view trajectory time a dish pair needs "
+                                     "before tray_closing_speed judges it")
     review_margin: float = Field(0.3, ge=0, le=1, description="items whose class vote margin (top share minus "
                                  "runner-up) is below this are marked needs_review")
     review_confidence: float | None = Field(

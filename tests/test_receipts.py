@@ -150,7 +150,7 @@ def test_a_tray_that_caught_up_with_the_tray_ahead_is_its_own_event():
     assert set(first.track_ids).isdisjoint(second.track_ids)
     # the zone's settings reach the assembler: on for dishes by default, off in the people-counting sample
     dish_zone = ZoneConfig(id="z", camera="cam", line={"p1": [0.5, 0.0], "p2": [0.5, 1.0]})
-    assert TrayParams.from_config(dish_zone).closing_speed == 0.25 == PARAMS.closing_speed
+    assert TrayParams.from_config(dish_zone).closing_speed == 0.3 == PARAMS.closing_speed
     assert TrayParams.from_config(load_config(None).zones[0]).closing_speed == 0.0
     tuned = TrayParams.from_config(dish_zone.model_copy(update={"tray_closing_speed": 0.1, "tray_rigid_span_s": 2.0}))
     assert (tuned.closing_speed, tuned.rigid_span_s) == (0.1, 2.0)
@@ -164,20 +164,25 @@ def _turning(centre_dx: float, y: float, r: float, a0: float, turn_deg: float, s
     return path
 
 
-@pytest.mark.parametrize("scene", ["leaving the image", "a cup moved by hand", "a turning tray"])
+@pytest.mark.parametrize("scene", ["leaving the image", "a cup moved by hand", "a cup moved mid-pass",
+                                   "a turning tray"])
 def test_one_tray_stays_one_event_whatever_moves_on_it(scene):
     """What moves dishes of one tray against each other without a second tray (found by review):
     the plate ahead leaving the image, its box cut by the border, as the cup 250 px behind crosses a line
     near that edge (a cut box's centre slows: it looked like closing in); a hand pushing the cup 35 px
-    towards the plate 0.6 s before it crosses (one jump, not a steady approach). The first version of
-    the rule (offset drift over the shared trajectory) split both; it did not split the tray turning by
-    20 degrees as it slides (distances kept), kept here as a scene."""
+    towards the plate 0.6 s before it crosses, or 60 px in the middle of its pass (one jump, not a
+    steady approach). The first version of the rule (offset drift over the shared trajectory) split the
+    first two, the second (the distance's fall in each half of it) the third; none split the tray
+    turning by 20 degrees as it slides (distances kept), kept here as a scene."""
     params = PARAMS
     if scene == "leaving the image":
         params = dataclasses.replace(PARAMS, line=((0.8, 0.0), (0.8, 1.0)))
         dishes = [Dish(tray_path(100, 240, 0), size=180), Dish(tray_path(100, 240, -250))]
     elif scene == "a cup moved by hand":
         push = lambda t: 35.0 * min(max((t - 1.0) / 0.2, 0.0), 1.0)  # noqa: E731 - between 1.0 and 1.2 s
+        dishes = [Dish(tray_path(100, 200, 0)), Dish(lambda t: (tray_path(100, 300, -100)(t)[0] + push(t), 300))]
+    elif scene == "a cup moved mid-pass":
+        push = lambda t: 60.0 * min(max((t - 0.5) / 0.5, 0.0), 1.0)  # noqa: E731 - between 0.5 and 1.0 s
         dishes = [Dish(tray_path(100, 200, 0)), Dish(lambda t: (tray_path(100, 300, -100)(t)[0] + push(t), 300))]
     else:
         dishes = [Dish(_turning(0, 240, 45, 180, 20, 4.0)), Dish(_turning(0, 240, 45, 0, 20, 4.0))]

@@ -80,9 +80,9 @@ class TrayParams:
     speed_tol: float = 0.5  # motion rule: relative velocity difference to the tray's mean
     velocity_window_s: float = 0.5  # trajectory span a velocity is fitted over
     # dishes of one tray keep their distances: a crossing that closed in on every member it was tracked
-    # beside for rigid_span_s faster than closing_speed dish sizes per second is another tray that
-    # caught up with this one (0: off)
-    closing_speed: float = 0.25
+    # beside (at least rigid_span_s) faster than closing_speed dish sizes per second, steadily over a
+    # stretch of 2 x rigid_span_s, is another tray that caught up with this one (0: off)
+    closing_speed: float = 0.3
     rigid_span_s: float = 0.75
     review_margin: float = 0.3  # an item whose class vote margin is below this needs review
     # ... or whose track's mean detection score is below this (0: off). A dish detector's scores are
@@ -131,24 +131,38 @@ def _inside(track: Track, wh: tuple[float, float],
     return {t: (x, y) for t, x, y in track.trajectory if w / 2 <= x <= W - w / 2 and h / 2 <= y <= H - h / 2}
 
 
+def _fall(h: np.ndarray) -> float:
+    """Least-squares fall rate (px/s) of distances ``h[:, 1]`` over times ``h[:, 0]``."""
+    dt = h[:, 0] - h[:, 0].mean()
+    return -float(dt @ (h[:, 1] - h[:, 1].mean())) / max(float(dt @ dt), 1e-12)
+
+
 def closing_speed(a: Track, b: Track, min_span_s: float, image_size: tuple[int, int] | None = None,
                   whole: tuple[tuple[float, float], tuple[float, float]] | None = None) -> float | None:
-    """How fast ``a`` closed in on ``b`` while both were wholly in view (px/s): the centre distance's
-    least-squares slope over each half of their shared trajectory, the slower of the two falls. A tray
-    catching up with another closes in steadily, in both halves; a hand pushing a dish, or two tracks
-    swapping ids, jump once (one half at most), and a tray turning as it slides keeps its distances.
-    ``whole``: each dish's whole box size (w, h) for the in-view test (default: the present boxes).
-    None when they share less than ``min_span_s``."""
+    """How fast ``a`` closed in on ``b`` while both were wholly in view (px/s): over any stretch of
+    their shared trajectory 2 x ``min_span_s`` long (all of it when shorter), the centre distance's
+    least-squares fall in each third of the stretch, the slowest third — the best stretch counts. A
+    tray catching up with another closes in steadily, in every third (also when it rode touching the
+    other tray afterwards); a hand pushing a dish, or two tracks swapping ids, jump within a third or
+    two, and a tray turning as it slides keeps its distances. ``whole``: each dish's whole box size
+    (w, h) for the in-view test (default: the present boxes). None when they share less than
+    ``min_span_s``, or no stretch has three points in every third."""
     wa, wb = whole or ((a.box[2] - a.box[0], a.box[3] - a.box[1]), (b.box[2] - b.box[0], b.box[3] - b.box[1]))
     pa, pb = _inside(a, wa, image_size), _inside(b, wb, image_size)
     d = np.array([(t, np.hypot(x - pb[t][0], y - pb[t][1])) for t, (x, y) in sorted(pa.items()) if t in pb])
-    if len(d) < 6 or d[-1, 0] - d[0, 0] < min_span_s:
+    if len(d) < 9 or d[-1, 0] - d[0, 0] < min_span_s:
         return None
-    falls = []
-    for h in (d[: len(d) // 2], d[len(d) // 2:]):
-        dt = h[:, 0] - h[:, 0].mean()
-        falls.append(-float(dt @ (h[:, 1] - h[:, 1].mean())) / max(float(dt @ dt), 1e-12))
-    return max(0.0, min(falls))
+    t = d[:, 0]
+    span = min(2.0 * min_span_s, t[-1] - t[0])
+    best = None
+    for end in t[t >= t[0] + span - 1e-9]:
+        third = np.digitize(t, end - span + span / 3 * np.arange(4)) - 1  # 0, 1, 2 inside the stretch
+        parts = [d[third == k] for k in range(3)]
+        parts[2] = d[(third == 2) | (t == end)]
+        if min(len(p) for p in parts) >= 3:
+            fall = max(0.0, min(_fall(p) for p in parts))
+            best = fall if best is None else max(best, fall)
+    return best
 
 
 def _whole(box, at_line) -> tuple[float, float]:
