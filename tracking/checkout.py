@@ -108,6 +108,16 @@ class TrayParams:
                    line=(tuple(zcfg.line.p1), tuple(zcfg.line.p2)))
 
 
+def _slope(t: np.ndarray, v: np.ndarray) -> np.ndarray | None:
+    """Least-squares rate of change of ``v`` (N,) or (N, k) over times ``t`` (N,); None when the
+    times do not spread (fewer than two distinct)."""
+    dt = t - t.mean()
+    den = float(dt @ dt)
+    if den <= 1e-12:
+        return None
+    return (dt @ (v - v.mean(axis=0))) / den
+
+
 def track_velocity(track: Track, window_s: float) -> np.ndarray | None:
     """Least-squares (vx, vy) in px/s over the last ``window_s`` of the
     trajectory; None with fewer than two points or no time span."""
@@ -115,11 +125,7 @@ def track_velocity(track: Track, window_s: float) -> np.ndarray | None:
         return None
     tr = np.asarray(track.trajectory, dtype=float)
     tr = tr[tr[:, 0] >= tr[-1, 0] - window_s]
-    dt = tr[:, 0] - tr[:, 0].mean()
-    den = float(dt @ dt)
-    if len(tr) < 2 or den <= 1e-12:
-        return None
-    return (dt @ (tr[:, 1:] - tr[:, 1:].mean(axis=0))) / den
+    return _slope(tr[:, 0], tr[:, 1:])
 
 
 def _inside(track: Track, wh: tuple[float, float],
@@ -129,12 +135,6 @@ def _inside(track: Track, wh: tuple[float, float],
     w, h = wh
     W, H = image_size or (np.inf, np.inf)
     return {t: (x, y) for t, x, y in track.trajectory if w / 2 <= x <= W - w / 2 and h / 2 <= y <= H - h / 2}
-
-
-def _fall(h: np.ndarray) -> float:
-    """Least-squares fall rate (px/s) of distances ``h[:, 1]`` over times ``h[:, 0]``."""
-    dt = h[:, 0] - h[:, 0].mean()
-    return -float(dt @ (h[:, 1] - h[:, 1].mean())) / max(float(dt @ dt), 1e-12)
 
 
 def closing_speed(a: Track, b: Track, min_span_s: float, image_size: tuple[int, int] | None = None,
@@ -160,7 +160,8 @@ def closing_speed(a: Track, b: Track, min_span_s: float, image_size: tuple[int, 
         parts = [d[third == k] for k in range(3)]
         parts[2] = d[(third == 2) | (t == end)]
         if min(len(p) for p in parts) >= 3:
-            fall = max(0.0, min(_fall(p) for p in parts))
+            # each third holds >= 3 distinct frame times, so its slope exists
+            fall = max(0.0, min(-float(_slope(p[:, 0], p[:, 1])) for p in parts))
             best = fall if best is None else max(best, fall)
     return best
 
