@@ -6,6 +6,19 @@ Each sequence is a subfolder with ``gt/gt.txt`` and ``seqinfo.ini`` (or pass
 ``--fps/--size``), and detections from ``det/det.txt`` unless ``--noise`` asks
 for the seeded protocol of ``dishtrack.tracking.mot.NoiseProtocol``.
 
+A subfolder written by ``dishtrack make-video`` (``gt.txt``, ``seqinfo.ini``,
+``receipts.json``) is a checkout video: every dish of its gt.txt is an object
+(the class column is the dish), boxes less than ``--min-visibility`` inside the
+image or out from under the hand are ignored (results on them are dropped, as
+MOTChallenge does with distractors), and ``--checkpoint`` gives the detections:
+the dish model run on the video, tracked by dishtrack exactly as the service
+tracks it (calibrated scores, classes, appearance embeddings); the baselines get
+the same boxes and scores. ``{seq}`` in ``--checkpoint``/``--predictions`` is the
+subfolder's name, so cross-validated folds each use their own model:
+
+    python bench/eval_tracking.py runs/cv_videos --checkpoint 'runs/cv_supponly/{seq}/dishes.pt' \
+        --predictions 'runs/cv_supponly/{seq}/video_predictions.pkl'
+
     python bench/eval_tracking.py ../shared/data/mot17_train_dev --noise
     python bench/eval_tracking.py ../shared/data/mot15_sort_frcnn_dets/data/train \\
         --gt-root ../shared/data/motmetrics_pkg_data/motmetrics/data --seqs TUD-Campus TUD-Stadtmitte --fps 25 --size 640 480
@@ -14,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -22,8 +37,10 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from dishtrack.tracking.geometry import iou_matrix
-from dishtrack.tracking.mot import NoiseProtocol, noisy_detections, read_mot, read_seqinfo, track_sequence
+from dishtrack.tracking.mot import (NoiseProtocol, noisy_detections, read_mot, read_seqinfo, track_detections,
+                                    track_sequence)
 from dishtrack.tracking.tracker import TrackerParams
+from dishtrack.tracking.types import Detections, Frame
 
 log = logging.getLogger("eval_tracking")
 DISTRACTORS = (2, 7, 8, 12)  # MOT17 person-on-vehicle, static person, distractor, reflection
@@ -33,22 +50,51 @@ def _xyxy(a: np.ndarray) -> np.ndarray:
     return np.c_[a[:, 2:4], a[:, 2:4] + a[:, 4:6]]
 
 
+def mot_considered(gt: np.ndarray) -> np.ndarray:
+    """MOTChallenge: ground truth with flag 1 and class pedestrian (MOT16/17, 9
+    columns) or any class (MOT15, whose 10 columns hold world coordinates)."""
+    cls = gt[:, 7] if gt.shape[1] == 9 else -np.ones(len(gt))
+    return (gt[:, 6] != 0) & ((cls == 1) | (cls == -1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Sequence:
+    """One sequence to score. ``considered``: per gt row, counted (else ignored:
+    results matched to it are dropped). ``detections``: a detector's own output
+    per frame (frame_index = MOT frame), tracked whole by dishtrack; the
+    baselines, and every tracker when it is None, get ``dets`` (MOT det rows)."""
+
+    name: str
+    gt: np.ndarray
+    dets: np.ndarray
+    fps: float
+    size: tuple[int, int]
+    n: int
+    considered: np.ndarray
+    detections: tuple[Detections, ...] | None = None
+
+
 # ---- trackers --------------------------------------------------------------
 
-def run_dishtrack(params: TrackerParams):
-    def run(dets, fps, size, n):
-        return track_sequence(dets, params, image_size=size, fps=fps, n_frames=n)
+def run_dishtrack(params: TrackerParams, appearance: bool = True):
+    """``appearance=False`` drops the detector's embeddings (IoU-only association)."""
+    def run(seq: Sequence):
+        if seq.detections is None:
+            return track_sequence(seq.dets, params, image_size=seq.size, fps=seq.fps, n_frames=seq.n)
+        frames = seq.detections if appearance else (dataclasses.replace(d, embeddings=None) for d in seq.detections)
+        return track_detections(frames, params)
     return run
 
 
 def run_roboflow(kind: str):
     """Roboflow ``trackers`` with their default settings at the sequence frame rate."""
-    def run(dets, fps, size, n):
+    def run(seq: Sequence):
         import supervision as sv
         from trackers import ByteTrackTracker, OCSORTTracker, SORTTracker
 
         cls = {"SORT": SORTTracker, "ByteTrack": ByteTrackTracker, "OC-SORT": OCSORTTracker}[kind]
-        tr = cls(frame_rate=fps)
+        tr = cls(frame_rate=seq.fps)
+        dets, n = seq.dets, seq.n
         frames = dets[:, 0].astype(int)
         out = []
         for f in range(1, n + 1):
@@ -65,13 +111,12 @@ def run_roboflow(kind: str):
 
 # ---- metrics ---------------------------------------------------------------
 
-def _prepare(gt: np.ndarray, res: np.ndarray, n: int) -> dict:
+def _prepare(gt: np.ndarray, res: np.ndarray, n: int, considered: np.ndarray | None = None) -> dict:
     """trackeval's per-sequence data dict, MOTChallenge-style preprocessing:
     results matched (IoU >= 0.5) to ignored / distractor ground truth are
-    dropped, then only considered pedestrians (flag 1, class 1 or -1) remain."""
-    # MOT16/17 gt has 9 columns (class, visibility); MOT15's 10 hold world coordinates
-    cls = gt[:, 7] if gt.shape[1] == 9 else -np.ones(len(gt))
-    keep_gt = (gt[:, 6] != 0) & ((cls == 1) | (cls == -1))
+    dropped, then only the considered ground truth remains (default
+    ``mot_considered``: pedestrians)."""
+    keep_gt = mot_considered(gt) if considered is None else considered
     distract = ~keep_gt
     gid = {v: i for i, v in enumerate(np.unique(gt[keep_gt, 1]))}
     tid = {v: i for i, v in enumerate(np.unique(res[:, 1]))} if len(res) else {}
@@ -98,10 +143,10 @@ def _prepare(gt: np.ndarray, res: np.ndarray, n: int) -> dict:
     return data
 
 
-def trackeval_metrics(gt: np.ndarray, res: np.ndarray, n: int) -> dict:
+def trackeval_metrics(gt: np.ndarray, res: np.ndarray, n: int, considered: np.ndarray | None = None) -> dict:
     from trackeval.metrics import CLEAR, HOTA, Identity
 
-    data = _prepare(gt, res, n)
+    data = _prepare(gt, res, n, considered)
     out = {}
     for metric in (HOTA({"PRINT_CONFIG": False}), CLEAR({"PRINT_CONFIG": False}), Identity({"PRINT_CONFIG": False})):
         out.update(metric.eval_sequence(data))
@@ -109,11 +154,11 @@ def trackeval_metrics(gt: np.ndarray, res: np.ndarray, n: int) -> dict:
             "IDSW": int(out["IDSW"]), "Frag": int(out["Frag"])}
 
 
-def gap_bridging(gt: np.ndarray, dets: np.ndarray, res: np.ndarray, n: int, min_gap: int, max_gap: int) -> tuple[int, int]:
+def gap_bridging(gt: np.ndarray, dets: np.ndarray, res: np.ndarray, n: int, min_gap: int, max_gap: int,
+                 considered: np.ndarray | None = None) -> tuple[int, int]:
     """Ground-truth objects not detected (IoU >= 0.5) for min_gap..max_gap
     frames: (gaps whose both ends are tracked, gaps tracked with the same id)."""
-    keep = gt[:, 6] != 0
-    gt = gt[keep]
+    gt = gt[(gt[:, 6] != 0) if considered is None else considered]
     ids = np.unique(gt[:, 1]).astype(int)
     index = {v: i for i, v in enumerate(ids)}
     detected = np.zeros((len(ids), n + 2), bool)
@@ -148,7 +193,8 @@ def gap_bridging(gt: np.ndarray, dets: np.ndarray, res: np.ndarray, n: int, min_
     return tracked, bridged
 
 
-def switch_causes(gt: np.ndarray, res: np.ndarray, n: int, crowd_iou: float = 0.3) -> dict[str, int]:
+def switch_causes(gt: np.ndarray, res: np.ndarray, n: int, crowd_iou: float = 0.3,
+                  considered: np.ndarray | None = None) -> dict[str, int]:
     """Identity switches by cause. Each considered ground-truth object keeps the
     track it was matched to (IoU >= 0.5, continuing matches preferred, as
     CLEAR); when the track changes, the switch is counted as ``new`` (the new
@@ -156,8 +202,7 @@ def switch_causes(gt: np.ndarray, res: np.ndarray, n: int, crowd_iou: float = 0.
     ``taken`` (an existing track took over), ``after gap`` or ``continuous``
     (the object was unmatched in the previous frame or not), and ``crowd`` when
     another object overlaps it by IoU > crowd_iou."""
-    cls = gt[:, 7] if gt.shape[1] == 9 else -np.ones(len(gt))
-    gt = gt[(gt[:, 6] != 0) & ((cls == 1) | (cls == -1))]
+    gt = gt[mot_considered(gt) if considered is None else considered]
     gf, rf = gt[:, 0].astype(int), res[:, 0].astype(int)
     first = {int(t): int(res[res[:, 1] == t, 0].min()) for t in np.unique(res[:, 1])}
     prev: dict[int, int] = {}
@@ -186,37 +231,91 @@ def switch_causes(gt: np.ndarray, res: np.ndarray, n: int, crowd_iou: float = 0.
 
 # ---- driver ----------------------------------------------------------------
 
-def load_sequences(root: Path, seqs, gt_root: Path | None, noise: NoiseProtocol | None, fps, size):
+def load_sequences(root: Path, seqs, gt_root: Path | None, noise: NoiseProtocol | None, fps, size,
+                   checkpoint: str | None = None, predictions: str | None = None, min_visibility: float = 0.25,
+                   device: str = "auto") -> list[Sequence]:
     names = seqs or sorted(p.name for p in root.iterdir() if p.is_dir())
     out = []
     for name in names:
         d = root / name
-        gt = read_mot((gt_root / name / "gt.txt") if gt_root else d / "gt" / "gt.txt")
+        video = (d / "receipts.json").is_file() and (d / "gt.txt").is_file()  # dishtrack make-video
+        gt = read_mot((gt_root / name / "gt.txt") if gt_root else d / ("gt.txt" if video else "gt/gt.txt"))
         if (d / "seqinfo.ini").exists():
             info = read_seqinfo(d / "seqinfo.ini")
             s_fps, s_size, n = info.fps, info.image_size, info.length
         else:
             s_fps, s_size, n = fps, tuple(size), int(gt[:, 0].max())
-        dets = noisy_detections(gt, s_size, noise) if noise else read_mot(d / "det" / "det.txt")
-        n = max(n, int(dets[:, 0].max()))
-        out.append((name, gt, dets, s_fps, s_size, n))
+        considered = (gt[:, 6] != 0) & (gt[:, 8] >= min_visibility) if video else mot_considered(gt)
+        detections = None
+        if video and checkpoint:
+            detections = checkout_detections(d, checkpoint.format(seq=name),
+                                             predictions.format(seq=name) if predictions else None, device)
+            dets = mot_rows(detections)
+        elif noise:
+            dets = noisy_detections(gt, s_size, dataclasses.replace(noise, classes=None) if video else noise)
+        else:
+            dets = read_mot(d / "det" / "det.txt")
+        n = max(n, int(dets[:, 0].max()) if len(dets) else 0)
+        out.append(Sequence(name, gt, dets, s_fps, s_size, n, considered, detections))
     return out
 
 
-def evaluate_all(sequences, trackers: dict, gap_s: float = 2.0, min_gap: int = 5, causes: bool = False) -> list[dict]:
+def checkout_detections(video_dir: Path, checkpoint: str, predictions: str | None, device: str) -> tuple[Detections, ...]:
+    """The dish checkpoint on every frame of a make-video folder, as the service
+    runs it (``checkout_video_eval``'s direct mode; ``predictions`` caches the
+    raw per-frame output under the checkpoint's hash, shared with that script)."""
+    import cv2
+    from checkout_video_eval import CachedPredictions
+    from tqdm import tqdm
+
+    from dishtrack.config import DetectorConfig
+    from dishtrack.models.detector import load_detector
+
+    receipts = json.loads((video_dir / "receipts.json").read_text())
+    fps = float(receipts["fps"])
+    detector = load_detector(DetectorConfig(kind="checkpoint", checkpoint=checkpoint, device=device))
+    if predictions:
+        detector = CachedPredictions(detector, Path(predictions), hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest())
+    cap = cv2.VideoCapture(str(video_dir / receipts["video"]))
+    out = []
+    with tqdm(total=int(receipts["frames"]), desc=f"{video_dir.name}: detect", unit="frame", leave=False) as bar:
+        while True:
+            ok, img = cap.read()
+            if not ok:
+                break
+            i = len(out)
+            det = detector.detect([Frame("cam0", i, i / fps, img)])[0]
+            out.append(dataclasses.replace(det, frame_index=i + 1))  # MOT frames are 1-based
+            bar.update()
+    cap.release()
+    if isinstance(detector, CachedPredictions):
+        detector.save()
+    return tuple(out)
+
+
+def mot_rows(detections) -> np.ndarray:
+    """Detections -> MOT det rows (frame, -1, x, y, w, h, score)."""
+    rows = [np.c_[np.full(len(d.boxes), d.frame_index), -np.ones(len(d.boxes)), d.boxes[:, :2],
+                  d.boxes[:, 2:] - d.boxes[:, :2], d.scores] for d in detections]
+    return np.concatenate(rows).astype(np.float64) if rows else np.zeros((0, 7))
+
+
+def evaluate_all(sequences: list[Sequence], trackers: dict, gap_s: float = 2.0, min_gap: int = 5,
+                 causes: bool = False) -> list[dict]:
     rows = []
     for tname, run in trackers.items():
         tot = {"tracked": 0, "bridged": 0, "frames": 0, "secs": 0.0}
         per_seq = []
-        for name, gt, dets, fps, size, n in sequences:
+        for seq in sequences:
+            gt, n = seq.gt, seq.n
             t0 = time.perf_counter()
-            res = run(dets, fps, size, n)
+            res = run(seq)
             dt = time.perf_counter() - t0
-            m = trackeval_metrics(gt, res, n)
-            tr, br = gap_bridging(gt, dets, res, n, min_gap, int(round(gap_s * fps)))
-            m.update(sequence=name, tracker=tname, fps=n / dt, gaps=tr, bridged=br)
+            m = trackeval_metrics(gt, res, n, seq.considered)
+            tr, br = gap_bridging(gt, seq.dets, res, n, min_gap, int(round(gap_s * seq.fps)), seq.considered)
+            m.update(sequence=seq.name, tracker=tname, fps=n / dt, gaps=tr, bridged=br)
             if causes:
-                m["causes"] = switch_causes(gt, res, n)
+                m["causes"] = switch_causes(gt, res, n, considered=seq.considered)
             per_seq.append(m)
             tot["tracked"] += tr
             tot["bridged"] += br
@@ -247,7 +346,7 @@ def format_table(rows: list[dict], gap_s: float) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("root", type=Path)
     ap.add_argument("--seqs", nargs="*")
@@ -260,15 +359,25 @@ def main() -> None:
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--causes", action="store_true", help="also count identity switches by cause")
     ap.add_argument("--legacy", action="store_true", help="also run the previous release's settings (max_age 30 frames, SORT cues)")
-    args = ap.parse_args()
+    ap.add_argument("--checkpoint", help="make-video folders: detections from this dish checkpoint ({seq}: folder name)")
+    ap.add_argument("--predictions", help="with --checkpoint: cache of its raw per-frame predictions ({seq}: folder name)")
+    ap.add_argument("--min-visibility", type=float, default=0.25,
+                    help="make-video folders: gt boxes less visible are ignored (neither missed nor false)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = TrackerParams()
     if args.config:
         from dishtrack.config import load_config
         params = TrackerParams.from_config(load_config(args.config).tracker)
     noise = NoiseProtocol(seed=args.seed) if args.noise else None
-    seqs = load_sequences(args.root, args.seqs, args.gt_root, noise, args.fps, args.size)
+    if args.predictions and not args.checkpoint:
+        ap.error("--predictions caches a checkpoint's predictions: give --checkpoint")
+    seqs = load_sequences(args.root, args.seqs, args.gt_root, noise, args.fps, args.size, args.checkpoint,
+                          args.predictions, args.min_visibility, args.device)
     trackers = {"dishtrack": run_dishtrack(params), "dishtrack SORT settings": run_dishtrack(TrackerParams.sort())}
+    if any(s.detections is not None for s in seqs):
+        trackers["dishtrack without appearance"] = run_dishtrack(params, appearance=False)
     if args.legacy:
         trackers["dishtrack previous (max_age 30 frames)"] = run_dishtrack(
             dataclasses.replace(TrackerParams.sort(), max_age=30, max_coast_s=1e9, max_coast_occluded_s=1e9))
@@ -281,6 +390,7 @@ def main() -> None:
         print("\nidentity switches by cause (bench/eval_tracking.switch_causes):")
         for m in sorted(rows, key=lambda r: (r["sequence"], r["tracker"])):
             print(f"{m['sequence']} | {m['tracker']}: " + ", ".join(f"{k} {v}" for k, v in sorted(m["causes"].items())))
+    return rows
 
 
 if __name__ == "__main__":

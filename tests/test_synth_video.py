@@ -212,3 +212,71 @@ def test_oracle_realtime_pipeline_gives_one_exact_receipt_per_tray(video):
     """Through Pipeline (file reader paced at the video fps, SQLite store)."""
     s = _bench(video, "--realtime")
     assert s["setup"]["mode"] == "pipeline" and s["events"] == 3 and s["exact_receipts"] == 3
+
+
+# -- bench/eval_tracking.py on a checkout video: every dish is an object -----------------------
+
+def test_eval_tracking_scores_every_dish_of_a_checkout_video(video):
+    """A make-video folder is a sequence of bench/eval_tracking.py: its gt.txt's class column is the
+    dish, so every dish counts (the MOTChallenge rule keeps class 1 only: here, Starters), boxes
+    less than a quarter visible are ignored, and the noise protocol draws detections of every dish."""
+    from eval_tracking import _prepare, load_sequences, mot_considered, run_dishtrack
+
+    from dishtrack.tracking.mot import NoiseProtocol
+    from dishtrack.tracking.tracker import TrackerParams
+
+    out = video.out_dir
+    (seq,) = load_sequences(out.parent, [out.name], None, NoiseProtocol(seed=0), 25, (320, 240))
+    gt = _gt(video)
+    assert seq.size == (320, 240) and seq.fps == 25 and seq.detections is None
+    assert np.array_equal(seq.considered, gt[:, 8] >= 0.25)
+    seen = gt[seq.considered]
+    assert len(np.unique(seen[:, 7])) >= 4  # several dishes, not only class 1
+    # the ground truth replayed as a result: every considered dish is one object, matched to itself
+    res = seen[:, :6]
+    data = _prepare(gt, res, seq.n, seq.considered)
+    assert data["num_gt_ids"] == len(np.unique(seen[:, 1])) == data["num_tracker_ids"]
+    assert data["num_gt_dets"] == len(seen)
+    assert all(len(s) == 0 or np.allclose(np.diag(s), 1.0) for s in data["similarity_scores"])
+    mot_rule = _prepare(gt, res, seq.n)  # what the MOTChallenge rule would have scored
+    assert mot_rule["num_gt_ids"] == len(np.unique(gt[mot_considered(gt), 1])) < data["num_gt_ids"]
+    # noisy detections cover every dish class, and the tracker follows them
+    det_cls = {int(gt[(gt[:, 0] == d[0])][np.argmax([_iou(d, g) for g in gt[gt[:, 0] == d[0]]]), 7])
+               for d in seq.dets if (gt[:, 0] == d[0]).any()}
+    assert det_cls >= set(np.unique(seen[:, 7]).astype(int))
+    tracked = run_dishtrack(TrackerParams())(seq)
+    assert len(tracked) > 0.7 * len(seen)
+
+
+def _iou(d, g) -> float:
+    a = np.r_[d[2:4], d[2:4] + d[4:6]]
+    b = np.r_[g[2:4], g[2:4] + g[4:6]]
+    w = np.clip(np.minimum(a[2:], b[2:]) - np.maximum(a[:2], b[:2]), 0, None)
+    inter = w[0] * w[1]
+    return inter / (d[4] * d[5] + g[4] * g[5] - inter)
+
+
+def test_eval_tracking_tracks_a_dish_checkpoints_own_detections(video, tiny_checkpoint, tmp_path):
+    """--checkpoint: the dish model runs on every frame as the service runs it, dishtrack gets its
+    Detections whole (classes, calibrated scores, embeddings), the baselines the same boxes as MOT
+    rows; the raw predictions are cached under the checkpoint's hash and replayed the same."""
+    from eval_tracking import load_sequences, run_dishtrack
+
+    from dishtrack.tracking.tracker import TrackerParams
+
+    ck, _ = tiny_checkpoint
+    out = video.out_dir
+    cache = tmp_path / "{seq}.pkl"
+    (seq,) = load_sequences(out.parent, [out.name], None, None, 25, (320, 240), str(ck), str(cache), device="cpu")
+    assert (tmp_path / f"{out.name}.pkl").is_file()
+    dets = seq.detections
+    assert len(dets) == seq.n == json.loads((out / "receipts.json").read_text())["frames"]
+    assert [d.frame_index for d in dets] == list(range(1, seq.n + 1))  # MOT frames, 1-based
+    n_boxes = sum(len(d.boxes) for d in dets)
+    assert n_boxes > 0 and len(seq.dets) == n_boxes
+    assert all(d.embeddings is not None and len(d.embeddings) == len(d.boxes) for d in dets)
+    with_app = run_dishtrack(TrackerParams())(seq)
+    assert len(with_app) and set(with_app[:, 0].astype(int)) <= set(range(1, seq.n + 1))
+    (again,) = load_sequences(out.parent, [out.name], None, None, 25, (320, 240), str(ck), str(cache), device="cpu")
+    assert np.array_equal(again.dets, seq.dets)
+    assert np.array_equal(run_dishtrack(TrackerParams())(again), with_app)

@@ -5,6 +5,7 @@ write results. Pure numpy; metrics are computed by callers
 from __future__ import annotations
 
 import configparser
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +59,8 @@ def write_mot(path: str | Path, rows: np.ndarray) -> None:
 @dataclass(frozen=True, slots=True)
 class NoiseProtocol:
     """Ground truth -> detections, seeded, identical for every tracker compared:
-    pedestrians (class 1, considered) with visibility >= min_visibility, a
+    objects of ``classes`` (MOT17: 1, pedestrians; None: every class, as in a
+    ``make-video`` gt.txt where the class is the dish) with visibility >= min_visibility, a
     ``drop`` share removed at random, box corners jittered by ``jitter`` x the
     box size, ``false_pos`` x as many false boxes added; scores follow
     visibility (so low-score detections are the partly hidden ones) and false
@@ -69,6 +71,7 @@ class NoiseProtocol:
     jitter: float = 0.05
     false_pos: float = 0.05
     seed: int = 0
+    classes: tuple[int, ...] | None = (1,)
 
 
 def noisy_detections(gt: np.ndarray, image_size: tuple[int, int], proto: NoiseProtocol = NoiseProtocol()) -> np.ndarray:
@@ -76,7 +79,8 @@ def noisy_detections(gt: np.ndarray, image_size: tuple[int, int], proto: NoisePr
     rng = np.random.default_rng(proto.seed)
     if gt.shape[1] != 9:
         raise ValueError("noise protocol needs MOT16/17 ground truth (9 columns: ..., class, visibility)")
-    g = gt[(gt[:, 6] != 0) & (gt[:, 7] == 1) & (gt[:, 8] >= proto.min_visibility)]
+    cls = np.ones(len(gt), bool) if proto.classes is None else np.isin(gt[:, 7], proto.classes)
+    g = gt[(gt[:, 6] != 0) & cls & (gt[:, 8] >= proto.min_visibility)]
     g = g[rng.random(len(g)) >= proto.drop]
     wh = g[:, 4:6]
     box = np.c_[g[:, 2:4], g[:, 2:4] + wh] + rng.normal(0, proto.jitter, (len(g), 4)) * np.c_[wh, wh]
@@ -105,21 +109,34 @@ def track_sequence(dets: np.ndarray, params: TrackerParams | None = None, camera
     if image_size is None:
         ext = (dets[:, 2:4] + dets[:, 4:6]).max(axis=0) if len(dets) else np.ones(2)
         image_size = (int(np.ceil(ext[0])), int(np.ceil(ext[1])))
-    tracker = Tracker(camera_id, params)
-    out = []
     frames = dets[:, 0].astype(int)
     order = np.argsort(frames, kind="stable")
     dets, frames = dets[order], frames[order]
     last = max(int(frames.max()) if len(frames) else 0, n_frames or 0)
     bounds = np.searchsorted(frames, np.arange(1, last + 2))
-    for f in range(1, last + 1):
-        d = dets[bounds[f - 1]:bounds[f]]
-        boxes = np.c_[d[:, 2:4], d[:, 2:4] + d[:, 4:6]].astype(np.float32)
-        det = Detections(camera_id, f, f / fps, boxes, d[:, 6].astype(np.float32),
-                         np.zeros(len(d), np.int64), PERSON, image_size)
+
+    def per_frame():
+        for f in range(1, last + 1):
+            d = dets[bounds[f - 1]:bounds[f]]
+            boxes = np.c_[d[:, 2:4], d[:, 2:4] + d[:, 4:6]].astype(np.float32)
+            yield Detections(camera_id, f, f / fps, boxes, d[:, 6].astype(np.float32),
+                             np.zeros(len(d), np.int64), PERSON, image_size)
+    return track_detections(per_frame(), params, camera_id)
+
+
+def track_detections(frames: Iterable[Detections], params: TrackerParams | None = None,
+                     camera_id: str = "mot") -> np.ndarray:
+    """Run the tracker over one camera's Detections, one per frame in order
+    (``frame_index`` is the MOT frame number written, ``timestamp`` the clock);
+    returns rows frame,id,x,y,w,h of the tracks confirmed (matched) in each
+    frame. Detections keep what a detector gave (classes, embeddings), so a
+    dish checkpoint's output is tracked exactly as the service tracks it."""
+    tracker = Tracker(camera_id, params)
+    out = []
+    for det in frames:
         upd = tracker.update(det)
         for t in upd.tracks:
             if t.state is TrackState.CONFIRMED:
                 x1, y1, x2, y2 = t.box
-                out.append((f, t.track_id, x1, y1, x2 - x1, y2 - y1))
+                out.append((det.frame_index, t.track_id, x1, y1, x2 - x1, y2 - y1))
     return np.array(out, dtype=np.float64).reshape(-1, 6)
