@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 from urllib.parse import parse_qs, urlsplit
 
 import yaml
@@ -279,29 +279,40 @@ class SecurityMiddleware:
             await _deny(429, f"at most {self.limiter.cfg.max_streams} concurrent streams per client",
                         {"Retry-After": "5"})(scope, receive, send)
             return
+        held = True
+
+        def release() -> None:  # once: when the client leaves, or when the app ends
+            nonlocal held
+            if held:
+                held = False
+                self.limiter.close_stream(key)
         try:
             if scope["type"] == "websocket":
-                await _until_client_leaves(self.app, scope, receive, send)
+                await _until_client_leaves(self.app, scope, receive, send, left=release)
             else:
                 await self.app(scope, receive, send)  # MJPEG: the route polls is_disconnected itself
         finally:
-            self.limiter.close_stream(key)
+            release()
 
 
-async def _until_client_leaves(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+async def _until_client_leaves(app: ASGIApp, scope: Scope, receive: Receive, send: Send,
+                               left: Callable[[], None] = lambda: None) -> None:
     """Run a websocket app, cancelling it once the client has disconnected.
 
     A send-only handler never calls ``receive`` and so would learn of a departed
     client only at its next send (possibly hours without events), holding its
     stream slot and hub subscription until then. Here the client's messages are
     read as they come and handed over through a bounded queue (same order, same
-    back-pressure); after ``websocket.disconnect`` the app gets a second to finish
-    on its own, then is cancelled (its ``finally`` blocks run)."""
+    back-pressure); ``left`` is called as soon as ``websocket.disconnect`` is read
+    (the stream slot: a page reload reconnects at once), then the app gets a
+    second to finish on its own and is cancelled (its ``finally`` blocks run)."""
     inbox: asyncio.Queue = asyncio.Queue(maxsize=32)
 
     async def pump() -> None:
         while True:
             msg = await receive()
+            if msg["type"] == "websocket.disconnect":
+                left()
             await inbox.put(msg)
             if msg["type"] == "websocket.disconnect":
                 return

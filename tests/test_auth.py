@@ -335,6 +335,22 @@ def test_streams_are_limited_by_concurrent_connections_per_client(tmp_path, serv
         wait_until(lambda: s.app.state.runtime.hub.subscribers == 0, 5, what="hub subscriptions released")
 
 
+
+def test_a_websocket_client_that_reconnects_at_once_gets_its_stream_slot(tmp_path, serve):
+    """A page reload closes its event websocket and opens a new one at once. The departed
+    connection's slot is given back when the server reads the client's goodbye, not when the
+    send-only handler is cancelled a second later (until then a client at its limit got 429)."""
+    cfg = make_cfg(tmp_path, auth={"enabled": True, "tokens": TOKENS}, rate_limit={"max_streams": 1})
+    with serve(cfg) as s:
+        viewer = {"Authorization": f"Bearer {VIEWER}"}
+        url = s.ws + "/ws/events"
+        for _ in range(3):
+            with ws_connect(url, additional_headers=viewer, close_timeout=1):
+                assert ws_status(url, viewer) == 429  # the one slot is taken
+            # leaving; a reconnect within 0.9 s (an attempt refused holds nothing)
+            wait_until(lambda: ws_status(url, viewer) == 101, 0.9, interval=0.05, what="slot given back")
+        wait_until(lambda: s.app.state.runtime.hub.subscribers == 0, 5, what="hub subscriptions released")
+
 # -- OpenAPI ---------------------------------------------------------------------------------------------------
 
 def test_openapi_documents_401_403_429_and_login(tmp_path, serve):
