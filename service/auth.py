@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 from urllib.parse import parse_qs, urlsplit
 
 import yaml
@@ -279,41 +279,41 @@ class SecurityMiddleware:
             await _deny(429, f"at most {self.limiter.cfg.max_streams} concurrent streams per client",
                         {"Retry-After": "5"})(scope, receive, send)
             return
-        held = True
-
-        def release() -> None:  # once: when the client leaves, or when the app ends
-            nonlocal held
-            if held:
-                held = False
-                self.limiter.close_stream(key)
         try:
             if scope["type"] == "websocket":
-                await _until_client_leaves(self.app, scope, receive, send, left=release)
+                await _until_client_leaves(self.app, scope, receive, send)
             else:
                 await self.app(scope, receive, send)  # MJPEG: the route polls is_disconnected itself
         finally:
-            release()
+            self.limiter.close_stream(key)
 
 
 async def _until_client_leaves(app: ASGIApp, scope: Scope, receive: Receive, send: Send,
-                               left: Callable[[], None] = lambda: None) -> None:
-    """Run a websocket app, cancelling it once the client has disconnected.
+                               inbox_size: int = 32) -> None:
+    """Run a websocket app, cancelling it as soon as the client has disconnected.
 
     A send-only handler never calls ``receive`` and so would learn of a departed
     client only at its next send (possibly hours without events), holding its
     stream slot and hub subscription until then. Here the client's messages are
-    read as they come and handed over through a bounded queue (same order, same
-    back-pressure); ``left`` is called as soon as ``websocket.disconnect`` is read
-    (the stream slot: a page reload reconnects at once), then the app gets a
-    second to finish on its own and is cancelled (its ``finally`` blocks run)."""
-    inbox: asyncio.Queue = asyncio.Queue(maxsize=32)
+    read as they come and handed over through a queue (same order). Once
+    ``websocket.disconnect`` is read the app is cancelled at once (its ``finally``
+    blocks run; there is nobody left to send to), so the stream slot, given back
+    when the app has ended, is free for a page reload that reconnects at once and
+    still bounds the live handlers. A client that sends more than ``inbox_size``
+    messages the app has not read is closed (1008): buffering them would grow
+    without bound, and waiting for room would stop reading the client's disconnect."""
+    inbox: asyncio.Queue = asyncio.Queue(maxsize=inbox_size)
 
     async def pump() -> None:
         while True:
             msg = await receive()
-            if msg["type"] == "websocket.disconnect":
-                left()
-            await inbox.put(msg)
+            try:
+                inbox.put_nowait(msg)
+            except asyncio.QueueFull:
+                if msg["type"] != "websocket.disconnect":
+                    await send({"type": "websocket.close", "code": 1008,
+                                "reason": f"more than {inbox_size} messages unread"})
+                return
             if msg["type"] == "websocket.disconnect":
                 return
 
@@ -321,9 +321,7 @@ async def _until_client_leaves(app: ASGIApp, scope: Scope, receive: Receive, sen
     pump_task = asyncio.ensure_future(pump())
     try:
         await asyncio.wait({app_task, pump_task}, return_when=asyncio.FIRST_COMPLETED)
-        if not app_task.done():
-            await asyncio.wait({app_task}, timeout=1.0)
-            app_task.cancel()
+        app_task.cancel()  # a no-op when the app has ended on its own
         with contextlib.suppress(asyncio.CancelledError):
             await app_task
     finally:

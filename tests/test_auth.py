@@ -335,21 +335,45 @@ def test_streams_are_limited_by_concurrent_connections_per_client(tmp_path, serv
         wait_until(lambda: s.app.state.runtime.hub.subscribers == 0, 5, what="hub subscriptions released")
 
 
-
 def test_a_websocket_client_that_reconnects_at_once_gets_its_stream_slot(tmp_path, serve):
     """A page reload closes its event websocket and opens a new one at once. The departed
-    connection's slot is given back when the server reads the client's goodbye, not when the
-    send-only handler is cancelled a second later (until then a client at its limit got 429)."""
+    connection's handler is cancelled, and its slot given back, when the server reads the client's
+    goodbye, not a second later (until then a client at its limit got 429); the slot still bounds
+    the live handlers (hub subscriptions), not only the open sockets."""
+    cfg = make_cfg(tmp_path, auth={"enabled": True, "tokens": TOKENS}, rate_limit={"max_streams": 1})
+    with serve(cfg) as s:
+        hub = s.app.state.runtime.hub
+        viewer = {"Authorization": f"Bearer {VIEWER}"}
+        url = s.ws + "/ws/events"
+        for _ in range(5):
+            with ws_connect(url, additional_headers=viewer, close_timeout=1):
+                assert ws_status(url, viewer) == 429  # the one slot is taken
+                assert hub.subscribers <= 1
+            # leaving; a reconnect within 0.9 s (an attempt refused holds nothing)
+            wait_until(lambda: ws_status(url, viewer) == 101, 0.9, interval=0.05, what="slot given back")
+        wait_until(lambda: hub.subscribers == 0, 5, what="hub subscriptions released")
+
+
+def test_a_websocket_client_that_floods_the_event_feed_is_closed_and_its_slot_freed(tmp_path, serve):
+    """/ws/events reads nothing from the client. A client that sends more than the middleware
+    buffers (32 messages) is closed with 1008, and once it has gone its slot is free again; before,
+    the middleware stopped reading at a full buffer, never saw the client leave, and held the slot
+    and the hub subscription until the next event failed to send."""
+    from websockets.exceptions import ConnectionClosed
+
     cfg = make_cfg(tmp_path, auth={"enabled": True, "tokens": TOKENS}, rate_limit={"max_streams": 1})
     with serve(cfg) as s:
         viewer = {"Authorization": f"Bearer {VIEWER}"}
         url = s.ws + "/ws/events"
-        for _ in range(3):
-            with ws_connect(url, additional_headers=viewer, close_timeout=1):
-                assert ws_status(url, viewer) == 429  # the one slot is taken
-            # leaving; a reconnect within 0.9 s (an attempt refused holds nothing)
-            wait_until(lambda: ws_status(url, viewer) == 101, 0.9, interval=0.05, what="slot given back")
-        wait_until(lambda: s.app.state.runtime.hub.subscribers == 0, 5, what="hub subscriptions released")
+        with ws_connect(url, additional_headers=viewer, close_timeout=1) as c:
+            with pytest.raises(ConnectionClosed) as closed:
+                for _ in range(40):
+                    c.send("hello")
+                c.recv(timeout=10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+        wait_until(lambda: ws_status(url, viewer) == 101, 5, what="slot given back")
+        wait_until(lambda: s.app.state.runtime.hub.subscribers == 0, 5, what="hub subscription released")
+
 
 # -- OpenAPI ---------------------------------------------------------------------------------------------------
 
