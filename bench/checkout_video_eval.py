@@ -77,14 +77,17 @@ class CachedPredictions:
     and only the thresholding/calibration policy (``to_detections``) runs again. Tracker,
     checkout and threshold settings can then be compared on one video in seconds."""
 
-    def __init__(self, detector, path: Path, key: str) -> None:
+    def __init__(self, detector, path: Path, key: str, video: Path | None = None) -> None:
         self.detector = detector
         self.labels = detector.labels
         self.calibrated_threshold = getattr(detector, "calibrated_threshold", None)
         self.path, self.key = path, key
+        self.video = hashlib.sha256(video.read_bytes()).hexdigest() if video is not None else None
         saved = pickle.loads(path.read_bytes()) if path.is_file() else {}
-        # predictions of another checkpoint are stale
-        self.preds: dict[int, dict] = saved.get("preds", {}) if saved.get("key") == key else {}
+        # predictions of another checkpoint, or of another video, are stale (a cache written
+        # before the video was recorded is taken as it is)
+        fresh = saved.get("key") == key and saved.get("video", self.video) == self.video
+        self.preds: dict[int, dict] = saved.get("preds", {}) if fresh else {}
         self.dirty = False
 
     def detect(self, frames: list[Frame]) -> list[Detections]:
@@ -97,7 +100,8 @@ class CachedPredictions:
 
     def save(self) -> None:
         if self.dirty:
-            self.path.write_bytes(pickle.dumps({"key": self.key, "preds": self.preds}))
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_bytes(pickle.dumps({"key": self.key, "video": self.video, "preds": self.preds}))
 
 
 class FrameClock:
@@ -229,7 +233,7 @@ def evaluate(args) -> dict:
         detector = load_detector(cfg.detector)
         if args.predictions:
             key = hashlib.sha256(Path(cfg.detector.checkpoint).read_bytes()).hexdigest()
-            detector = CachedPredictions(detector, Path(args.predictions), key)
+            detector = CachedPredictions(detector, Path(args.predictions), key, video)
     t0 = time.perf_counter()
     if args.mode == "pipeline":
         with tempfile.TemporaryDirectory() as tmp:

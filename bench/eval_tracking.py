@@ -10,11 +10,13 @@ A subfolder written by ``dishtrack make-video`` (``gt.txt``, ``seqinfo.ini``,
 ``receipts.json``) is a checkout video: every dish of its gt.txt is an object
 (the class column is the dish), boxes less than ``--min-visibility`` inside the
 image or out from under the hand are ignored (results on them are dropped, as
-MOTChallenge does with distractors), and ``--checkpoint`` gives the detections:
-the dish model run on the video, tracked by dishtrack exactly as the service
-tracks it (calibrated scores, classes, appearance embeddings); the baselines get
-the same boxes and scores. ``{seq}`` in ``--checkpoint``/``--predictions`` is the
-subfolder's name, so cross-validated folds each use their own model:
+MOTChallenge does with distractors), result boxes are clipped to the image as
+the gt boxes are, and ``--checkpoint`` gives the detections: the dish model run
+on the video with the default detector settings, tracked by dishtrack as the
+service tracks it (calibrated scores, classes, appearance embeddings); the
+baselines get the same boxes and scores. ``{seq}`` in ``--checkpoint`` and
+``--predictions`` is the subfolder's name, so cross-validated folds each use
+their own model and every video its own cache:
 
     python bench/eval_tracking.py runs/cv_videos --checkpoint 'runs/cv_supponly/{seq}/dishes.pt' \
         --predictions 'runs/cv_supponly/{seq}/video_predictions.pkl'
@@ -57,12 +59,21 @@ def mot_considered(gt: np.ndarray) -> np.ndarray:
     return (gt[:, 6] != 0) & ((cls == 1) | (cls == -1))
 
 
+def mot_ignored(gt: np.ndarray) -> np.ndarray:
+    """MOTChallenge (trackeval's MOT17 preprocessing): results matched to these are
+    dropped, neither hits nor false positives: the distractor classes of MOT16/17;
+    none in MOT15."""
+    return np.isin(gt[:, 7], DISTRACTORS) if gt.shape[1] == 9 else np.zeros(len(gt), bool)
+
+
 @dataclasses.dataclass(frozen=True)
 class Sequence:
-    """One sequence to score. ``considered``: per gt row, counted (else ignored:
-    results matched to it are dropped). ``detections``: a detector's own output
-    per frame (frame_index = MOT frame), tracked whole by dishtrack; the
-    baselines, and every tracker when it is None, get ``dets`` (MOT det rows)."""
+    """One sequence to score. ``considered``: per gt row, counted; ``ignored``:
+    results matched to it are dropped (``_prepare``). ``clip``: results are clipped
+    to the image first (the ground truth is: make-video). ``detections``: a
+    detector's own output per frame (frame_index = MOT frame), tracked whole by
+    dishtrack; the baselines, and every tracker when it is None, get ``dets``
+    (MOT det rows)."""
 
     name: str
     gt: np.ndarray
@@ -71,6 +82,8 @@ class Sequence:
     size: tuple[int, int]
     n: int
     considered: np.ndarray
+    ignored: np.ndarray
+    clip: bool = False
     detections: tuple[Detections, ...] | None = None
 
 
@@ -111,31 +124,33 @@ def run_roboflow(kind: str):
 
 # ---- metrics ---------------------------------------------------------------
 
-def _prepare(gt: np.ndarray, res: np.ndarray, n: int, considered: np.ndarray | None = None) -> dict:
-    """trackeval's per-sequence data dict, MOTChallenge-style preprocessing:
-    results matched (IoU >= 0.5) to ignored / distractor ground truth are
-    dropped, then only the considered ground truth remains (default
-    ``mot_considered``: pedestrians)."""
+def _prepare(gt: np.ndarray, res: np.ndarray, n: int, considered: np.ndarray | None = None,
+             ignored: np.ndarray | None = None) -> dict:
+    """trackeval's per-sequence data dict, MOTChallenge-style preprocessing: each
+    frame's results are matched (Hungarian, IoU >= 0.5) to all its ground truth,
+    those matched to ``ignored`` rows are dropped, then only the ``considered``
+    ground truth remains. Defaults: ``mot_considered`` / ``mot_ignored``; with
+    ``considered`` alone, every other row is ignored."""
     keep_gt = mot_considered(gt) if considered is None else considered
-    distract = ~keep_gt
+    if ignored is None:
+        ignored = mot_ignored(gt) if considered is None else ~keep_gt
     gid = {v: i for i, v in enumerate(np.unique(gt[keep_gt, 1]))}
     tid = {v: i for i, v in enumerate(np.unique(res[:, 1]))} if len(res) else {}
     data = {"num_timesteps": n, "gt_ids": [], "tracker_ids": [], "similarity_scores": []}
     gf, rf = gt[:, 0].astype(int), res[:, 0].astype(int)
     n_gt = n_tr = 0
-    used_t = set()
     for f in range(1, n + 1):
-        g, r = gt[(gf == f)], res[rf == f]
-        dist_g = g[distract[gf == f]]
-        if len(dist_g) and len(r):
-            iou = iou_matrix(_xyxy(dist_g), _xyxy(r))
+        at = gf == f
+        g, r = gt[at], res[rf == f]
+        if ignored[at].any() and len(r):
+            iou = iou_matrix(_xyxy(g), _xyxy(r))
+            iou[iou < 0.5 - 1e-9] = 0.0
             rr, cc = linear_sum_assignment(-iou)
-            drop = {c for a, c in zip(rr, cc) if iou[a, c] >= 0.5}
-            r = r[[i for i in range(len(r)) if i not in drop]]
-        g = g[keep_gt[gf == f]]
+            hit = iou[rr, cc] > 1e-9
+            r = np.delete(r, cc[hit & ignored[at][rr]], axis=0)
+        g = g[keep_gt[at]]
         data["gt_ids"].append(np.array([gid[v] for v in g[:, 1]], int))
         data["tracker_ids"].append(np.array([tid[v] for v in r[:, 1]], int))
-        used_t |= set(data["tracker_ids"][-1].tolist())
         data["similarity_scores"].append(iou_matrix(_xyxy(g), _xyxy(r)))
         n_gt += len(g)
         n_tr += len(r)
@@ -143,10 +158,11 @@ def _prepare(gt: np.ndarray, res: np.ndarray, n: int, considered: np.ndarray | N
     return data
 
 
-def trackeval_metrics(gt: np.ndarray, res: np.ndarray, n: int, considered: np.ndarray | None = None) -> dict:
+def trackeval_metrics(gt: np.ndarray, res: np.ndarray, n: int, considered: np.ndarray | None = None,
+                      ignored: np.ndarray | None = None) -> dict:
     from trackeval.metrics import CLEAR, HOTA, Identity
 
-    data = _prepare(gt, res, n, considered)
+    data = _prepare(gt, res, n, considered, ignored)
     out = {}
     for metric in (HOTA({"PRINT_CONFIG": False}), CLEAR({"PRINT_CONFIG": False}), Identity({"PRINT_CONFIG": False})):
         out.update(metric.eval_sequence(data))
@@ -234,6 +250,8 @@ def switch_causes(gt: np.ndarray, res: np.ndarray, n: int, crowd_iou: float = 0.
 def load_sequences(root: Path, seqs, gt_root: Path | None, noise: NoiseProtocol | None, fps, size,
                    checkpoint: str | None = None, predictions: str | None = None, min_visibility: float = 0.25,
                    device: str = "auto") -> list[Sequence]:
+    """MOTChallenge folders (gt/gt.txt) and make-video folders (gt.txt + receipts.json) under
+    ``root``. Raises ValueError naming the folder when it has no detections to track."""
     names = seqs or sorted(p.name for p in root.iterdir() if p.is_dir())
     out = []
     for name in names:
@@ -245,25 +263,39 @@ def load_sequences(root: Path, seqs, gt_root: Path | None, noise: NoiseProtocol 
             s_fps, s_size, n = info.fps, info.image_size, info.length
         else:
             s_fps, s_size, n = fps, tuple(size), int(gt[:, 0].max())
-        considered = (gt[:, 6] != 0) & (gt[:, 8] >= min_visibility) if video else mot_considered(gt)
+        if video:  # every dish is an object; a box mostly outside the image or under the hand is ignored
+            visible = gt[:, 8] >= min_visibility
+            considered, ignored = (gt[:, 6] != 0) & visible, ~visible
+        else:
+            considered, ignored = mot_considered(gt), mot_ignored(gt)
+            if checkpoint:
+                log.warning("%s: not a make-video folder, --checkpoint is not used for it", name)
         detections = None
         if video and checkpoint:
+            if noise:
+                log.warning("%s: detections from --checkpoint, --noise is not used for it", name)
             detections = checkout_detections(d, checkpoint.format(seq=name),
                                              predictions.format(seq=name) if predictions else None, device)
             dets = mot_rows(detections)
         elif noise:
             dets = noisy_detections(gt, s_size, dataclasses.replace(noise, classes=None) if video else noise)
-        else:
+        elif (d / "det" / "det.txt").is_file():
             dets = read_mot(d / "det" / "det.txt")
+        else:
+            raise ValueError(f"{d}: no detections to track (det/det.txt); give --noise"
+                             + (" or --checkpoint (a dish model run on checkout.mp4)" if video else ""))
         n = max(n, int(dets[:, 0].max()) if len(dets) else 0)
-        out.append(Sequence(name, gt, dets, s_fps, s_size, n, considered, detections))
+        out.append(Sequence(name, gt, dets, s_fps, s_size, n, considered, ignored, video, detections))
+    if len({s.clip for s in out}) > 1:
+        log.warning("MOTChallenge and make-video folders mixed: ALL (mean) averages both")
     return out
 
 
 def checkout_detections(video_dir: Path, checkpoint: str, predictions: str | None, device: str) -> tuple[Detections, ...]:
     """The dish checkpoint on every frame of a make-video folder, as the service
-    runs it (``checkout_video_eval``'s direct mode; ``predictions`` caches the
-    raw per-frame output under the checkpoint's hash, shared with that script)."""
+    runs it with the default detector settings (``checkout_video_eval``'s direct
+    mode; ``predictions`` caches the raw per-frame output under the checkpoint's
+    and the video's hashes, shared with that script)."""
     import cv2
     from checkout_video_eval import CachedPredictions
     from tqdm import tqdm
@@ -274,9 +306,11 @@ def checkout_detections(video_dir: Path, checkpoint: str, predictions: str | Non
     receipts = json.loads((video_dir / "receipts.json").read_text())
     fps = float(receipts["fps"])
     detector = load_detector(DetectorConfig(kind="checkpoint", checkpoint=checkpoint, device=device))
+    video = video_dir / receipts["video"]
     if predictions:
-        detector = CachedPredictions(detector, Path(predictions), hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest())
-    cap = cv2.VideoCapture(str(video_dir / receipts["video"]))
+        detector = CachedPredictions(detector, Path(predictions), hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest(),
+                                     video)
+    cap = cv2.VideoCapture(str(video))
     out = []
     with tqdm(total=int(receipts["frames"]), desc=f"{video_dir.name}: detect", unit="frame", leave=False) as bar:
         while True:
@@ -300,6 +334,17 @@ def mot_rows(detections) -> np.ndarray:
     return np.concatenate(rows).astype(np.float64) if rows else np.zeros((0, 7))
 
 
+def clip_to_image(res: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Result boxes (frame, id, x, y, w, h) cut at the image border, as a make-video gt.txt is;
+    boxes left with no area are dropped. (A Kalman box may reach past the border, a detector's
+    box never does: unclipped, the comparison would count the border against Kalman trackers.)"""
+    w, h = size
+    x1, y1 = np.clip(res[:, 2], 0, w), np.clip(res[:, 3], 0, h)
+    x2, y2 = np.clip(res[:, 2] + res[:, 4], 0, w), np.clip(res[:, 3] + res[:, 5], 0, h)
+    out = np.c_[res[:, :2], x1, y1, x2 - x1, y2 - y1]
+    return out[(out[:, 4] > 0) & (out[:, 5] > 0)]
+
+
 def evaluate_all(sequences: list[Sequence], trackers: dict, gap_s: float = 2.0, min_gap: int = 5,
                  causes: bool = False) -> list[dict]:
     rows = []
@@ -311,7 +356,9 @@ def evaluate_all(sequences: list[Sequence], trackers: dict, gap_s: float = 2.0, 
             t0 = time.perf_counter()
             res = run(seq)
             dt = time.perf_counter() - t0
-            m = trackeval_metrics(gt, res, n, seq.considered)
+            if seq.clip:
+                res = clip_to_image(res, seq.size)
+            m = trackeval_metrics(gt, res, n, seq.considered, seq.ignored)
             tr, br = gap_bridging(gt, seq.dets, res, n, min_gap, int(round(gap_s * seq.fps)), seq.considered)
             m.update(sequence=seq.name, tracker=tname, fps=n / dt, gaps=tr, bridged=br)
             if causes:
@@ -373,8 +420,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     noise = NoiseProtocol(seed=args.seed) if args.noise else None
     if args.predictions and not args.checkpoint:
         ap.error("--predictions caches a checkpoint's predictions: give --checkpoint")
-    seqs = load_sequences(args.root, args.seqs, args.gt_root, noise, args.fps, args.size, args.checkpoint,
-                          args.predictions, args.min_visibility, args.device)
+    if args.predictions and "{seq}" not in args.predictions and len(args.seqs or []) != 1:
+        ap.error("--predictions: put {seq} (the folder's name) in it, one cache per video")
+    try:
+        seqs = load_sequences(args.root, args.seqs, args.gt_root, noise, args.fps, args.size, args.checkpoint,
+                              args.predictions, args.min_visibility, args.device)
+    except ValueError as e:
+        ap.error(str(e))
     trackers = {"dishtrack": run_dishtrack(params), "dishtrack SORT settings": run_dishtrack(TrackerParams.sort())}
     if any(s.detections is not None for s in seqs):
         trackers["dishtrack without appearance"] = run_dishtrack(params, appearance=False)

@@ -246,6 +246,8 @@ def test_eval_tracking_scores_every_dish_of_a_checkout_video(video):
     assert det_cls >= set(np.unique(seen[:, 7]).astype(int))
     tracked = run_dishtrack(TrackerParams())(seq)
     assert len(tracked) > 0.7 * len(seen)
+    with pytest.raises(ValueError, match="--checkpoint"):  # no det/det.txt, no --noise
+        load_sequences(out.parent, [out.name], None, None, 25, (320, 240))
 
 
 def _iou(d, g) -> float:
@@ -280,3 +282,15 @@ def test_eval_tracking_tracks_a_dish_checkpoints_own_detections(video, tiny_chec
     (again,) = load_sequences(out.parent, [out.name], None, None, 25, (320, 240), str(ck), str(cache), device="cpu")
     assert np.array_equal(again.dets, seq.dets)
     assert np.array_equal(run_dishtrack(TrackerParams())(again), with_app)
+    # the cache is the checkpoint's predictions on this video: another video does not reuse it
+    import hashlib
+    import types
+
+    from checkout_video_eval import CachedPredictions
+
+    key = hashlib.sha256(Path(ck).read_bytes()).hexdigest()
+    stub = types.SimpleNamespace(labels=())
+    path = tmp_path / f"{out.name}.pkl"
+    assert len(CachedPredictions(stub, path, key, out / "checkout.mp4").preds) == seq.n
+    assert CachedPredictions(stub, path, key, out / "gt.txt").preds == {}
+    assert CachedPredictions(stub, path, "another checkpoint", out / "checkout.mp4").preds == {}
