@@ -420,7 +420,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     noise = NoiseProtocol(seed=args.seed) if args.noise else None
     if args.predictions and not args.checkpoint:
         ap.error("--predictions caches a checkpoint's predictions: give --checkpoint")
-    if args.predictions and "{seq}" not in args.predictions and len(args.seqs or []) != 1:
+    if args.predictions and "{seq}" not in args.predictions and \
+            len(args.seqs or [d for d in args.root.iterdir() if d.is_dir()]) > 1:
         ap.error("--predictions: put {seq} (the folder's name) in it, one cache per video")
     try:
         seqs = load_sequences(args.root, args.seqs, args.gt_root, noise, args.fps, args.size, args.checkpoint,

@@ -289,33 +289,35 @@ class SecurityMiddleware:
 
 
 async def _until_client_leaves(app: ASGIApp, scope: Scope, receive: Receive, send: Send,
-                               inbox_size: int = 32) -> None:
+                               inbox_size: int = 32, unread_timeout_s: float = 5.0) -> None:
     """Run a websocket app, cancelling it as soon as the client has disconnected.
 
     A send-only handler never calls ``receive`` and so would learn of a departed
     client only at its next send (possibly hours without events), holding its
     stream slot and hub subscription until then. Here the client's messages are
-    read as they come and handed over through a queue (same order). Once
+    read as they come and handed over through a bounded queue (same order). Once
     ``websocket.disconnect`` is read the app is cancelled at once (its ``finally``
     blocks run; there is nobody left to send to), so the stream slot, given back
     when the app has ended, is free for a page reload that reconnects at once and
-    still bounds the live handlers. A client that sends more than ``inbox_size``
-    messages the app has not read is closed (1008): buffering them would grow
-    without bound, and waiting for room would stop reading the client's disconnect."""
+    still bounds the live handlers. When the queue is full the client waits
+    (back-pressure for an app that reads slowly) up to ``unread_timeout_s``;
+    then the app is cancelled and the client closed with 1008, since waiting on
+    would stop reading the client's disconnect and buffering would grow without
+    bound (``/ws/events`` reads nothing: its clients are not to send)."""
     inbox: asyncio.Queue = asyncio.Queue(maxsize=inbox_size)
 
-    async def pump() -> None:
+    async def pump() -> bool:
+        """Hand the client's messages over; True when it is to be closed for unread ones."""
         while True:
             msg = await receive()
-            try:
-                inbox.put_nowait(msg)
-            except asyncio.QueueFull:
-                if msg["type"] != "websocket.disconnect":
-                    await send({"type": "websocket.close", "code": 1008,
-                                "reason": f"more than {inbox_size} messages unread"})
-                return
             if msg["type"] == "websocket.disconnect":
-                return
+                with contextlib.suppress(asyncio.QueueFull):  # the app is cancelled anyway
+                    inbox.put_nowait(msg)
+                return False
+            try:
+                await asyncio.wait_for(inbox.put(msg), unread_timeout_s)
+            except asyncio.TimeoutError:
+                return True
 
     app_task = asyncio.ensure_future(app(scope, inbox.get, send))
     pump_task = asyncio.ensure_future(pump())
@@ -324,11 +326,19 @@ async def _until_client_leaves(app: ASGIApp, scope: Scope, receive: Receive, sen
         app_task.cancel()  # a no-op when the app has ended on its own
         with contextlib.suppress(asyncio.CancelledError):
             await app_task
+        flooded = pump_task.done() and not pump_task.cancelled() and pump_task.exception() is None \
+            and pump_task.result()
+        if flooded:  # only now: a close sent while the app may still send would make its sends raise
+            with contextlib.suppress(RuntimeError, OSError):
+                await send({"type": "websocket.close", "code": 1008,
+                            "reason": f"more than {inbox_size} messages unread"})
     finally:
         pump_task.cancel()
         app_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await pump_task
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await app_task
 
 
 def _cookie(headers: Headers, name: str) -> str | None:
