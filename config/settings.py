@@ -259,6 +259,11 @@ class ApiConfig(_Strict):
     ws_queue: int = Field(256, ge=1, description="per-client bounded queue; a slow client is dropped")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body (corrections, login); "
                                 "a larger one is answered 413 (FastAPI max_body_size)")
+    ws_client_messages_per_s: float = Field(1.0, gt=0, description="what a /ws/events client may send "
+                                            "(heartbeats, answered with a pong): this many messages a second "
+                                            "on average; beyond the budget it is closed with 1008")
+    ws_client_burst: int = Field(32, ge=1, description="messages a /ws/events client may send at once "
+                                 "before ws_client_messages_per_s applies")
     health_stuck_s: float = Field(30.0, gt=0, description="no pipeline loop iteration for this long = stuck "
                                   "(/health failing, /livez 503)")
     cache_s: float = Field(0.2, ge=0, le=5, description="/health, /livez, /readyz, /metrics, /cameras and tracks "

@@ -23,6 +23,7 @@ from .admin import admin_router
 from .analytics import analytics_router
 from .auth import install_security
 from .cache import TtlCache
+from .client_messages import PONG, ClientMessages
 from .corrections import CorrectionStore, default_dataset_dir
 from .hub import EventHub
 from .metrics import Metrics
@@ -281,9 +282,13 @@ def create_app(runtime: Runtime) -> FastAPI:
         """Live events. With ``?after=SEQ`` the stored events after SEQ are sent
         first, so a reconnecting client misses nothing; a correction keeps its event's
         seq, so ``?revisions_after=F`` (the last ``feed_seq`` received) also sends the
-        corrected revisions committed since. Keep the highest revision per event_id."""
+        corrected revisions committed since. Keep the highest revision per event_id.
+        A client may send heartbeats (``ping`` or ``{"type": "ping"}``, answered with
+        ``{"type": "pong"}``) within ``api.ws_client_messages_per_s``; nothing else."""
         await ws.accept()
         sub = rt.hub.subscribe()
+        inbound = ClientMessages(rt.cfg.api.ws_client_messages_per_s, rt.cfg.api.ws_client_burst)
+        reader = asyncio.ensure_future(inbound.read(ws))
         try:
             last = -1
             last_feed = -1
@@ -314,6 +319,13 @@ def create_app(runtime: Runtime) -> FastAPI:
                     await ws.close(code=1013, reason="subscriber too slow; reconnect with ?after=<last seq>"
                                    "&revisions_after=<last feed_seq>")
                     return
+                if reader.done():  # the client left, or sent more than heartbeats
+                    if inbound.flooded:
+                        await ws.close(code=1008, reason="too many messages: the feed takes heartbeats only "
+                                       f"(at most {rt.cfg.api.ws_client_messages_per_s:g}/s)")
+                    return
+                for _ in range(inbound.take_pongs()):
+                    await ws.send_json(PONG)
                 try:
                     rec = await asyncio.wait_for(sub.queue.get(), timeout=0.25)
                 except asyncio.TimeoutError:
@@ -328,5 +340,8 @@ def create_app(runtime: Runtime) -> FastAPI:
             pass
         finally:
             rt.hub.unsubscribe(sub)
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
 
     return app

@@ -4,6 +4,7 @@ real HTTP (httpx), websocket (websockets) and MJPEG clients."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -355,8 +356,8 @@ def test_a_websocket_client_that_reconnects_at_once_gets_its_stream_slot(tmp_pat
 
 
 def test_a_websocket_client_that_floods_the_event_feed_is_closed_and_its_slot_freed(tmp_path, serve):
-    """/ws/events reads nothing from the client. A client that sends more than the middleware
-    buffers (32 messages) is closed with 1008 (after 5 s), and once it has gone its slot is free again; before,
+    """/ws/events takes heartbeats only. A client that sends more than its budget (a burst of 32, then
+    one a second) is closed with 1008, and once it has gone its slot is free again; before 2026-12-07,
     the middleware stopped reading at a full buffer, never saw the client leave, and held the slot
     and the hub subscription until the next event failed to send."""
     from websockets.exceptions import ConnectionClosed
@@ -374,6 +375,37 @@ def test_a_websocket_client_that_floods_the_event_feed_is_closed_and_its_slot_fr
                     c.recv(timeout=max(0.1, deadline - time.time()))
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
         wait_until(lambda: ws_status(url, viewer) == 101, 5, what="slot given back")
+        wait_until(lambda: s.app.state.runtime.hub.subscribers == 0, 5, what="hub subscription released")
+
+
+def test_an_event_feed_client_may_send_heartbeats_for_as_long_as_it_stays(tmp_path, serve):
+    """Integrators' websocket clients often send an application heartbeat ("ping") every few
+    seconds and expect an answer. /ws/events answers each with {"type": "pong"} and otherwise ignores
+    what a client sends, within a budget of ``api.ws_client_messages_per_s`` (burst
+    ``api.ws_client_burst``). Before, the route read nothing: the 33rd heartbeat filled the
+    middleware's buffer and the client was closed with 1008, after 16 minutes at one per 30 s. Here 80
+    heartbeats, more than twice the buffer, at 25 per second under a budget of 50 per second."""
+    cfg = make_cfg(tmp_path, auth={"enabled": True, "tokens": TOKENS}, rate_limit={"max_streams": 1})
+    cfg = cfg.model_copy(update={"api": cfg.api.model_copy(update={"ws_client_messages_per_s": 50.0})})
+    with serve(cfg) as s:
+        viewer = {"Authorization": f"Bearer {VIEWER}"}
+        with ws_connect(s.ws + "/ws/events", additional_headers=viewer, close_timeout=1) as c:
+            pongs = events = 0
+            for i in range(80):
+                c.send("ping" if i % 2 else '{"type": "ping"}')
+                time.sleep(0.04)
+            deadline = time.time() + 10
+            while pongs < 80:
+                msg = json.loads(c.recv(timeout=max(0.1, deadline - time.time())))
+                if msg == {"type": "pong"}:
+                    pongs += 1
+                else:
+                    assert "event_id" in msg, msg
+                    events += 1
+            c.send("hello")  # anything else is ignored, not answered
+            with pytest.raises(TimeoutError):
+                while True:
+                    assert json.loads(c.recv(timeout=1)) != {"type": "pong"}
         wait_until(lambda: s.app.state.runtime.hub.subscribers == 0, 5, what="hub subscription released")
 
 

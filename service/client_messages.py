@@ -1,0 +1,79 @@
+"""What an event-feed websocket client may send: heartbeats, within a budget.
+
+The event feed is server-to-client, but integrators' clients commonly send an
+application heartbeat and wait for its answer to tell a dead connection from a
+quiet one. The messages are read as they come (so a departed client is seen at
+once, and nothing piles up unread), a ``ping`` is answered with a pong, anything
+else is ignored, and a token bucket bounds how much a client may send: a
+heartbeat every second or slower never meets it, a flood does."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+from fastapi import WebSocket
+
+log = logging.getLogger(__name__)
+PONG = {"type": "pong"}
+
+
+def is_ping(msg: dict) -> bool:
+    """``ping`` as text, or a JSON object whose ``type`` is ``ping``."""
+    text = msg.get("text")
+    if text is None:
+        return False
+    text = text.strip()
+    if text.lower() == "ping":
+        return True
+    if not text.startswith("{"):
+        return False
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(obj, dict) and obj.get("type") == "ping"
+
+
+@dataclass
+class ClientMessages:
+    """Reads one client's messages until it leaves or floods. Only the route sends
+    (two tasks sending on one websocket could interleave); it asks ``take_pongs``."""
+
+    per_s: float
+    burst: int
+    flooded: bool = False
+    _pongs: int = 0
+    _tokens: float = field(init=False)
+    _at: float = field(init=False, default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self._tokens = float(self.burst)
+
+    def _spend(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.per_s)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+    async def read(self, ws: WebSocket) -> None:
+        """Return when the client has disconnected, or (``flooded``) sent over its budget."""
+        while True:
+            msg = await ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                return
+            if not self._spend():
+                self.flooded = True
+                return
+            if is_ping(msg):
+                self._pongs += 1
+            else:
+                log.debug("event feed client sent a message that is not a ping; ignored")
+
+    def take_pongs(self) -> int:
+        n, self._pongs = self._pongs, 0
+        return n
