@@ -289,6 +289,27 @@ def create_app(runtime: Runtime) -> FastAPI:
         sub = rt.hub.subscribe()
         inbound = ClientMessages(rt.cfg.api.ws_client_messages_per_s, rt.cfg.api.ws_client_burst)
         reader = asyncio.ensure_future(inbound.read(ws))
+        get: asyncio.Future | None = None
+
+        async def tend() -> bool:
+            """Answer heartbeats; False (the websocket closed) when the feed is to end."""
+            if rt.stopping.is_set():
+                await ws.close(code=1001, reason="server shutting down")
+                return False
+            if reader.done():  # the client left, sent more than heartbeats, or reading failed
+                failed = None if reader.cancelled() else reader.exception()
+                if failed is not None:
+                    log.error("reading an event-feed client failed: %r", failed)
+                    await ws.close(code=1011, reason="server error reading the client's messages")
+                elif inbound.flooded:
+                    await ws.close(code=1008, reason="too many messages: the feed takes heartbeats only "
+                                   f"(at most {rt.cfg.api.ws_client_messages_per_s:g}/s)")
+                return False
+            inbound.wake.clear()
+            for _ in range(inbound.take_pongs()):
+                await ws.send_json(PONG)
+            return True
+
         try:
             last = -1
             last_feed = -1
@@ -297,6 +318,8 @@ def create_app(runtime: Runtime) -> FastAPI:
                 while True:
                     page = await asyncio.to_thread(rt.store.list, after=cursor, limit=500)
                     for rec in page.items:
+                        if not await tend():
+                            return
                         await ws.send_json(rec)
                         last = rec["seq"]
                     if page.next_after is None:
@@ -307,29 +330,29 @@ def create_app(runtime: Runtime) -> FastAPI:
                 while True:
                     got = await asyncio.to_thread(rt.corrections.db.corrected_after, last_feed, 500)
                     for feed_seq, rec in got:
+                        if not await tend():
+                            return
                         await ws.send_json(rec)
                         last_feed = feed_seq
                     if len(got) < 500:
                         break
             while True:
-                if rt.stopping.is_set():
-                    await ws.close(code=1001, reason="server shutting down")
+                if not await tend():
                     return
                 if sub.overflowed:
                     await ws.close(code=1013, reason="subscriber too slow; reconnect with ?after=<last seq>"
                                    "&revisions_after=<last feed_seq>")
                     return
-                if reader.done():  # the client left, or sent more than heartbeats
-                    if inbound.flooded:
-                        await ws.close(code=1008, reason="too many messages: the feed takes heartbeats only "
-                                       f"(at most {rt.cfg.api.ws_client_messages_per_s:g}/s)")
-                    return
-                for _ in range(inbound.take_pongs()):
-                    await ws.send_json(PONG)
+                if get is None:  # kept across wake-ups, so no event taken off the queue is lost
+                    get = asyncio.ensure_future(sub.queue.get())
+                woke = asyncio.ensure_future(inbound.wake.wait())
                 try:
-                    rec = await asyncio.wait_for(sub.queue.get(), timeout=0.25)
-                except asyncio.TimeoutError:
+                    await asyncio.wait({get, woke}, timeout=0.25, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    woke.cancel()
+                if not get.done():
                     continue
+                rec, get = get.result(), None
                 if rec.get("revision", 0) > 0:  # a correction re-publishes an event (its seq is old)
                     if rec.get("feed_seq", 0) > last_feed:  # not one the replay above already sent
                         await ws.send_json(rec)
@@ -340,8 +363,10 @@ def create_app(runtime: Runtime) -> FastAPI:
             pass
         finally:
             rt.hub.unsubscribe(sub)
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+            for task in (reader, get):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
 
     return app

@@ -303,7 +303,7 @@ async def _until_client_leaves(app: ASGIApp, scope: Scope, receive: Receive, sen
     (back-pressure for an app that reads slowly) up to ``unread_timeout_s``;
     then the app is cancelled and the client closed with 1008, since waiting on
     would stop reading the client's disconnect and buffering would grow without
-    bound (``/ws/events`` reads nothing: its clients are not to send)."""
+    bound (``/ws/events`` reads as messages come: a flood is closed there, by its budget)."""
     inbox: asyncio.Queue = asyncio.Queue(maxsize=inbox_size)
 
     async def pump() -> bool:

@@ -71,6 +71,9 @@ def serve(app, host: str, port: int, log_level: str, grace_s: float, nice: int =
     # must win it back from request threads each time; with the default 5 ms switch interval a busy
     # API makes each of those hand-backs wait up to 5 ms (hundreds per frame). 1 ms bounds that wait.
     sys.setswitchinterval(0.001)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace_s)
+    # The one websocket (/ws/events) takes heartbeats only: a frame over 64 KiB is closed with 1009 by
+    # the protocol instead of being read whole (uvicorn's default allows 16 MiB per frame).
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace_s,
+                            ws_max_size=64 * 1024)
     _Server(config, stopping, nice).run()
     stopping.set()

@@ -402,10 +402,15 @@ def test_an_event_feed_client_may_send_heartbeats_for_as_long_as_it_stays(tmp_pa
                 else:
                     assert "event_id" in msg, msg
                     events += 1
-            c.send("hello")  # anything else is ignored, not answered
+            c.send("hello")  # anything else is ignored, not answered: plain text, a long or deeply nested "ping"
+            c.send('{"type": "ping", "pad": "' + "x" * 100 + '"}')
+            c.send('{"type": "ping", "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
             with pytest.raises(TimeoutError):
                 while True:
                     assert json.loads(c.recv(timeout=1)) != {"type": "pong"}
+            c.send("ping")  # and the feed is still there
+            while json.loads(c.recv(timeout=5)) != {"type": "pong"}:
+                pass
         wait_until(lambda: s.app.state.runtime.hub.subscribers == 0, 5, what="hub subscription released")
 
 
