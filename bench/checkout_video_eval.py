@@ -72,6 +72,17 @@ class OracleDetector:
         return out
 
 
+def prediction_key(det: DetectorConfig) -> str:
+    """What raw per-frame predictions depend on: the checkpoint's bytes and the detector settings
+    that change them (a cache of another localiser input size is stale). At the defaults the key is
+    the checkpoint's hash alone, as caches were keyed before these settings were."""
+    key = hashlib.sha256(Path(det.checkpoint).read_bytes()).hexdigest()
+    default = DetectorConfig(kind="checkpoint", checkpoint=det.checkpoint)
+    changed = {f: getattr(det, f) for f in ("input_size", "nms_iou", "max_detections")
+               if getattr(det, f) != getattr(default, f)}
+    return key + (json.dumps(changed, sort_keys=True) if changed else "")
+
+
 class CachedPredictions:
     """Wraps a dish detector: raw per-frame predictions are stored in (or replayed from) a file,
     and only the thresholding/calibration policy (``to_detections``) runs again. Tracker,
@@ -143,6 +154,8 @@ def build_config(video: Path, receipts: dict, args) -> AppConfig:
     det = cfg.detector
     if args.checkpoint:
         det = DetectorConfig(kind="checkpoint", checkpoint=args.checkpoint, device=args.device)
+    if getattr(args, "detector", None):  # e.g. the localiser's input side for this camera
+        det = DetectorConfig.model_validate({**det.model_dump(), **json.loads(args.detector)})
     if getattr(args, "stride", None) is not None:  # detection stride k (frames between move by optical flow)
         det = det.model_copy(update={"stride": det.stride.model_copy(update={"k": args.stride})})
     cam = CameraConfig(id=cam_id, source=str(video), loop=False, realtime=args.realtime)
@@ -232,8 +245,7 @@ def evaluate(args) -> dict:
 
         detector = load_detector(cfg.detector)
         if args.predictions:
-            key = hashlib.sha256(Path(cfg.detector.checkpoint).read_bytes()).hexdigest()
-            detector = CachedPredictions(detector, Path(args.predictions), key, video)
+            detector = CachedPredictions(detector, Path(args.predictions), prediction_key(cfg.detector), video)
     t0 = time.perf_counter()
     if args.mode == "pipeline":
         with tempfile.TemporaryDirectory() as tmp:
@@ -309,6 +321,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "frame, tracks move by optical flow in between (overrides detector.stride.k)")
     p.add_argument("--zone", help="JSON object of zone settings to override, e.g. '{\"same_dish_overlap\": 1}'")
     p.add_argument("--tracker", help="JSON object of tracker settings to override, e.g. '{\"high_score\": 0.5}'")
+    p.add_argument("--detector", help="JSON object of detector settings to override (after --checkpoint), e.g. the "
+                   "localiser's input side '{\"input_size\": 448}'; part of the --predictions cache's key")
     args = p.parse_args(argv)
     if not (args.checkpoint or args.oracle or args.config):
         p.error("give --checkpoint, --oracle or --config")

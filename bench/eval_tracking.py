@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import time
@@ -297,7 +296,7 @@ def checkout_detections(video_dir: Path, checkpoint: str, predictions: str | Non
     mode; ``predictions`` caches the raw per-frame output under the checkpoint's
     and the video's hashes, shared with that script)."""
     import cv2
-    from checkout_video_eval import CachedPredictions
+    from checkout_video_eval import CachedPredictions, prediction_key
     from tqdm import tqdm
 
     from dishtrack.config import DetectorConfig
@@ -305,11 +304,11 @@ def checkout_detections(video_dir: Path, checkpoint: str, predictions: str | Non
 
     receipts = json.loads((video_dir / "receipts.json").read_text())
     fps = float(receipts["fps"])
-    detector = load_detector(DetectorConfig(kind="checkpoint", checkpoint=checkpoint, device=device))
+    dcfg = DetectorConfig(kind="checkpoint", checkpoint=checkpoint, device=device)
+    detector = load_detector(dcfg)
     video = video_dir / receipts["video"]
     if predictions:
-        detector = CachedPredictions(detector, Path(predictions), hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest(),
-                                     video)
+        detector = CachedPredictions(detector, Path(predictions), prediction_key(dcfg), video)
     cap = cv2.VideoCapture(str(video))
     out = []
     with tqdm(total=int(receipts["frames"]), desc=f"{video_dir.name}: detect", unit="frame", leave=False) as bar:

@@ -277,20 +277,29 @@ def test_eval_tracking_tracks_a_dish_checkpoints_own_detections(video, tiny_chec
     n_boxes = sum(len(d.boxes) for d in dets)
     assert n_boxes > 0 and len(seq.dets) == n_boxes
     assert all(d.embeddings is not None and len(d.embeddings) == len(d.boxes) for d in dets)
-    with_app = run_dishtrack(TrackerParams())(seq)
+    # a model of tiny budgets may score every box below the dish thresholds (on one machine: 23 boxes
+    # on the video, the best 0.50, none at high_score 0.55): every reported box (>= 0.3) may start a track
+    params = TrackerParams(high_score=0.3)
+    with_app = run_dishtrack(params)(seq)
     assert len(with_app) and set(with_app[:, 0].astype(int)) <= set(range(1, seq.n + 1))
     (again,) = load_sequences(out.parent, [out.name], None, None, 25, (320, 240), str(ck), str(cache), device="cpu")
     assert np.array_equal(again.dets, seq.dets)
-    assert np.array_equal(run_dishtrack(TrackerParams())(again), with_app)
+    assert np.array_equal(run_dishtrack(params)(again), with_app)
     # the cache is the checkpoint's predictions on this video: another video does not reuse it
     import hashlib
     import types
 
-    from checkout_video_eval import CachedPredictions
+    from checkout_video_eval import CachedPredictions, prediction_key
+
+    from dishtrack.config import DetectorConfig
 
     key = hashlib.sha256(Path(ck).read_bytes()).hexdigest()
+    assert prediction_key(DetectorConfig(kind="checkpoint", checkpoint=str(ck))) == key  # earlier caches stay valid
     stub = types.SimpleNamespace(labels=())
     path = tmp_path / f"{out.name}.pkl"
     assert len(CachedPredictions(stub, path, key, out / "checkout.mp4").preds) == seq.n
     assert CachedPredictions(stub, path, key, out / "gt.txt").preds == {}
     assert CachedPredictions(stub, path, "another checkpoint", out / "checkout.mp4").preds == {}
+    # nor do predictions at another localiser input side (checkout_video_eval --detector)
+    other = prediction_key(DetectorConfig(kind="checkpoint", checkpoint=str(ck), input_size=448))
+    assert other != key and CachedPredictions(stub, path, other, out / "checkout.mp4").preds == {}
