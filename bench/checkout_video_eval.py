@@ -72,14 +72,19 @@ class OracleDetector:
         return out
 
 
+_PREDICTION_SETTINGS = ("input_size", "nms_iou", "max_detections", "backend", "precision", "device",
+                        "calibration_images")
+
+
 def prediction_key(det: DetectorConfig) -> str:
     """What raw per-frame predictions depend on: the checkpoint's bytes and the detector settings
-    that change them (a cache of another localiser input size is stale). At the defaults the key is
-    the checkpoint's hash alone, as caches were keyed before these settings were."""
+    that change them (a cache of another localiser input size, runtime or precision is stale). At
+    the defaults the key is the checkpoint's hash alone, as caches were keyed before these settings
+    were; ``auto`` backend and device are keyed as such, not as what they resolve to on a machine."""
     key = hashlib.sha256(Path(det.checkpoint).read_bytes()).hexdigest()
     default = DetectorConfig(kind="checkpoint", checkpoint=det.checkpoint)
-    changed = {f: getattr(det, f) for f in ("input_size", "nms_iou", "max_detections")
-               if getattr(det, f) != getattr(default, f)}
+    value = lambda d, f: min(d.max_detections, 100) if f == "max_detections" else getattr(d, f)  # noqa: E731
+    changed = {f: value(det, f) for f in _PREDICTION_SETTINGS if value(det, f) != value(default, f)}
     return key + (json.dumps(changed, sort_keys=True) if changed else "")
 
 
@@ -328,6 +333,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give --checkpoint, --oracle or --config")
     if args.predictions and not args.checkpoint:
         p.error("--predictions stores a dish checkpoint's raw predictions: give --checkpoint")
+    for name in ("zone", "tracker", "detector"):
+        text = getattr(args, name)
+        if text is None:
+            continue
+        try:
+            obj = json.loads(text)
+        except ValueError as e:
+            p.error(f"--{name} {text!r}: not JSON ({e})")
+        if not isinstance(obj, dict):
+            p.error(f"--{name} {text!r}: a JSON object of settings, e.g. '{{\"high_score\": 0.5}}'")
+    if args.detector and args.oracle:
+        p.error("--detector sets the dish detector's settings; --oracle uses ground-truth boxes instead")
     if args.latency < 0:
         p.error(f"--latency {args.latency}: frames late, 0 or more")
     if args.latency and args.mode != "direct":

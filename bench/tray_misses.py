@@ -33,17 +33,20 @@ from dishtrack.models.importers import load_dataset  # noqa: E402
 log = logging.getLogger("tray_misses")
 
 
-def photo_receipts(fold: dict, classes) -> dict[str, dict[str, int]]:
-    """Each validation tray's photo-voted receipt (the most frequent among its photos)."""
+def photo_receipts(fold: dict, classes) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+    """Each validation tray's photo-voted receipt (the most frequent among its photos), and its
+    labels as ``receipt_agreement`` reads them (its first photo's)."""
     photos = fold["photos"]
     cidx = {c: i for i, c in enumerate(classes)}
     gt = [(p["gt_boxes"], np.array([cidx[lbl] for lbl in p["gt_labels"]], np.int64)) for p in photos]
     raw = [(p["boxes"], p["scores"], p["class_ids"]) for p in photos]
     groups = [str(p["group"]) for p in photos]
     votes: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for g, kept in zip(groups, heldout_threshold_labels(gt, raw, groups, classes)):
+    truth: dict[str, dict[str, int]] = {}
+    for g, p, kept in zip(groups, photos, heldout_threshold_labels(gt, raw, groups, classes)):
         votes[g][tuple(sorted(collections.Counter(classes[i] for i in kept).items()))] += 1
-    return {g: dict(v.most_common(1)[0][0]) for g, v in votes.items()}
+        truth.setdefault(g, dict(collections.Counter(p["gt_labels"])))
+    return {g: dict(v.most_common(1)[0][0]) for g, v in votes.items()}, truth
 
 
 def difference(truth: dict[str, int], got: dict[str, int]) -> str:
@@ -63,16 +66,22 @@ def compare(out: str, videos: str, data_dir: str, seed: int = 0) -> list[dict]:
         if not (ck.is_file() and (vdir / "receipts.json").is_file() and cache.is_file()):
             raise SystemExit(f"fold {k}: {ck}, {vdir}/receipts.json or {cache} is missing; run "
                              f"bench/dish_cv.py --out {out} --videos {videos} first")
-        photo = photo_receipts(dish_cv.run_fold(args, k, {}, data), data.classes)
+        photo, photo_truth = photo_receipts(dish_cv.run_fold(args, k, {}, data), data.classes)
+        doc = json.loads((vdir / "receipts.json").read_text())
+        in_video = {str(t["group"]) for t in doc["trays"]}
+        if in_video != set(photo):
+            raise SystemExit(f"fold {k}: {vdir} holds trays {sorted(in_video - set(photo))} that are not this "
+                             f"fold's validation trays, or lacks {sorted(set(photo) - in_video)} (a video made "
+                             "with another --seed or data folder?)")
         s = checkout_video_eval.evaluate(checkout_video_eval.parse_args(
             [str(vdir), "--checkpoint", str(ck), "--mode", "direct", "--predictions", str(cache)]))
-        doc = json.loads((vdir / "receipts.json").read_text())
         for t, r in zip(doc["trays"], s["per_tray"]):
             truth = {c: int(n) for c, n in r["gt"].items() if int(n)}
-            got_photo = photo[str(t["group"])]
-            rows.append({"fold": k, "tray": str(t["group"]), "labels": truth, "photos": got_photo,
+            g = str(t["group"])
+            got_photo = photo[g]
+            rows.append({"fold": k, "tray": g, "labels": truth, "photos": got_photo,
                          "video": {c: int(n) for c, n in r["pred"].items() if int(n)}, "video_events": r["events"],
-                         "photos_exact": got_photo == truth, "video_exact": bool(r["exact"]),
+                         "photos_exact": got_photo == photo_truth[g], "video_exact": bool(r["exact"]),
                          "video_flagged": bool(r["flagged"])})
     return rows
 
@@ -92,15 +101,15 @@ def print_report(rows: list[dict]) -> None:
     video_only = sum(r["video_exact"] and not r["photos_exact"] for r in rows)
     neither = len(rows) - both - photo_only - video_only
     same = sum(not r["photos_exact"] and not r["video_exact"] and r["photos"] == r["video"] for r in rows)
-    print(f"\n{len(rows)} trays: exact on both {both}, photos only {photo_only}, video only {video_only}, "
-          f"neither {neither} (the same receipt on both: {same})")
+    print(f"\n{len(rows)} trays: exact on both {both}, exact on photos only {photo_only}, exact on video only "
+          f"{video_only}, on neither {neither} (the same receipt on both: {same})")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/mealtray_kiosk_dev"))
-    ap.add_argument("--out", default="runs/cv_supponly", help="dish_cv.py --out (the fold checkpoints)")
-    ap.add_argument("--videos", default="runs/cv_videos", help="dish_cv.py --videos")
+    ap.add_argument("--out", default="runs/cv", help="dish_cv.py --out (the fold checkpoints)")
+    ap.add_argument("--videos", required=True, help="dish_cv.py --videos")
     ap.add_argument("--seed", type=int, default=0, help="dish_cv.py --seed")
     ap.add_argument("--json", help="write every tray's row here")
     args = ap.parse_args()
