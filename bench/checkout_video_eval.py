@@ -80,10 +80,16 @@ def prediction_key(det: DetectorConfig) -> str:
     """What raw per-frame predictions depend on: the checkpoint's bytes and the detector settings
     that change them (a cache of another localiser input size, runtime or precision is stale). At
     the defaults the key is the checkpoint's hash alone, as caches were keyed before these settings
-    were; ``auto`` backend and device are keyed as such, not as what they resolve to on a machine."""
+    were. ``auto`` backend and device are keyed as such, not as what they resolve to on a machine,
+    and ``cpu`` as ``auto`` (caches were written on CPU machines)."""
     key = hashlib.sha256(Path(det.checkpoint).read_bytes()).hexdigest()
     default = DetectorConfig(kind="checkpoint", checkpoint=det.checkpoint)
-    value = lambda d, f: min(d.max_detections, 100) if f == "max_detections" else getattr(d, f)  # noqa: E731
+
+    def value(d: DetectorConfig, f: str):
+        if f == "max_detections":
+            return min(d.max_detections, 100)  # as load_detector clamps it
+        return "auto" if f == "device" and d.device == "cpu" else getattr(d, f)
+
     changed = {f: value(det, f) for f in _PREDICTION_SETTINGS if value(det, f) != value(default, f)}
     return key + (json.dumps(changed, sort_keys=True) if changed else "")
 

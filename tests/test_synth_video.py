@@ -305,3 +305,4 @@ def test_eval_tracking_tracks_a_dish_checkpoints_own_detections(video, tiny_chec
     assert other != key and CachedPredictions(stub, path, other, out / "checkout.mp4").preds == {}
     assert prediction_key(DetectorConfig(kind="checkpoint", checkpoint=str(ck), backend="openvino")) != key
     assert prediction_key(DetectorConfig(kind="checkpoint", checkpoint=str(ck), max_detections=500)) == key  # 100 max
+    assert prediction_key(DetectorConfig(kind="checkpoint", checkpoint=str(ck), device="cpu")) == key
