@@ -321,6 +321,9 @@ class RateLimitConfig(_Strict):
     requests_per_s: float = Field(20.0, gt=0, description="token-bucket refill rate per client")
     burst: int = Field(60, ge=1, description="bucket size: requests a client may send at once")
     max_streams: int = Field(4, ge=1, description="concurrent MJPEG streams + websockets per client")
+    stream_grace_s: float = Field(1.0, ge=0, le=10, description="a stream opened at max_streams waits this "
+                                  "long for one of the client's streams to end before 429: a page reload's new "
+                                  "websocket can arrive before the server has seen the old one's goodbye")
     max_clients: int = Field(10000, ge=1, description="buckets kept (least recently used dropped)")
 
 

@@ -275,7 +275,8 @@ class SecurityMiddleware:
         if scope["type"] == "http" and not path.endswith("/stream.mjpg"):
             await self.app(scope, receive, send)
             return
-        if not self.limiter.open_stream(key):  # MJPEG / websocket: a concurrent-connection budget
+        # MJPEG / websocket: a concurrent-connection budget
+        if not await self.limiter.open_stream_within(key, self.limiter.cfg.stream_grace_s):
             await _deny(429, f"at most {self.limiter.cfg.max_streams} concurrent streams per client",
                         {"Retry-After": "5"})(scope, receive, send)
             return

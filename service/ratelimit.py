@@ -8,6 +8,7 @@ since a stream is one request that lasts minutes. The bucket table is an LRU of
 bound. Used from the event loop only (no locking needed)."""
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from typing import Callable
@@ -45,6 +46,16 @@ class RateLimiter:
         if self.cfg.enabled and n >= self.cfg.max_streams:
             return False
         self._streams[key] = n + 1
+        return True
+
+    async def open_stream_within(self, key: str, grace_s: float, poll_s: float = 0.02) -> bool:
+        """``open_stream``, waiting up to ``grace_s`` for one of ``key``'s streams to end: a client's
+        close handshake completes before the server's handler has ended and given its slot back."""
+        deadline = self._clock() + grace_s
+        while not self.open_stream(key):
+            if self._clock() >= deadline:
+                return False
+            await asyncio.sleep(poll_s)
         return True
 
     def close_stream(self, key: str) -> None:
