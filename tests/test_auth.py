@@ -422,6 +422,29 @@ def test_an_event_feed_client_may_send_heartbeats_for_as_long_as_it_stays(tmp_pa
         wait_until(lambda: s.app.state.runtime.hub.subscribers == 0, 5, what="hub subscription released")
 
 
+def test_heartbeats_are_answered_while_stored_events_are_replayed(tmp_path, serve):
+    """A reconnecting client with ``?after=`` first gets every stored event since; its heartbeats are
+    answered between them, not only after the whole backlog (which on a slow link can take longer than
+    the client waits for its pong before it gives the connection up)."""
+    from dishtrack.tracking.types import CheckoutEvent, CheckoutItem
+
+    with serve(make_cfg(tmp_path)) as s:
+        store = s.app.state.runtime.store
+        first = store.last_seq()
+        for i in range(1500):
+            store.save(CheckoutEvent(f"backlog{i}", "cam0", "z0", float(i), i + 1.0,
+                                     (CheckoutItem("person", 1, 0.8),), (i,), 0.8))
+        with ws_connect(f"{s.ws}/ws/events?after={first}", close_timeout=1) as c:
+            c.send("ping")
+            received = 0
+            while True:
+                msg = json.loads(c.recv(timeout=10))
+                if msg == {"type": "pong"}:
+                    break
+                received += 1
+        assert received < 1000, f"the pong came after {received} of the 1500 replayed events"
+
+
 # -- OpenAPI ---------------------------------------------------------------------------------------------------
 
 def test_openapi_documents_401_403_429_and_login(tmp_path, serve):
