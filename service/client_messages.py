@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 from fastapi import WebSocket
 
+from .ratelimit import spend_token
+
 log = logging.getLogger(__name__)
 PONG = {"type": "pong"}
 _PING_MAX_CHARS = 64  # longer text is not a heartbeat, and is never parsed
@@ -59,12 +61,9 @@ class ClientMessages:
 
     def _spend(self) -> bool:
         now = time.monotonic()
-        self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.per_s)
+        self._tokens, wait = spend_token(self._tokens, self._at, now, self.per_s, float(self.burst))
         self._at = now
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
+        return wait == 0.0
 
     async def read(self, ws: WebSocket) -> None:
         """Return when the client has disconnected, or (``flooded``) sent over its budget."""

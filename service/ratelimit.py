@@ -16,6 +16,15 @@ from typing import Callable
 from dishtrack.config import RateLimitConfig
 
 
+def spend_token(tokens: float, at: float, now: float, rate: float, burst: float) -> tuple[float, float]:
+    """One spend from a token bucket that held ``tokens`` at ``at``: (tokens left, 0.0) when a token
+    was there, else (tokens, seconds until one is)."""
+    tokens = min(burst, tokens + (now - at) * rate)
+    if tokens >= 1.0:
+        return tokens - 1.0, 0.0
+    return tokens, (1.0 - tokens) / rate
+
+
 class RateLimiter:
     def __init__(self, cfg: RateLimitConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
@@ -29,12 +38,7 @@ class RateLimiter:
             return 0.0
         now = self._clock()
         tokens, at = self._buckets.pop(key, (float(self.cfg.burst), now))
-        tokens = min(float(self.cfg.burst), tokens + (now - at) * self.cfg.requests_per_s)
-        wait = 0.0
-        if tokens >= 1.0:
-            tokens -= 1.0
-        else:
-            wait = (1.0 - tokens) / self.cfg.requests_per_s
+        tokens, wait = spend_token(tokens, at, now, self.cfg.requests_per_s, float(self.cfg.burst))
         self._buckets[key] = (tokens, now)  # most recently used last
         while len(self._buckets) > self.cfg.max_clients:
             self._buckets.popitem(last=False)
