@@ -126,6 +126,15 @@ class CachedPredictions:
             self.path.write_bytes(pickle.dumps({"key": self.key, "video": self.video, "preds": self.preds}))
 
 
+def dish_detector(det: DetectorConfig, predictions: Path | None, video: Path):
+    """The configured detector; with ``predictions``, wrapped so its raw per-frame output on
+    ``video`` is cached there under ``prediction_key(det)`` (call ``save`` when done)."""
+    from dishtrack.models.detector import load_detector
+
+    detector = load_detector(det)
+    return CachedPredictions(detector, predictions, prediction_key(det), video) if predictions else detector
+
+
 class FrameClock:
     """Wraps a detector; remembers (timestamp, frame index) so wall-clock event times map to video frames."""
 
@@ -252,11 +261,7 @@ def evaluate(args) -> dict:
     if args.oracle:
         detector = OracleDetector(video_dir, args.jitter, args.min_visibility, args.drop, args.seed)
     else:
-        from dishtrack.models.detector import load_detector
-
-        detector = load_detector(cfg.detector)
-        if args.predictions:
-            detector = CachedPredictions(detector, Path(args.predictions), prediction_key(cfg.detector), video)
+        detector = dish_detector(cfg.detector, Path(args.predictions) if args.predictions else None, video)
     t0 = time.perf_counter()
     if args.mode == "pipeline":
         with tempfile.TemporaryDirectory() as tmp:

@@ -296,19 +296,16 @@ def checkout_detections(video_dir: Path, checkpoint: str, predictions: str | Non
     mode; ``predictions`` caches the raw per-frame output under the checkpoint's
     and the video's hashes, shared with that script)."""
     import cv2
-    from checkout_video_eval import CachedPredictions, prediction_key
+    from checkout_video_eval import CachedPredictions, dish_detector
     from tqdm import tqdm
 
     from dishtrack.config import DetectorConfig
-    from dishtrack.models.detector import load_detector
 
     receipts = json.loads((video_dir / "receipts.json").read_text())
     fps = float(receipts["fps"])
-    dcfg = DetectorConfig(kind="checkpoint", checkpoint=checkpoint, device=device)
-    detector = load_detector(dcfg)
     video = video_dir / receipts["video"]
-    if predictions:
-        detector = CachedPredictions(detector, Path(predictions), prediction_key(dcfg), video)
+    detector = dish_detector(DetectorConfig(kind="checkpoint", checkpoint=checkpoint, device=device),
+                             Path(predictions) if predictions else None, video)
     cap = cv2.VideoCapture(str(video))
     out = []
     with tqdm(total=int(receipts["frames"]), desc=f"{video_dir.name}: detect", unit="frame", leave=False) as bar:
