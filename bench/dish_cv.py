@@ -131,13 +131,19 @@ def run_fold(args, fold: int, change: dict, data) -> dict:
                             gt_boxes=np.asarray(x.boxes, np.float32).reshape(-1, 4)) for p, x in zip(preds, val_s)]}
 
 
-def score_fold(classes, photos: list[dict]) -> dict:
-    """A fold's receipts by today's threshold rule: thresholds chosen on the fold's validation trays
-    (as train does; in-sample) and, per tray, on the fold's other trays (held out)."""
+def fold_arrays(classes, photos: list[dict]) -> tuple[list, list, list]:
+    """A fold's photos (``run_fold``) as the evaluation functions take them: ground truth
+    (boxes, class ids), raw predictions (boxes, scores, class ids) and tray per photo."""
     cidx = {c: i for i, c in enumerate(classes)}
     gt = [(p["gt_boxes"], np.array([cidx[lbl] for lbl in p["gt_labels"]], np.int64)) for p in photos]
     raw = [(p["boxes"], p["scores"], p["class_ids"]) for p in photos]
-    groups = [p["group"] for p in photos]
+    return gt, raw, [p["group"] for p in photos]
+
+
+def score_fold(classes, photos: list[dict]) -> dict:
+    """A fold's receipts by today's threshold rule: thresholds chosen on the fold's validation trays
+    (as train does; in-sample) and, per tray, on the fold's other trays (held out)."""
+    gt, raw, groups = fold_arrays(classes, photos)
     thr = choose_thresholds(gt, raw, classes)
     t = np.array([thr[c] for c in classes], np.float32)
     kept = [list(c[s >= t[c]]) for _, s, c in raw]

@@ -21,26 +21,22 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import checkout_video_eval  # noqa: E402
 import dish_cv  # noqa: E402
 
 from dishtrack.models.evaluate import heldout_threshold_labels  # noqa: E402
 from dishtrack.models.importers import load_dataset  # noqa: E402
-
-log = logging.getLogger("tray_misses")
+from dishtrack.models.train import n_folds  # noqa: E402
+from dishtrack.models.train_settings import TrainSettings  # noqa: E402
 
 
 def photo_receipts(fold: dict, classes) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
     """Each validation tray's photo-voted receipt (the most frequent among its photos), and its
     labels as ``receipt_agreement`` reads them (its first photo's)."""
     photos = fold["photos"]
-    cidx = {c: i for i, c in enumerate(classes)}
-    gt = [(p["gt_boxes"], np.array([cidx[lbl] for lbl in p["gt_labels"]], np.int64)) for p in photos]
-    raw = [(p["boxes"], p["scores"], p["class_ids"]) for p in photos]
-    groups = [str(p["group"]) for p in photos]
+    gt, raw, groups = dish_cv.fold_arrays(classes, photos)
+    groups = [str(g) for g in groups]
     votes: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     truth: dict[str, dict[str, int]] = {}
     for g, p, kept in zip(groups, photos, heldout_threshold_labels(gt, raw, groups, classes)):
@@ -59,8 +55,8 @@ def compare(out: str, videos: str, data_dir: str, seed: int = 0) -> list[dict]:
     data = load_dataset(data_dir)
     args = argparse.Namespace(out=out, data=data_dir, seed=seed, retrain=False, refresh=False, inference={})
     rows = []
-    base = dish_cv.TrainSettings(data=data_dir, out="x", seed=seed)
-    for k in range(dish_cv.n_folds(len({x.group for x in list(data.samples)[: base.max_images]}), base.val_fraction)):
+    base = TrainSettings(data=data_dir, out="x", seed=seed)
+    for k in range(n_folds(len({x.group for x in list(data.samples)[: base.max_images]}), base.val_fraction)):
         vdir = Path(videos) / f"fold{k}"
         ck, cache = Path(out) / f"fold{k}" / "dishes.pt", Path(out) / f"fold{k}" / "video_predictions.pkl"
         if not (ck.is_file() and (vdir / "receipts.json").is_file() and cache.is_file()):
