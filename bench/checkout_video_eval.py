@@ -32,7 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dishtrack.config import AppConfig, CameraConfig, DetectorConfig, ZoneConfig, load_config
+from pydantic import ValidationError
+
+from dishtrack.config import AppConfig, CameraConfig, DetectorConfig, TrackerConfig, ZoneConfig, load_config
 from dishtrack.tracking.receipts_eval import EventCounts, score_receipts, trays_from_receipts
 from dishtrack.tracking.types import Detections, Frame
 
@@ -344,7 +346,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give --checkpoint, --oracle or --config")
     if args.predictions and not args.checkpoint:
         p.error("--predictions stores a dish checkpoint's raw predictions: give --checkpoint")
-    for name in ("zone", "tracker", "detector"):
+    for name, model in (("zone", ZoneConfig), ("tracker", TrackerConfig), ("detector", DetectorConfig)):
         text = getattr(args, name)
         if text is None:
             continue
@@ -354,6 +356,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name} {text!r}: not JSON ({e})")
         if not isinstance(obj, dict):
             p.error(f"--{name} {text!r}: a JSON object of settings, e.g. '{{\"high_score\": 0.5}}'")
+        unknown = sorted(set(obj) - set(model.model_fields))
+        if unknown:
+            p.error(f"--{name}: no such {name} setting {unknown} (known: {', '.join(model.model_fields)})")
     if args.detector and args.oracle:
         p.error("--detector sets the dish detector's settings; --oracle uses ground-truth boxes instead")
     if args.latency < 0:
@@ -366,7 +371,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    s = evaluate(args)
+    try:
+        s = evaluate(args)
+    except ValidationError as e:  # a value given in --zone/--tracker/--detector (the error names it)
+        raise SystemExit(f"checkout_video_eval.py: error: {e}") from None
     print_table(s)
     if args.json:
         Path(args.json).write_text(json.dumps(s, indent=1))
