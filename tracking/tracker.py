@@ -84,7 +84,7 @@ class TrackerParams:
     # another object is also matched to the detections left over, with its
     # predicted box and theirs widened by this share of their size on every
     # side, since a walker re-emerges beside the occluder, often just off the
-    # coasted box (0 disables; off by default: measured in README "Tracker accuracy")
+    # coasted box (0 disables; off by default: measured in docs/tracker_accuracy.md)
     buffer_iou: float = 0.0
     # the class vote when detections carry class probabilities (Detections.probs):
     # "soft" sums each frame's probabilities weighted by its score (class = the
