@@ -175,10 +175,10 @@ def enrol_model(model: DishModel, classes: Sequence[str], train_s: Sequence[Samp
     weighted up (``few_shot=False``: none of the three, the plain head refit, for comparison).
     The given boxes join the exemplars (``exemplars=False``: the old ones are kept as they are,
     for comparison), which vote with ``exemplar_weight`` (None: the checkpoint's; measured, 0.5
-    names a new dish in no more of its next trays than the few-shot head alone, README).
+    names a new dish in no more of its next trays than the few-shot head alone, docs/dish_accuracy.md).
     ``keep_old``: only the new dishes' rows are fitted, the known dishes' rows and the box-size layer
     stay as they were (their logits do not move; their probabilities only lose the new rows' share;
-    measured in README)."""
+    measured in docs/dish_accuracy.md)."""
     torch.manual_seed(seed)
     old = list(model.spec.classes)
     old_exemplars = model.exemplars

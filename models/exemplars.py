@@ -5,7 +5,7 @@ Why: a linear head trained on a dish seen on three trays (Cheese: 15 boxes in th
 gives it a weak row; its nearest training boxes still name it. Cross-validated on the kiosk folder
 (5 folds, fold models unchanged, out-of-fold boxes): Cheese boxes named right 47% -> 73%, mAP@0.5
 +0.01, exact tray receipts on photos up to +1 tray of 62 beyond same-dish suppression, but -4 trays
-on the checkout videos and no gain for an enrolled dish (README). So checkpoints keep the memory
+on the checkout videos and no gain for an enrolled dish (docs/dish_accuracy.md). So checkpoints keep the memory
 with its vote off (``weight`` 0) unless ``--exemplar-weight`` asks for it.
 """
 from __future__ import annotations

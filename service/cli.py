@@ -330,10 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--epochs", type=int, default=40)
     en.add_argument("--exemplar-weight", type=float, default=0.0,
                     help="share of the exemplar memory's vote (the given boxes join it either way); measured "
-                         "(README): 0.5 names an enrolled dish in no more of its next trays than the head alone")
+                         "(docs/dish_accuracy.md): 0.5 names an enrolled dish in no more of its next trays than the head alone")
     en.add_argument("--refit-all", action="store_true",
                     help="refit every dish's output row, not only the new dishes' (by default the known dishes' "
-                         "rows stay as trained: measured (README), their receipts suffer less)")
+                         "rows stay as trained: measured (docs/dish_accuracy.md), their receipts suffer less)")
     en.add_argument("--seed", type=int, default=0)
     en.add_argument("--no-progress", action="store_true")
     en.set_defaults(fn=cmd_enrol)

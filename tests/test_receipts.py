@@ -320,7 +320,7 @@ def test_an_item_seen_mostly_under_its_threshold_needs_review():
     """A dish detector's scores read 0.6 at each dish's validated threshold: a track whose detections
     averaged below that was mostly seen where its dish is not counted, so its item is marked for
     review even when its class vote was unanimous. On the 62 cross-validated checkout videos this
-    flag and the soft vote took the wrong receipts left unflagged from 21 to 9 (README)."""
+    flag and the soft vote took the wrong receipts left unflagged from 21 to 9 (docs/dish_accuracy.md)."""
     t0 = 50.0
     cr = [_crossing(1, t0, (100, 100, 200, 200), "Plate", 0.8),
           _crossing(2, t0 + 0.1, (220, 100, 300, 180), "Yogurt", 0.45)]
