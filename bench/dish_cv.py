@@ -131,6 +131,22 @@ def run_fold(args, fold: int, change: dict, data) -> dict:
                             gt_boxes=np.asarray(x.boxes, np.float32).reshape(-1, 4)) for p, x in zip(preds, val_s)]}
 
 
+def settings_change(text: str, data: str, seed: int) -> tuple[dict, TrainSettings]:
+    """``--set`` JSON -> (the TrainSettings fields it changes, the settings of fold 0). ValueError or
+    pydantic's ValidationError (a ValueError) names what is wrong; '{fold}' is the only placeholder."""
+    change = json.loads(text)
+    if not isinstance(change, dict):
+        raise ValueError("a JSON object of TrainSettings fields")
+    for v in change.values():
+        if isinstance(v, str):
+            try:
+                v.format(fold=0)
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(f"{v!r}: only '{{fold}}' may stand in braces ({e!r})") from None
+    return change, TrainSettings(data=data, out="x", seed=seed, **{k: v.format(fold=0) if isinstance(v, str) else v
+                                                                   for k, v in change.items()})
+
+
 def fold_arrays(classes, photos: list[dict]) -> tuple[list, list, list]:
     """A fold's photos (``run_fold``) as the evaluation functions take them: ground truth
     (boxes, class ids), raw predictions (boxes, scores, class ids) and tray per photo."""
@@ -229,14 +245,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        change = json.loads(args.set)
-        for v in change.values():
-            if isinstance(v, str):
-                try:
-                    v.format(fold=0)
-                except (KeyError, IndexError, ValueError) as e:
-                    raise ValueError(f"{v!r}: only '{{fold}}' may stand in braces ({e!r})") from None
-        base = TrainSettings(data=args.data, out="x", seed=args.seed, **change)
+        change, base = settings_change(args.set, args.data, args.seed)
         data = load_dataset(args.data)
         groups = {x.group for x in list(data.samples)[: base.max_images]}
         k_all = n_folds(len(groups), base.val_fraction)

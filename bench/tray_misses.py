@@ -1,7 +1,7 @@
 """Which trays are wrong, on photos and on video, and how: the cross-validated fold models of
 ``bench/dish_cv.py`` compared tray by tray.
 
-    python bench/tray_misses.py --out runs/cv_supponly --videos runs/cv_videos [--json misses.json]
+    python bench/tray_misses.py --out runs/cv_supponly --videos runs/cv_videos [--set JSON] [--json misses.json]
 
 Per tray: the labels, the receipt its photos vote for (each tray's thresholds chosen on its fold's
 other trays, as ``dish_cv.py``'s held-out rate) and the receipt of its pass in the fold's checkout
@@ -10,7 +10,8 @@ tray that is wrong on either, as label differences (``Plate+1``: one Plate more 
 the two-by-two count. A miss on both with the same difference is the model's; one on video alone
 comes from the video frames (smaller, blurred dishes) or the tracker and checkout; one on photos
 alone was outvoted by the frames of a pass. Needs ``dish_cv.py --videos`` run first (it reads the
-fold checkpoints, their validation predictions and the videos' prediction caches).
+fold checkpoints, their validation predictions and the videos' prediction caches); folds trained with
+``dish_cv.py --set JSON`` are read with the same ``--set``.
 """
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ import dish_cv  # noqa: E402
 from dishtrack.models.evaluate import heldout_threshold_labels  # noqa: E402
 from dishtrack.models.importers import load_dataset  # noqa: E402
 from dishtrack.models.train import n_folds  # noqa: E402
-from dishtrack.models.train_settings import TrainSettings  # noqa: E402
 
 
 def photo_receipts(fold: dict, classes) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
@@ -51,18 +51,20 @@ def difference(truth: dict[str, int], got: dict[str, int]) -> str:
     return " ".join(parts) or "exact"
 
 
-def compare(out: str, videos: str, data_dir: str, seed: int = 0) -> list[dict]:
+def compare(out: str, videos: str, data_dir: str, seed: int = 0, change: dict | None = None) -> list[dict]:
+    """``change``: the ``dish_cv.py --set`` fields the folds were trained with."""
+    change = change or {}
     data = load_dataset(data_dir)
     args = argparse.Namespace(out=out, data=data_dir, seed=seed, retrain=False, refresh=False, inference={})
     rows = []
-    base = TrainSettings(data=data_dir, out="x", seed=seed)
+    _, base = dish_cv.settings_change(json.dumps(change), data_dir, seed)
     for k in range(n_folds(len({x.group for x in list(data.samples)[: base.max_images]}), base.val_fraction)):
         vdir = Path(videos) / f"fold{k}"
         ck, cache = Path(out) / f"fold{k}" / "dishes.pt", Path(out) / f"fold{k}" / "video_predictions.pkl"
         if not (ck.is_file() and (vdir / "receipts.json").is_file() and cache.is_file()):
             raise SystemExit(f"fold {k}: {ck}, {vdir}/receipts.json or {cache} is missing; run "
                              f"bench/dish_cv.py --out {out} --videos {videos} first")
-        photo, photo_truth = photo_receipts(dish_cv.run_fold(args, k, {}, data), data.classes)
+        photo, photo_truth = photo_receipts(dish_cv.run_fold(args, k, change, data), data.classes)
         doc = json.loads((vdir / "receipts.json").read_text())
         in_video = {str(t["group"]) for t in doc["trays"]}
         if in_video != set(photo):
@@ -107,10 +109,15 @@ def main() -> None:
     ap.add_argument("--out", default="runs/cv", help="dish_cv.py --out (the fold checkpoints)")
     ap.add_argument("--videos", required=True, help="dish_cv.py --videos")
     ap.add_argument("--seed", type=int, default=0, help="dish_cv.py --seed")
+    ap.add_argument("--set", default="{}", help="dish_cv.py --set the folds were trained with (JSON)")
     ap.add_argument("--json", help="write every tray's row here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    rows = compare(args.out, args.videos, args.data, args.seed)
+    try:
+        change, _ = dish_cv.settings_change(args.set, args.data, args.seed)
+    except ValueError as e:
+        ap.error(f"--set {args.set!r}: {e}")
+    rows = compare(args.out, args.videos, args.data, args.seed, change)
     print_report(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
