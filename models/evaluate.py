@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dishtrack.tracking.geometry import ioa_matrix, iou_matrix
+
 log = logging.getLogger(__name__)
 
 
@@ -144,6 +146,21 @@ def _choose(table: np.ndarray, grid: Sequence[float], shrink: float) -> tuple[in
         key = [(ok[ti, k] - shrink * dist[ti], -dist[ti], ti) for ti in range(len(grid))]
         idx[k] = max(key)[2]
     return shared, idx
+
+
+def drop_on_boxes(pred: tuple[np.ndarray, np.ndarray, np.ndarray], boxes: np.ndarray, iou: float = 0.5,
+                  ioa: float = 0.6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A photo's predictions (boxes, scores, class ids) without those on one of ``boxes``: IoU >= ``iou``
+    with it, or >= ``ioa`` of the prediction inside it. For the boxes of a dish held out of the labels
+    (not on the menu yet): it is on the photo, so what the model calls it is neither right nor wrong,
+    as COCO's ignore regions."""
+    b, s, c = pred
+    b = np.asarray(b, np.float32).reshape(-1, 4)
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    if not len(b) or not len(boxes):
+        return pred
+    keep = (iou_matrix(b, boxes).max(1) < iou) & (ioa_matrix(b, boxes).max(1) < ioa)
+    return b[keep], np.asarray(s)[keep], np.asarray(c)[keep]
 
 
 def choose_thresholds(gt: Sequence[tuple[np.ndarray, np.ndarray]], pred: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],

@@ -40,7 +40,7 @@ from .augment import AugmentSettings, letterbox, photometric
 from .detector import CenterNetModel, bundled_weights, pick_device
 from .dish_classifier import box_geometry, crop, rotate_crops
 from .dish_detector import DishDetector, DishModel, DishModelSpec, localise, read_checkpoint, save_dish_checkpoint
-from .evaluate import choose_thresholds, evaluate_predictions
+from .evaluate import choose_thresholds, drop_on_boxes, evaluate_predictions
 from .exemplars import embed_labelled_boxes
 from .importers import LabelledData, load_dataset
 from .localiser import ImageCache, LocaliserDataset, average_precision
@@ -652,13 +652,23 @@ def finish_model(model: DishModel, train_s: list[Sample], train_labels, val_s: l
 def validation_thresholds(det: DishDetector, samples: list[Sample], labels, classes: tuple[str, ...],
                           progress: bool = True) -> tuple[list[dict], dict[str, float]]:
     """The detector's predictions on labelled validation photos and each dish's score threshold chosen
-    on them (``evaluate.choose_thresholds``); labels < 0 (a dish held out) are left out."""
+    on them (``evaluate.choose_thresholds``). Boxes labelled < 0 (a dish held out of the labels) are
+    left out, and so are the predictions on them: what the model calls a dish it was never taught
+    is neither right nor wrong (counted as extras, they raised the thresholds of the dishes it was
+    mistaken for, and those stayed high once the dish was enrolled)."""
     preds = predict_samples(det, samples, progress)
-    gt = []
-    for x, lb in zip(samples, labels):
+    return preds, choose_thresholds(*threshold_inputs(samples, labels, preds), classes)
+
+
+def threshold_inputs(samples: list[Sample], labels, preds: list[dict]) -> tuple[list, list]:
+    """(ground truth, raw predictions) per photo for ``choose_thresholds``, without the boxes labelled
+    < 0 and the predictions on them (``validation_thresholds``)."""
+    gt, raw = [], []
+    for x, lb, p in zip(samples, labels, preds):
         b, c = np.asarray(x.boxes, np.float32).reshape(-1, 4), np.asarray(lb, np.int64)
         gt.append((b[c >= 0], c[c >= 0]))
-    return preds, choose_thresholds(gt, [(p["boxes"], p["scores"], p["class_ids"]) for p in preds], classes)
+        raw.append(drop_on_boxes((p["boxes"], p["scores"], p["class_ids"]), b[c < 0]))
+    return gt, raw
 
 
 def predict_samples(det: DishDetector, samples: list[Sample], progress: bool = True) -> list[dict]:

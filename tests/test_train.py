@@ -596,3 +596,29 @@ def test_a_schedule_with_a_one_step_warm_up_runs():
         lrs.append(opt.param_groups[0]["lr"])
     assert max(lrs) <= 0.1 + 1e-9 and lrs[-1] < 0.01
     assert one_cycle(torch.optim.SGD([p], lr=0.1), 0.1, 40, 0.1).total_steps == 40
+
+
+def test_a_dish_held_out_of_the_labels_does_not_raise_the_thresholds_of_the_dish_it_is_taken_for():
+    """enrol_benchmark holds a dish out of the labels (label -1) while it is still on the photos. Real
+    kiosk labels with Yogurt held out; the model calls each yogurt pot Cheese (0.8) and finds the real
+    cheeses at 0.5. Counting those pots as extra cheeses made Cheese's threshold 0.85, so every real
+    cheese was missed, and it stayed so after Yogurt was enrolled (the known dishes keep theirs). The
+    pots are now neither right nor wrong: Cheese's threshold admits the real cheeses."""
+    from dishtrack.models.evaluate import choose_thresholds
+    from dishtrack.models.train import threshold_inputs
+
+    data = load_dataset(KIOSK)
+    classes = tuple(c for c in data.classes if c != "Yogurt")
+    cidx = {c: i for i, c in enumerate(classes)}
+    photos = [x for x in data.samples if "Yogurt" in x.labels or "Cheese" in x.labels]
+    assert sum("Cheese" in x.labels for x in photos) >= 5 and sum("Yogurt" in x.labels for x in photos) >= 50
+    labels = [[cidx.get(lb, -1) for lb in x.labels] for x in photos]
+    preds = []
+    for x, lb in zip(photos, labels):
+        c = np.array([cidx["Cheese"] if k < 0 else k for k in lb], np.int64)
+        s = np.where(np.array(lb) < 0, 0.8, np.where(c == cidx["Cheese"], 0.5, 0.9)).astype(np.float32)
+        preds.append({"boxes": np.asarray(x.boxes, np.float32).reshape(-1, 4), "scores": s, "class_ids": c})
+    gt, raw = threshold_inputs(photos, labels, preds)
+    assert choose_thresholds(gt, raw, classes)["Cheese"] <= 0.5
+    counted = [(p["boxes"], p["scores"], p["class_ids"]) for p in preds]  # before: the pots counted as extras
+    assert choose_thresholds(gt, counted, classes)["Cheese"] > 0.8
