@@ -33,7 +33,7 @@ class TrainSettings(BaseModel):
     batch_size: int = Field(8, ge=1)
     # classifier
     crop_size: int = Field(192, ge=64, le=320, multiple_of=32,
-                           description="classifier input side (128 -> 192: mAP +0.01-0.04, README)")
+                           description="classifier input side (128 -> 192: mAP +0.01-0.04, docs/dish_accuracy.md)")
     crop_long_side: int = Field(512, ge=128, le=2048)
     freeze_blocks: int = Field(8, ge=0, le=16, description="EfficientNet-Lite0 blocks kept frozen (of 16)")
     cls_views: int = Field(3, ge=1, le=32, description="augmented views of every box for the classifier")
