@@ -172,18 +172,18 @@ def build_config(video: Path, receipts: dict, args) -> AppConfig:
     if args.tray_gap_s is not None:
         zones = [z.model_copy(update={"tray_gap_s": args.tray_gap_s}) for z in zones]
     if getattr(args, "zone", None):
-        zones = [ZoneConfig.model_validate({**z.model_dump(), **json.loads(args.zone)}) for z in zones]
+        zones = [ZoneConfig.model_validate({**z.model_dump(), **args.zone}) for z in zones]
     det = cfg.detector
     if args.checkpoint:
         det = DetectorConfig(kind="checkpoint", checkpoint=args.checkpoint, device=args.device)
     if getattr(args, "detector", None):  # e.g. the localiser's input side for this camera
-        det = DetectorConfig.model_validate({**det.model_dump(), **json.loads(args.detector)})
+        det = DetectorConfig.model_validate({**det.model_dump(), **args.detector})
     if getattr(args, "stride", None) is not None:  # detection stride k (frames between move by optical flow)
         det = det.model_copy(update={"stride": det.stride.model_copy(update={"k": args.stride})})
     cam = CameraConfig(id=cam_id, source=str(video), loop=False, realtime=args.realtime)
     tracker = cfg.tracker
     if getattr(args, "tracker", None):
-        tracker = type(tracker).model_validate({**tracker.model_dump(), **json.loads(args.tracker)})
+        tracker = type(tracker).model_validate({**tracker.model_dump(), **args.tracker})
     return cfg.model_copy(update={"cameras": [cam], "zones": zones, "detector": det, "tracker": tracker})
 
 
@@ -359,6 +359,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         unknown = sorted(set(obj) - set(model.model_fields))
         if unknown:
             p.error(f"--{name}: no such {name} setting {unknown} (known: {', '.join(model.model_fields)})")
+        setattr(args, name, obj)  # parsed once: evaluate() merges the dict into the config
     if args.detector and args.oracle:
         p.error("--detector sets the dish detector's settings; --oracle uses ground-truth boxes instead")
     if args.latency < 0:

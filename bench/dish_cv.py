@@ -81,8 +81,7 @@ def run_fold(args, fold: int, change: dict, data) -> dict:
     out-of-fold predictions with their labels."""
     fold_dir = Path(args.out) / f"fold{fold}"
     ck, preds_file = fold_dir / "dishes.pt", fold_dir / "val_predictions.pkl"
-    change = {k: v.format(fold=fold) if isinstance(v, str) else v for k, v in change.items()}  # "{fold}" in paths
-    s = TrainSettings(data=args.data, out=str(ck), val_fold=fold, seed=args.seed, progress=False, **change)
+    s = fold_settings(change, args.data, args.seed, fold, out=str(ck), val_fold=fold, progress=False)
     train_s, val_s = split_by_group(list(data.samples)[: s.max_images], s.val_fraction, s.seed, fold)
     trained = args.retrain or not (ck.is_file() and preds_file.is_file())
     if trained:
@@ -143,8 +142,14 @@ def settings_change(text: str, data: str, seed: int) -> tuple[dict, TrainSetting
                 v.format(fold=0)
             except (KeyError, IndexError, ValueError) as e:
                 raise ValueError(f"{v!r}: only '{{fold}}' may stand in braces ({e!r})") from None
-    return change, TrainSettings(data=data, out="x", seed=seed, **{k: v.format(fold=0) if isinstance(v, str) else v
-                                                                   for k, v in change.items()})
+    return change, fold_settings(change, data, seed)
+
+
+def fold_settings(change: dict, data: str, seed: int, fold: int = 0, **fields) -> TrainSettings:
+    """The settings ``change`` makes for ``fold`` ('{fold}' in a text value is its number, e.g. its
+    localiser's path); ``fields``: other TrainSettings fields (``out`` defaults to a placeholder)."""
+    return TrainSettings(data=data, seed=seed, **{"out": "x", **fields},
+                         **{k: v.format(fold=fold) if isinstance(v, str) else v for k, v in change.items()})
 
 
 def fold_arrays(classes, photos: list[dict]) -> tuple[list, list, list]:

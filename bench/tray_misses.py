@@ -57,7 +57,7 @@ def compare(out: str, videos: str, data_dir: str, seed: int = 0, change: dict | 
     data = load_dataset(data_dir)
     args = argparse.Namespace(out=out, data=data_dir, seed=seed, retrain=False, refresh=False, inference={})
     rows = []
-    _, base = dish_cv.settings_change(json.dumps(change), data_dir, seed)
+    base = dish_cv.fold_settings(change, data_dir, seed)
     for k in range(n_folds(len({x.group for x in list(data.samples)[: base.max_images]}), base.val_fraction)):
         vdir = Path(videos) / f"fold{k}"
         ck, cache = Path(out) / f"fold{k}" / "dishes.pt", Path(out) / f"fold{k}" / "video_predictions.pkl"
