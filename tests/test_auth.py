@@ -363,6 +363,55 @@ def test_a_websocket_client_that_reconnects_at_once_gets_its_stream_slot(tmp_pat
         wait_until(lambda: hub.subscribers == 0, 5, what="hub subscriptions released")
 
 
+def test_streams_waiting_at_their_limit_sleep_until_a_slot_is_handed_on_oldest_first():
+    """A stream opened at ``max_streams`` waits up to ``stream_grace_s`` for a slot. The waiters
+    sleep until ``close_stream`` hands one on, oldest first, instead of re-trying every 20 ms (before
+    2026-12-07: a client flooding reconnects at its limit cost the event loop 50 wake-ups a second per
+    connection); a waiter that leaves after it was handed a slot passes it on; none is left behind."""
+    import asyncio
+
+    from dishtrack.config import RateLimitConfig
+    from dishtrack.service.ratelimit import RateLimiter
+
+    class Counting(RateLimiter):
+        tries = 0
+
+        def open_stream(self, key: str) -> bool:
+            self.tries += 1
+            return super().open_stream(key)
+
+    async def scenario() -> None:
+        lim = Counting(RateLimitConfig(max_streams=1))
+        assert lim.open_stream("a")
+        first = asyncio.create_task(lim.open_stream_within("a", 5.0))
+        await asyncio.sleep(0.01)
+        second = asyncio.create_task(lim.open_stream_within("a", 5.0))
+        third = asyncio.create_task(lim.open_stream_within("a", 5.0))
+        await asyncio.sleep(0.5)
+        assert lim.tries == 4 and lim.waiting("a") == 3  # one try each, then asleep
+        lim.close_stream("a")
+        assert await asyncio.wait_for(first, 1) is True
+        assert not second.done() and lim.streams("a") == 1
+        second.cancel()  # the client leaves while waiting
+        await asyncio.sleep(0)
+        lim.close_stream("a")
+        assert await asyncio.wait_for(third, 1) is True
+        # handed a slot, then gone before it took it: the slot goes to the next waiter
+        fourth = asyncio.create_task(lim.open_stream_within("a", 5.0))
+        fifth = asyncio.create_task(lim.open_stream_within("a", 5.0))
+        await asyncio.sleep(0.01)
+        lim.close_stream("a")  # wakes fourth ...
+        fourth.cancel()  # ... which is cancelled before it runs
+        assert await asyncio.wait_for(fifth, 1) is True
+        with pytest.raises(asyncio.CancelledError):
+            await fourth
+        # nobody frees a slot: refused after the grace, and nothing is left queued
+        assert await lim.open_stream_within("a", 0.2) is False
+        assert lim.waiting("a") == 0 and lim.streams("a") == 1 and not lim._waiters
+
+    asyncio.run(scenario())
+
+
 def test_a_websocket_client_that_floods_the_event_feed_is_closed_and_its_slot_freed(tmp_path, serve):
     """/ws/events takes heartbeats only. A client that sends more than its budget (a burst of 32, then
     one a second) is closed with 1008, and once it has gone its slot is free again; before 2026-12-07,
