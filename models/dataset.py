@@ -15,7 +15,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from dishtrack.tracking.mot import read_mot
+
 from .sample import DatasetError, Sample  # noqa: F401 - re-exported, defined torch-free
+from .video_file import not_a_video
 
 
 def read_manifest(path: str | Path) -> list[Sample]:
@@ -50,12 +53,16 @@ def read_manifest(path: str | Path) -> list[Sample]:
 def export_mot_video(video: str | Path, gt: str | Path, out: str | Path, label: str = "person",
                      every: int = 1) -> int:
     """Write frames of ``video`` with their MOT ground-truth boxes as a labelled dataset."""
-    arr = np.loadtxt(gt, delimiter=",", ndmin=2)
-    out = Path(out)
-    (out / "frames").mkdir(parents=True, exist_ok=True)
+    arr = read_mot(gt)  # a bad row: ValueError naming the file and line
+    if not len(arr):
+        raise DatasetError(f"{gt}: no ground-truth rows")
+    if (why := not_a_video(video)) is not None:
+        raise DatasetError(f"{video} {why}")
     cap = cv2.VideoCapture(str(video))
     if not cap.isOpened():
         raise DatasetError(f"cannot open video {video}")
+    out = Path(out)
+    (out / "frames").mkdir(parents=True, exist_ok=True)
     written = 0
     with (out / "manifest.jsonl").open("w") as mf:
         idx = 0

@@ -38,7 +38,8 @@ def bundled_weights() -> Path:
 
 def pick_device(pref: str = "auto") -> torch.device:
     if pref == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("detector.device=cuda but CUDA is not available on this machine")
+        raise ValueError("device cuda was asked for (--device / detector.device) but CUDA is not available on "
+                         "this machine; use auto or cpu")
     if pref == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(pref)

@@ -10,6 +10,7 @@ and a new dish can be enrolled by retraining only the classifier.
 from __future__ import annotations
 
 import logging
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -267,6 +268,7 @@ class DishDetector:
 def save_dish_checkpoint(path: str | Path, model: DishModel, meta: dict | None = None) -> None:
     s = model.spec
     tmp = Path(str(path) + ".tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"format": FORMAT, "classes": list(s.classes), "loc_size": s.loc_size, "crop_size": s.crop_size,
                 "crop_long_side": s.crop_long_side, "freeze_blocks": s.freeze_blocks,
                 "loc_threshold": s.loc_threshold, "thresholds": dict(s.thresholds),
@@ -278,6 +280,11 @@ def save_dish_checkpoint(path: str | Path, model: DishModel, meta: dict | None =
 
 
 def read_checkpoint(path: str | Path) -> dict:
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{path}: is a directory, not a checkpoint file")
+    if p.is_file() and not zipfile.is_zipfile(p):  # torch.save writes a zip; torch's own error is cryptic
+        raise ValueError(f"{path}: not a dishtrack checkpoint ({'empty file' if p.stat().st_size == 0 else 'not a PyTorch zip archive: truncated, or another kind of file'})")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:

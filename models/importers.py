@@ -252,6 +252,9 @@ def _read_coco(files: list[Path], root: Path) -> _Raw:
         doc = _load_json(jf)
         if not isinstance(doc, dict) or "images" not in doc:
             raise DatasetError(f"{jf}: not a COCO file (no 'images')")
+        for key in ("images", "annotations", "categories"):
+            if key in doc and not (isinstance(doc[key], list) and all(isinstance(x, dict) for x in doc[key])):
+                raise DatasetError(f"{jf}: '{key}' must be a list of objects, got {type(doc[key]).__name__}")
         cats = {}
         for c in doc.get("categories", []):
             name = str(c.get("name", ""))
@@ -695,7 +698,7 @@ def _check_item(it: _Item, cmap: _ClassMap, ids: list[str] | None, problems: lis
 
 def _read_trays(csv_path: Path) -> tuple[dict[str, str], list[Problem]]:
     if not csv_path.is_file():
-        raise DatasetError(f"{csv_path}: trays file not found")
+        raise DatasetError(f"{csv_path}: {'is a directory, not a trays CSV' if csv_path.is_dir() else 'trays file not found'}")
     out: dict[str, str] = {}
     problems = []
     with csv_path.open(newline="", encoding="utf-8-sig") as fh:
@@ -724,7 +727,10 @@ def load_dataset(path: str | Path, *, trays: str | Path | None = None,
     p = Path(path)
     if not p.exists():
         raise DatasetError(f"{p}: no such file or folder")
-    raw = _read(p)
+    try:
+        raw = _read(p)
+    except (TypeError, AttributeError, KeyError, IndexError) as e:  # a JSON/XML of another shape than expected
+        raise DatasetError(f"{p}: not laid out as a labelled dataset ({type(e).__name__}: {e})") from e
     log.info("%s: reading %s labels (%d images)", p, raw.format, len(raw.items))
     problems = raw.problems
     _declared_duplicates(raw)
@@ -751,7 +757,9 @@ def load_dataset(path: str | Path, *, trays: str | Path | None = None,
         first = "; ".join(str(x) for x in problems[:3])
         raise DatasetError(f"{p}: no usable images ({len(problems)} problems{': ' + first if first else ''})")
     if not any(len(s.labels) for s in samples):
-        raise DatasetError(f"{p}: no usable boxes in {len(samples)} images ({len(problems)} problems)")
+        first = "; ".join(str(x) for x in problems[:3])
+        raise DatasetError(f"{p}: no usable boxes in {len(samples)} images ({len(problems)} problems"
+                           f"{': ' + first if first else ''}{'; ...' if len(problems) > 3 else ''})")
     for pr in problems:
         log.debug("%s", pr)
     if problems:

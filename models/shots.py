@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from .dish_detector import DishDetector, classify
+from .video_file import not_a_video
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,8 @@ def pick_shots(det: DishDetector, source: str, out: str | Path, n: int, every: i
                uncertainty_weight: float = 1.0, dedup_distance: float = 0.02, progress: bool = True) -> list[Shot]:
     """Read ``source`` (file or rtsp://), score every ``every``-th frame (at most ``max_frames``), pick ``n``,
     write ``images/*.jpg``, ``manifest.csv`` and ``manifest.json`` into ``out``."""
+    if "://" not in source and Path(source).is_file() and (why := not_a_video(source)) is not None:
+        raise ValueError(f"{source} {why}")
     cap = cv2.VideoCapture(source)
     if not cap.isOpened():
         raise FileNotFoundError(f"cannot open video source {source!r}")

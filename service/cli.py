@@ -7,6 +7,8 @@ import sys
 
 from dishtrack.config import ConfigError, load_config
 
+from .cli_args import input_file, int_at_least, made_parent, non_empty, number_in, output_dir, output_file
+
 log = logging.getLogger("dishtrack")
 
 
@@ -45,19 +47,60 @@ def cmd_run(args) -> int:
 
 
 def cmd_check_config(args) -> int:
+    """Exit 0: ready to run; 1: runs, with warnings (a camera file that is not there, dishes without a
+    price); 2: `run` would refuse it. Opens what the config points to, as `run` does at startup."""
     import json
 
     from .admin import redacted_config
 
+    cfg = load_config(args.config)
+    warnings = preflight(cfg, load_model=not args.no_model)
     # the command's output is the resolved config, with the secrets masked as GET /config masks them
-    print(json.dumps(redacted_config(load_config(args.config)), indent=2))
-    return 0
+    print(json.dumps(redacted_config(cfg), indent=2))
+    for w in warnings:
+        log.warning("%s", w)
+    return 1 if warnings else 0
+
+
+def preflight(cfg, load_model: bool = True) -> list[str]:
+    """What `run` checks at startup, without serving: auth (tokens file, public bind), the menu file,
+    the detector (checkpoint, detector.classes) and the menu's labels against it; raises what `run`
+    would raise. Returns warnings: camera files missing or not video, menu labels the detector lacks."""
+    import os
+
+    from dishtrack.models.video_file import not_a_video
+    from dishtrack.tracking.menu import Menu
+
+    from .auth import build_policy
+    from .ingest import is_stream
+
+    build_policy(cfg)
+    menu = Menu.load(cfg.menu.path, cfg.menu.timezone) if cfg.menu else None
+    warnings = []
+    ck = cfg.detector.checkpoint
+    if ck and not os.path.isfile(ck):
+        raise FileNotFoundError(f"detector.checkpoint {ck} {'is a directory' if os.path.isdir(ck) else 'does not exist'}")
+    if load_model:
+        from dishtrack.models.detector import load_detector
+
+        det = load_detector(cfg.detector)  # a bad checkpoint, detector.classes it lacks: what run raises
+        if menu is not None:
+            warnings += menu.label_problems(cfg.detector.classes or det.labels)
+    for cam in cfg.cameras:
+        if not is_stream(cam.source):
+            why = "does not exist" if not os.path.exists(cam.source) else not_a_video(cam.source)
+            if why:
+                warnings.append(f"camera {cam.id}: source {cam.source} {why}")
+    return warnings
 
 
 def cmd_hash_token(args) -> int:
     """A new random token (or one read from stdin with ``--token -``) and its config lines."""
     from .auth import MIN_TOKEN_LEN, hash_token, new_token
 
+    if args.token not in (None, "-"):  # a token typed on the command line stays in the shell's history
+        raise ConfigError("--token takes only '-' (read the token from stdin: `printf %s \"$TOKEN\" | dishtrack "
+                          "hash-token --name NAME --token -`); omit it to generate a token")
     token = sys.stdin.readline().strip() if args.token == "-" else new_token()
     if len(token) < MIN_TOKEN_LEN:
         raise ConfigError(f"a token must be at least {MIN_TOKEN_LEN} characters (it is stored as an unsalted "
@@ -90,8 +133,14 @@ def print_unlabelled(rep: dict) -> None:
 def cmd_train(args) -> int:
     from dishtrack.models.train import TrainSettings, train
 
+    from pydantic import ValidationError
+
     fields = {k: getattr(args, k) for k in TrainSettings.model_fields if getattr(args, k, None) is not None}
-    settings = TrainSettings(**fields)
+    try:
+        settings = TrainSettings(**fields)
+    except ValidationError as e:
+        raise ConfigError("; ".join(f"--{str(err['loc'][0]).replace('_', '-') if err['loc'] else '?'}: {err['msg']}"
+                                    for err in e.errors())) from None
     report = train(settings)
     v = report["validation"]
     print(f"checkpoint: {report['checkpoint']}  curves: {report['curves']}")
@@ -136,6 +185,8 @@ def cmd_eval(args) -> int:
         log.warning("%s", p)
     preds = predict_samples(det, list(data.samples), progress=not args.no_progress)
     png = args.confusion or (str(Path(args.json).with_suffix("")) + "_confusion.png" if args.json else None)
+    if png:
+        made_parent(png)
     rep = evaluate_predictions(list(data.samples), det.labels, preds, det.spec.thresholds, confusion_png=png)
     rep.update({"checkpoint": args.checkpoint, "data": args.data, "data_problems": len(data.problems),
                 "confusion_png": png})
@@ -146,7 +197,7 @@ def cmd_eval(args) -> int:
     if png:
         print(f"confusion matrix: {png}")
     if args.json:
-        Path(args.json).write_text(json.dumps(rep, indent=2))
+        made_parent(args.json).write_text(json.dumps(rep, indent=2))
     return 0
 
 
@@ -189,7 +240,6 @@ def cmd_check_data(args) -> int:
     """Exit 0: clean; 1: problems but usable; 2: nothing usable."""
     import json
     from collections import Counter
-    from pathlib import Path
 
     from dishtrack.models.importers import load_dataset
     from dishtrack.models.sample import DatasetError
@@ -199,7 +249,7 @@ def cmd_check_data(args) -> int:
     except DatasetError as e:
         print(f"unusable: {e}")
         if args.json:
-            Path(args.json).write_text(json.dumps({"usable": False, "error": str(e)}, indent=2))
+            made_parent(args.json).write_text(json.dumps({"usable": False, "error": str(e)}, indent=2))
         return 2
     per_class = data.boxes_per_class()
     trays = {s.group for s in data.samples if s.group is not None}
@@ -217,7 +267,7 @@ def cmd_check_data(args) -> int:
     for p in data.problems:
         print(p)
     if args.json:
-        Path(args.json).write_text(json.dumps({
+        made_parent(args.json).write_text(json.dumps({
             "usable": True, "format": data.format, "images": len(data.samples), "classes": list(data.classes),
             "boxes_per_class": per_class, "trays": len(trays), "problem_kinds": dict(kinds),
             "problems": [{"file": p.file, "line": p.line, "message": p.message, "action": p.action, "kind": p.kind}
@@ -250,13 +300,39 @@ def cmd_track(args) -> int:
     from dishtrack.tracking.mot import read_mot, read_seqinfo, track_sequence, write_mot
     from dishtrack.tracking.tracker import TrackerParams
 
-    params = TrackerParams.from_config(load_config(args.config).tracker)
+    params = TrackerParams.from_config(_tracker_config(args.config))
     info = read_seqinfo(args.seqinfo)
-    rows = track_sequence(read_mot(args.dets), params, camera_id=info.name, image_size=info.image_size,
+    dets = read_mot(args.dets)
+    if len(dets) and dets[:, 0].max() > info.length:
+        raise ValueError(f"{args.dets}: frame {int(dets[:, 0].max())} is beyond seqLength={info.length} of "
+                         f"{args.seqinfo}")
+    rows = track_sequence(dets, params, camera_id=info.name, image_size=info.image_size,
                           fps=info.fps, n_frames=info.length)
-    write_mot(args.out, rows)
+    write_mot(made_parent(args.out), rows)
     log.info("%s: %d frames, %d tracks -> %s", info.name, info.length, len(set(rows[:, 1].tolist())), args.out)
     return 0
+
+
+def _tracker_config(path: str | None):
+    """The tracker section of a full config, or of a YAML holding only ``tracker:`` (tuning files)."""
+    from dishtrack.config import TrackerConfig
+
+    if path is None:
+        return load_config(None).tracker
+    import yaml
+
+    try:
+        raw = yaml.safe_load(open(path))
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if isinstance(raw, dict) and set(raw) == {"tracker"}:
+        try:
+            return TrackerConfig.model_validate(raw["tracker"] or {})
+        except ValueError as e:
+            raise ConfigError(f"{path}: invalid tracker section: {e}") from None
+    return load_config(path).tracker
 
 
 def _add_train_args(t: argparse.ArgumentParser) -> None:
@@ -267,7 +343,7 @@ def _add_train_args(t: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         help_ = f.description or ""
         if name in ("data", "out"):
-            t.add_argument(flag, required=True, help={"data": "labelled tray photos: YOLO folder, COCO JSON, CVAT XML, "
+            t.add_argument(flag, required=True, type=output_file if name == "out" else str, help={"data": "labelled tray photos: YOLO folder, COCO JSON, CVAT XML, "
                                                        "Label Studio JSON or manifest.jsonl", "out": "checkpoint to write"}[name])
         elif f.annotation is bool:
             t.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
@@ -308,8 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--token", help="'-': read an existing token (>= 32 characters) from stdin instead")
     h.set_defaults(fn=cmd_hash_token)
 
-    c = sub.add_parser("check-config", help="validate a config and print it resolved")
+    c = sub.add_parser("check-config", help="validate a config and what it points to (menu, tokens file, detector, camera files) and print it resolved; exit 0 ready, 1 warnings, 2 invalid")
     c.add_argument("--config")
+    c.add_argument("--no-model", action="store_true", help="do not load the detector (its checkpoint and "
+                   "detector.classes are then not checked)")
     c.set_defaults(fn=cmd_check_config)
 
     t = sub.add_parser("train", help="train a dish detector (localiser + classifier) on labelled tray photos")
@@ -322,13 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--data", required=True, action="append",
                     help="labelled photos, old dishes and new (repeat for several folders, e.g. the training "
                          "data and the corrections dataset)")
-    en.add_argument("--out", required=True, help="the new checkpoint")
-    en.add_argument("--val-fraction", type=float, default=0.2, help="share of trays held out to choose thresholds")
-    en.add_argument("--views", type=int, default=4, help="augmented views of every box")
-    en.add_argument("--shot-views", type=int, default=24,
+    en.add_argument("--out", required=True, type=output_file, help="the new checkpoint")
+    en.add_argument("--val-fraction", type=number_in(0, 1, high_open=True), default=0.2,
+                    help="share of trays held out to choose thresholds")
+    en.add_argument("--views", type=int_at_least(1), default=4, help="augmented views of every box")
+    en.add_argument("--shot-views", type=int_at_least(1), default=24,
                     help="augmented views of each box of a new dish (it has only a few)")
-    en.add_argument("--epochs", type=int, default=40)
-    en.add_argument("--exemplar-weight", type=float, default=0.0,
+    en.add_argument("--epochs", type=int_at_least(1), default=40)
+    en.add_argument("--exemplar-weight", type=number_in(0, 1), default=0.0,
                     help="share of the exemplar memory's vote (the given boxes join it either way); measured "
                          "(docs/dish_accuracy.md): 0.5 names an enrolled dish in no more of its next trays than the head alone")
     en.add_argument("--refit-all", action="store_true",
@@ -342,8 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, help="labelled photos (any format check-data reads)")
     ev.add_argument("--checkpoint", required=True, help="a file written by `dishtrack train`")
     ev.add_argument("--trays", help="CSV image,tray (default: trays.csv in the dataset folder)")
-    ev.add_argument("--json", help="write the report (map50, map50_95, ap50_per_class, receipt_exact_*) here")
-    ev.add_argument("--confusion", help="confusion-matrix PNG (default: next to --json)")
+    ev.add_argument("--json", type=output_file,
+                    help="write the report (map50, map50_95, ap50_per_class, receipt_exact_*) here")
+    ev.add_argument("--confusion", type=output_file, help="confusion-matrix PNG (default: next to --json)")
     ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(fn=cmd_eval)
@@ -352,9 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "YOLO (correct instead of draw; the corrected export goes back into `train --data`)")
     pr.add_argument("--checkpoint", required=True, help="a file written by `dishtrack train`")
     pr.add_argument("--images", required=True, help="folder of photos (searched recursively)")
-    pr.add_argument("--out", required=True, help="output folder (label files; OUT/images links to --images)")
+    pr.add_argument("--out", required=True, type=output_dir,
+                    help="output folder (label files; OUT/images links to --images)")
     pr.add_argument("--format", default="labelstudio", choices=["labelstudio", "cvat", "coco", "yolo"])
-    pr.add_argument("--min-score", type=float, default=0.6,
+    pr.add_argument("--min-score", type=number_in(0, 1), default=0.6,
                     help="calibrated score a box needs (0.6 = the dish's own validation threshold)")
     pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     pr.add_argument("--no-progress", action="store_true")
@@ -363,50 +444,54 @@ def build_parser() -> argparse.ArgumentParser:
     sh = sub.add_parser("shots", help="pick the N frames of a video or camera most worth labelling "
                         "(diverse by the model's own embeddings, uncertain, no near-duplicates)")
     sh.add_argument("--source", required=True, help="video file or rtsp:// URL")
-    sh.add_argument("--n", type=int, required=True, help="frames to pick")
-    sh.add_argument("--out", required=True, help="output folder (images/, manifest.csv, manifest.json)")
+    sh.add_argument("--n", type=int_at_least(1), required=True, help="frames to pick")
+    sh.add_argument("--out", required=True, type=output_dir, help="output folder (images/, manifest.csv, manifest.json)")
     sh.add_argument("--checkpoint", required=True, help="a dish checkpoint (its classifier embeds the frames)")
-    sh.add_argument("--every", type=int, default=5, help="score every Nth frame")
-    sh.add_argument("--max-frames", type=int, default=2000, help="most frames scored (a camera: stop after these)")
-    sh.add_argument("--uncertainty-weight", type=float, default=1.0,
+    sh.add_argument("--every", type=int_at_least(1), default=5, help="score every Nth frame")
+    sh.add_argument("--max-frames", type=int_at_least(1), default=2000,
+                    help="most frames scored (a camera: stop after these)")
+    sh.add_argument("--uncertainty-weight", type=number_in(0), default=1.0,
                     help="0: diversity only; distance x (1 + w x uncertainty)")
-    sh.add_argument("--dedup-distance", type=float, default=0.02,
+    sh.add_argument("--dedup-distance", type=number_in(0, 1), default=0.02,
                     help="cosine distance under which a frame is a near-duplicate of a picked one")
     sh.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     sh.add_argument("--no-progress", action="store_true")
     sh.set_defaults(fn=cmd_shots)
 
     e = sub.add_parser("export-mot", help="turn a video + MOT gt.txt into a labelled dataset for `train`")
-    e.add_argument("--video", required=True)
-    e.add_argument("--gt", required=True)
-    e.add_argument("--out", required=True)
-    e.add_argument("--label", default="person")
-    e.add_argument("--every", type=int, default=1, help="keep every Nth frame")
+    e.add_argument("--video", required=True, type=input_file)
+    e.add_argument("--gt", required=True, type=input_file, help="MOT gt.txt (frame,id,x,y,w,h,flag,...)")
+    e.add_argument("--out", required=True, type=output_dir)
+    e.add_argument("--label", default="person", type=non_empty)
+    e.add_argument("--every", type=int_at_least(1), default=1, help="keep every Nth frame")
     e.set_defaults(fn=cmd_export_mot)
 
     d = sub.add_parser("check-data", help="load labelled data (YOLO, COCO, CVAT XML, Label Studio, manifest) "
                        "and list every problem; exit 0 clean, 1 problems, 2 unusable")
     d.add_argument("--data", required=True, help="dataset folder or label file")
     d.add_argument("--trays", help="CSV image,tray (default: trays.csv in the dataset folder)")
-    d.add_argument("--json", help="also write the summary and problems as JSON here")
+    d.add_argument("--json", type=output_file, help="also write the summary and problems as JSON here")
     d.set_defaults(fn=cmd_check_data)
 
 
     v = sub.add_parser("make-video", help="synthetic checkout video + ground truth from labelled tray photos")
     v.add_argument("--data", required=True, help="YOLO folder: labelled/*.jpg+*.txt, obj.names, trays.csv")
-    v.add_argument("--out", required=True, help="output directory (checkout.mp4, receipts.json, gt.txt, ...)")
-    v.add_argument("--trays", type=int, required=True)
+    v.add_argument("--out", required=True, type=output_dir,
+                   help="output directory (checkout.mp4, receipts.json, gt.txt, ...)")
+    v.add_argument("--trays", type=int_at_least(1), required=True)
     v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--width", type=int, default=640)
-    v.add_argument("--height", type=int, default=480)
-    v.add_argument("--fps", type=float, default=25.0)
+    v.add_argument("--width", type=int_at_least(32), default=640)
+    v.add_argument("--height", type=int_at_least(32), default=480)
+    v.add_argument("--fps", type=number_in(1, 240), default=25.0)
     v.set_defaults(fn=cmd_make_video)
 
     k = sub.add_parser("track", help="run the configured tracker on MOT-format detections, write MOT results")
-    k.add_argument("--dets", required=True, help="MOT det.txt (frame,-1,x,y,w,h,score,...)")
-    k.add_argument("--seqinfo", required=True, help="seqinfo.ini: frame rate, image size, length")
-    k.add_argument("--out", required=True)
-    k.add_argument("--config", default=None, help="YAML whose tracker section is used (default: built-in)")
+    k.add_argument("--dets", required=True, type=input_file, help="MOT det.txt (frame,-1,x,y,w,h,score,...)")
+    k.add_argument("--seqinfo", required=True, type=input_file, help="seqinfo.ini: frame rate, image size, length")
+    k.add_argument("--out", required=True, type=output_file)
+    k.add_argument("--config", default=None, type=input_file,
+                   help="a dishtrack config, or a YAML with only a tracker: section; its tracker section is used "
+                        "(default: built-in)")
     k.set_defaults(fn=cmd_track)
     return p
 
@@ -416,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.log_level)
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, OSError, ValueError) as e:  # OSError: a path that is missing, a folder, not writable
         log.error("%s", e)
         return 2
     except KeyboardInterrupt:

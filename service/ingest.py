@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import cv2
 
 from dishtrack.config import CameraConfig
+from dishtrack.models.video_file import not_a_video
 from dishtrack.tracking.types import Frame
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,8 @@ def open_capture(cfg: CameraConfig) -> cv2.VideoCapture:
     elif not is_stream(cfg.source) and not os.path.isfile(cfg.source):
         what = "is not a regular file" if os.path.exists(cfg.source) else "does not exist"
         raise FileNotFoundError(f"camera {cfg.id}: video file {cfg.source} {what}")
+    elif not is_stream(cfg.source) and (why := not_a_video(cfg.source)) is not None:
+        raise ConnectionError(f"camera {cfg.id}: {cfg.source} {why}")
     params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(cfg.open_timeout_s * 1000),
               cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(cfg.stall_timeout_s * 1000)]
     cap = cv2.VideoCapture(cfg.source, cv2.CAP_FFMPEG, params)

@@ -62,7 +62,7 @@ def test_cuda_requested_without_cuda_is_a_clear_error():
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    with pytest.raises(RuntimeError, match="CUDA is not available"):
+    with pytest.raises(ValueError, match="CUDA is not available"):
         Detector(DetectorConfig(device="cuda"))
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -93,6 +94,10 @@ class Menu:
             text = p.read_text()
         except FileNotFoundError as e:
             raise MenuError(f"{p}: no such menu file") from e
+        except (OSError, UnicodeDecodeError) as e:  # a folder, no permission, a binary file
+            raise MenuError(f"{p}: cannot read the menu ({getattr(e, 'strerror', None) or e})") from e
+        if not text.strip():
+            raise MenuError(f"{p}: the menu file is empty")
         try:
             raw = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
         except (json.JSONDecodeError, yaml.YAMLError) as e:
@@ -105,6 +110,26 @@ class Menu:
             parts = [f"{'.'.join(str(x) for x in err['loc']) or '(root)'}: {err['msg']}" for err in e.errors()]
             raise MenuError(f"{p}: invalid menu: " + "; ".join(parts)) from e
         return cls(data, timezone, str(p))
+
+    def labels(self) -> set[str]:
+        """Every label the menu prices on some day."""
+        return set(self.data.items).union(*(d.items for d in self.data.dates.values()))
+
+    def label_problems(self, detector_labels: Sequence[str]) -> list[str]:
+        """What would leave dishes unpriced: menu labels the detector never reports (a typo, or a case
+        variant of a real label) and, for a dish model's short list (<= 30 labels), its dishes that no
+        day of the menu prices."""
+        known, mine = set(detector_labels), self.labels()
+        folded = {x.casefold().strip(): x for x in known}
+        out = []
+        for lab in sorted(mine - known):
+            near = folded.get(lab.casefold().strip())
+            out.append(f"{self.source}: menu label {lab!r} is not a detector label" +
+                       (f" (the detector says {near!r}; labels are case-sensitive)" if near else ""))
+        if len(known) <= 30 and (missing := sorted(known - mine)):
+            out.append(f"{self.source}: no price for the detector's {', '.join(map(repr, missing))}: such items "
+                       "are unpriced and their receipts need review")
+        return out
 
     def items_on(self, day: dt.date) -> dict[str, MenuItem]:
         items = dict(self.data.items)

@@ -31,20 +31,69 @@ class SeqInfo:
 
 
 def read_seqinfo(path: str | Path) -> SeqInfo:
-    """MOTChallenge ``seqinfo.ini`` ([Sequence] name, frameRate, imWidth, imHeight, seqLength)."""
+    """MOTChallenge ``seqinfo.ini`` ([Sequence] name, frameRate, imWidth, imHeight, seqLength);
+    a missing or bad key is a ValueError naming the file and the key."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: {'is a directory, not a seqinfo.ini' if p.is_dir() else 'no such seqinfo.ini'}")
     cp = configparser.ConfigParser()
-    if not cp.read(path):
-        raise FileNotFoundError(path)
+    try:
+        cp.read(p)
+    except (configparser.Error, UnicodeDecodeError) as e:
+        raise ValueError(f"{p}: not a seqinfo.ini ({str(e).splitlines()[0]})") from None
+    if "Sequence" not in cp:
+        raise ValueError(f"{p}: no [Sequence] section (a MOTChallenge seqinfo.ini has one)")
     s = cp["Sequence"]
-    return SeqInfo(s.get("name", Path(path).parent.name), float(s["frameRate"]), int(s["imWidth"]),
-                   int(s["imHeight"]), int(s["seqLength"]))
+
+    def positive(key: str, kind: type) -> int | float:
+        if key not in s:
+            raise ValueError(f"{p}: [Sequence] has no {key}")
+        try:
+            v = kind(s[key])
+        except ValueError:
+            raise ValueError(f"{p}: [Sequence] {key}={s[key]!r} is not {'a whole number' if kind is int else 'a number'}") from None
+        if not (np.isfinite(v) and v > 0):
+            raise ValueError(f"{p}: [Sequence] {key}={s[key]} must be > 0")
+        return v
+
+    return SeqInfo(s.get("name", p.parent.name), float(positive("frameRate", float)), positive("imWidth", int),
+                   positive("imHeight", int), positive("seqLength", int))
 
 
 def read_mot(path: str | Path) -> np.ndarray:
-    """Rows of frame, id, x, y, w, h, score, ... as float64 (N, >=7)."""
-    arr = np.loadtxt(path, delimiter=",", ndmin=2)
-    if arr.shape[1] < 7:
-        raise ValueError(f"{path}: expected >= 7 comma-separated columns, got {arr.shape[1]}")
+    """Rows of frame, id, x, y, w, h, score, ... as float64 (N, >=7); blank lines are skipped, an
+    empty file has no rows. A bad row is a ValueError naming the file and its (1-based) line:
+    text that is not a number, too few or a changing number of columns, nan/inf, a frame that is
+    not a whole number >= 1, a box without positive width and height."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: {'is a directory, not a MOT file' if p.is_dir() else 'no such file'}")
+    lines = p.read_text(errors="replace").splitlines()
+    numbered = [(n, ln) for n, ln in enumerate(lines, 1) if ln.strip()]
+    if not numbered:
+        return np.zeros((0, 7))
+    rows, width = [], None
+    for n, ln in numbered:  # ~0.2 s per 100k rows; every row is checked, so errors point at a line
+        parts = ln.split(",")
+        try:
+            vals = [float(x) for x in parts]
+        except ValueError:
+            raise ValueError(f"{p}:{n}: not comma-separated numbers: {ln[:80]!r}") from None
+        if width is None:
+            width = len(vals)
+            if width < 7:
+                raise ValueError(f"{p}:{n}: {width} columns; a MOT row has at least 7 (frame,id,x,y,w,h,score,...)")
+        elif len(vals) != width:
+            raise ValueError(f"{p}:{n}: {len(vals)} columns where line {numbered[0][0]} has {width}")
+        rows.append(vals)
+    arr = np.asarray(rows, dtype=np.float64)
+    bad = ~np.isfinite(arr[:, :7]).all(axis=1)
+    for mask, why in ((bad, "nan or inf in frame,id,x,y,w,h,score"),
+                      ((arr[:, 0] < 1) | (arr[:, 0] != np.round(arr[:, 0])), "the frame must be a whole number >= 1"),
+                      ((arr[:, 4] <= 0) | (arr[:, 5] <= 0), "the box width and height must be > 0")):
+        if mask.any():
+            i = int(np.flatnonzero(mask)[0])
+            raise ValueError(f"{p}:{numbered[i][0]}: {why}: {numbered[i][1][:80]!r}")
     return arr
 
 

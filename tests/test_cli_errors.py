@@ -1,0 +1,297 @@
+"""Bad input to the command line, as a new user gives it: a one-line error naming the flag, file,
+line or field, exit status 2, no traceback, and no work done before a path that cannot be written
+is refused. Every case here was found by trying the commands (2026-12-07): each gave a traceback,
+exit 0, or an error only after the work, before."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import DATA, MOT_DETS, VIDEO
+from dishtrack.service.cli import main
+
+KIOSK = DATA / "mealtray_kiosk_dev"
+TUD = MOT_DETS / "TUD-Campus"
+SEQINFO = "[Sequence]\nname=TUD-Campus\nimDir=img1\nframeRate=25\nseqLength=71\nimWidth=640\nimHeight=480\nimExt=.jpg\n"
+
+
+def cli(argv: list[str], capsys, caplog) -> tuple[int, str]:
+    """Run ``dishtrack ARGV`` in this process: (exit status, what it printed and logged)."""
+    caplog.clear()
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse: a usage error
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out + out.err + caplog.text
+
+
+@pytest.fixture
+def seq(tmp_path) -> tuple[Path, Path]:
+    """TUD-Campus's real detections and its seqinfo (MOTChallenge layout)."""
+    dets = tmp_path / "det.txt"
+    shutil.copy(TUD / "det" / "det.txt", dets)
+    info = tmp_path / "seqinfo.ini"
+    info.write_text(SEQINFO)
+    return dets, info
+
+
+def corrupt_line(path: Path, n: int, new: str) -> str:
+    lines = path.read_text().splitlines()
+    old = lines[n - 1]
+    lines[n - 1] = new.format(*old.split(","))
+    path.write_text("\n".join(lines) + "\n")
+    return lines[n - 1]
+
+
+@pytest.mark.parametrize("line, why", [
+    ("{0},{1},abc,{3},{4},{5},{6}", "not comma-separated numbers"),
+    ("{0},{1},{2},{3}", "4 columns where line 1 has"),
+    ("{0},{1},{2},{3},nan,{5},{6},{7},{8},{9}", "nan or inf"),
+    ("{0},{1},{2},{3},-{4},{5},{6},{7},{8},{9}", "width and height must be > 0"),
+    ("1.5,{1},{2},{3},{4},{5},{6},{7},{8},{9}", "whole number >= 1"),
+    ("0,{1},{2},{3},{4},{5},{6},{7},{8},{9}", "whole number >= 1"),
+])
+def test_track_names_the_file_and_line_of_a_bad_detection(seq, tmp_path, capsys, caplog, line, why):
+    """Before: numpy's 'at row 4, column 3' (0-based, no file) or, for nan, negative sizes and
+    fractional frames, exit 0 with nan boxes in the results."""
+    dets, info = seq
+    corrupt_line(dets, 5, line)
+    rc, out = cli(["track", "--dets", str(dets), "--seqinfo", str(info), "--out", str(tmp_path / "r.txt")],
+                  capsys, caplog)
+    assert rc == 2 and f"{dets}:5: " in out and why in out, out
+    assert not (tmp_path / "r.txt").exists()
+
+
+@pytest.mark.parametrize("ini, why", [
+    (SEQINFO.replace("frameRate=25", "frameRate=0"), "frameRate=0 must be > 0"),  # was ZeroDivisionError
+    (SEQINFO.replace("frameRate=25\n", ""), "has no frameRate"),  # was KeyError
+    (SEQINFO.replace("frameRate=25", "frameRate=abc"), "frameRate='abc' is not a number"),
+    (SEQINFO.replace("imWidth=640", "imWidth=0"), "imWidth=0 must be > 0"),  # was accepted: 23 tracks, not 15
+    (SEQINFO.replace("[Sequence]", "[Seq]"), "no [Sequence] section"),  # was KeyError
+    ("name=x\n", "not a seqinfo.ini"),  # was MissingSectionHeaderError
+    ("", "no [Sequence] section"),
+])
+def test_track_names_the_key_of_a_bad_seqinfo(seq, tmp_path, capsys, caplog, ini, why):
+    dets, info = seq
+    info.write_text(ini)
+    rc, out = cli(["track", "--dets", str(dets), "--seqinfo", str(info), "--out", str(tmp_path / "r.txt")],
+                  capsys, caplog)
+    assert rc == 2 and f"{info}: " in out and why in out, out
+
+
+def test_track_refuses_frames_beyond_the_sequence_and_folders_for_files(seq, tmp_path, capsys, caplog):
+    dets, info = seq
+    out_file = str(tmp_path / "r.txt")
+    for argv, why in [(["--dets", str(tmp_path), "--seqinfo", str(info)], "argument --dets: "),
+                      (["--dets", str(dets), "--seqinfo", str(tmp_path)], "argument --seqinfo: "),
+                      (["--dets", str(dets), "--seqinfo", str(tmp_path / "nope.ini")], "does not exist")]:
+        rc, out = cli(["track", *argv, "--out", out_file], capsys, caplog)
+        assert rc == 2 and why in out, out
+    rc, out = cli(["track", "--dets", str(dets), "--seqinfo", str(info), "--out", str(tmp_path)], capsys, caplog)
+    assert rc == 2 and "argument --out: " in out and "is a directory" in out  # was IsADirectoryError
+    corrupt_line(dets, 3, "99999,{1},{2},{3},{4},{5},{6},{7},{8},{9}")
+    rc, out = cli(["track", "--dets", str(dets), "--seqinfo", str(info), "--out", out_file], capsys, caplog)
+    assert rc == 2 and "frame 99999 is beyond seqLength=71" in out, out
+
+
+def test_track_reads_a_tuning_yaml_with_only_a_tracker_section(seq, tmp_path, capsys, caplog):
+    """`track --config` says its tracker section is used; a YAML holding only that section was refused
+    ('cameras: Field required'). Its settings are used: a stricter min_hits gives fewer result rows."""
+    dets, info = seq
+    default, tuned = tmp_path / "new" / "default.txt", tmp_path / "tuned.txt"  # --out's folder is made
+    assert cli(["track", "--dets", str(dets), "--seqinfo", str(info), "--out", str(default)], capsys, caplog)[0] == 0
+    cfg = tmp_path / "tracker.yaml"
+    cfg.write_text(yaml.safe_dump({"tracker": {"min_hits": 10}}))
+    rc, out = cli(["track", "--dets", str(dets), "--seqinfo", str(info), "--out", str(tuned), "--config", str(cfg)],
+                  capsys, caplog)
+    assert rc == 0, out
+    assert 0 < len(tuned.read_text().splitlines()) < len(default.read_text().splitlines())
+    cfg.write_text(yaml.safe_dump({"tracker": {"min_hitz": 10}}))
+    rc, out = cli(["track", "--dets", str(dets), "--seqinfo", str(info), "--out", str(tuned), "--config", str(cfg)],
+                  capsys, caplog)
+    assert rc == 2 and "min_hitz" in out and "invalid tracker section" in out
+
+
+def test_a_text_file_is_not_taken_for_a_video(seq, tmp_path, capsys, caplog):
+    """FFmpeg's text demuxer renders a text file as video frames: `export-mot --video det.txt` wrote
+    labelled 'frames' of text, and a camera whose source was a text file showed as streaming."""
+    from dishtrack.config import CameraConfig
+    from dishtrack.service.ingest import CameraReader
+
+    dets, _ = seq
+    gt = DATA / "motmetrics_pkg_data" / "motmetrics" / "data" / "TUD-Campus" / "gt.txt"
+    rc, out = cli(["export-mot", "--video", str(dets), "--gt", str(gt), "--out", str(tmp_path / "ds")], capsys, caplog)
+    assert rc == 2 and f"{dets} is a text file, not a video" in out, out
+    assert not (tmp_path / "ds").exists()
+    reader = CameraReader(CameraConfig(id="c", source=str(dets))).start()
+    try:
+        reader._thread.join(10)
+        st = reader.status().to_dict()
+        assert st["state"] == "error" and "is a text file, not a video" in st["last_error"], st
+    finally:
+        reader.stop()
+    # a real video still passes the check, and export-mot still works on it
+    short_gt = tmp_path / "gt.txt"
+    short_gt.write_text("".join(ln + "\n" for ln in gt.read_text().splitlines() if ln.split(",")[0] in ("1", "2")))
+    rc, out = cli(["export-mot", "--video", str(VIDEO), "--gt", str(short_gt), "--out", str(tmp_path / "ds"),
+                   "--every", "50"], capsys, caplog)
+    assert rc == 0, out
+    assert len((tmp_path / "ds" / "manifest.jsonl").read_text().splitlines()) >= 1
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["shots", "--source", "v.mp4", "--n", "0", "--out", "o", "--checkpoint", "c.pt"], "--n"),
+    (["shots", "--source", "v.mp4", "--n", "2", "--every", "0", "--out", "o", "--checkpoint", "c.pt"], "--every"),
+    (["shots", "--source", "v.mp4", "--n", "2", "--dedup-distance", "-1", "--out", "o", "--checkpoint", "c.pt"],
+     "--dedup-distance"),
+    (["export-mot", "--video", str(VIDEO), "--gt", str(VIDEO), "--out", "o", "--every", "0"], "--every"),
+    (["export-mot", "--video", str(VIDEO), "--gt", str(VIDEO), "--out", "o", "--label", ""], "--label"),
+    (["make-video", "--data", "d", "--out", "o", "--trays", "1", "--fps", "inf"], "--fps"),
+    (["make-video", "--data", "d", "--out", "o", "--trays", "0"], "--trays"),
+    (["propose", "--checkpoint", "c.pt", "--images", "d", "--out", "o", "--min-score", "5"], "--min-score"),
+    (["enrol", "--checkpoint", "c.pt", "--data", "d", "--out", "o.pt", "--val-fraction", "1.5"], "--val-fraction"),
+    (["enrol", "--checkpoint", "c.pt", "--data", "d", "--out", "o.pt", "--epochs", "0"], "--epochs"),
+    (["train", "--data", "d", "--out", "o.pt", "--val-fraction", "2"], "--val-fraction"),
+])
+def test_out_of_range_numbers_are_refused_naming_the_flag(argv, flag, capsys, caplog, tmp_path, monkeypatch):
+    """Before: ZeroDivisionError (--every 0), OverflowError (--fps inf), exit 0 with nothing picked
+    (--n 0), a checkpoint written with --val-fraction -0.5, pydantic's 'val_fraction' for train."""
+    monkeypatch.chdir(tmp_path)
+    rc, out = cli(argv, capsys, caplog)
+    assert rc == 2 and flag in out and "Traceback" not in out, out
+
+
+@pytest.mark.parametrize("cmd", [
+    ["enrol", "--checkpoint", "c.pt", "--data", "d", "--out", "{dir}"],
+    ["train", "--data", "d", "--out", "{dir}"],
+    ["eval", "--data", "d", "--checkpoint", "c.pt", "--json", "{dir}"],
+    ["eval", "--data", "d", "--checkpoint", "c.pt", "--json", "{file}/r.json"],
+    ["track", "--dets", str(VIDEO), "--seqinfo", str(VIDEO), "--out", "{dir}"],
+    ["check-data", "--data", "d", "--json", "{dir}"],
+    ["propose", "--checkpoint", "c.pt", "--images", "d", "--out", "{file}"],
+    ["shots", "--source", "v.mp4", "--n", "2", "--out", "{file}", "--checkpoint", "c.pt"],
+    ["make-video", "--data", "d", "--out", "{file}", "--trays", "2"],
+    ["export-mot", "--video", str(VIDEO), "--gt", str(VIDEO), "--out", "{file}"],
+])
+def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(cmd, capsys, caplog, tmp_path):
+    """`enrol --out DIR` ran the whole enrolment, then failed renaming OUT.tmp onto the folder (leaving
+    24 MB behind); `train` the same after ~10 minutes; `eval --json /tmp` wrote /tmp_confusion.png."""
+    (tmp_path / "a_file").write_text("x")
+    argv = [a.format(dir=tmp_path, file=tmp_path / "a_file") for a in cmd]
+    rc, out = cli(argv, capsys, caplog)
+    assert rc == 2 and "argument --" in out and "Traceback" not in out, out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_hash_token_refuses_a_token_on_the_command_line(capsys, caplog):
+    """`--token VALUE` was ignored and another, random token printed: the user's own token was not the
+    one hashed. Only '-' (stdin) is taken; a token in argv would stay in the shell's history."""
+    rc, out = cli(["hash-token", "--name", "pos1", "--token", "x" * 40], capsys, caplog)
+    assert rc == 2 and "--token takes only '-'" in out and "token:" not in out
+
+
+def test_a_dataset_with_no_usable_box_says_which_problems(tmp_path, capsys, caplog):
+    """`eval` on photos whose class names differ in case from the checkpoint's said only 'no usable
+    boxes in 6 images (12 problems)'; the problems were printed nowhere, not even by check-data."""
+    from dishtrack.models.importers import load_dataset
+    from dishtrack.models.sample import DatasetError
+
+    data = tmp_path / "lower"
+    (data / "imgs").mkdir(parents=True)
+    (data / "obj.names").write_text((KIOSK / "obj.names").read_text().lower())
+    for img in sorted((KIOSK / "labelled").glob("*.jpg"))[:3]:
+        shutil.copy(img, data / "imgs")
+        shutil.copy(img.with_suffix(".txt"), data / "imgs")
+    names = [n.strip() for n in (KIOSK / "obj.names").read_text().splitlines() if n.strip()]
+    with pytest.raises(DatasetError) as e:
+        load_dataset(data, classes=names)
+    assert "no usable boxes in 3 images" in str(e.value) and "differs only in case" in str(e.value)
+    bad = tmp_path / "coco.json"
+    bad.write_text(json.dumps({"images": "oops", "annotations": 5, "categories": None}))
+    rc, out = cli(["check-data", "--data", str(bad)], capsys, caplog)  # was TypeError
+    assert rc == 2 and f"{bad}: 'images' must be a list of objects" in out, out
+
+
+def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path):
+    from dishtrack.models.dish_detector import read_checkpoint
+
+    for name, content in [("text.pt", "hello"), ("empty.pt", "")]:
+        (tmp_path / name).write_text(content)
+        with pytest.raises(ValueError, match=f"{name}: not a dishtrack checkpoint"):  # was '(101)', '()'
+            read_checkpoint(tmp_path / name)
+    with pytest.raises(ValueError, match="is a directory"):
+        read_checkpoint(tmp_path)
+
+
+def site(tmp_path: Path, **extra) -> str:
+    cfg = {"cameras": [{"id": "cam0", "source": str(VIDEO)}], "storage": {"sqlite_path": str(tmp_path / "e.db")},
+           **extra}
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+@pytest.mark.parametrize("menu, why", [
+    (None, "cannot read the menu"),  # the menu path is a folder: was exit 0 (run: IsADirectoryError)
+    ("", "the menu file is empty"),
+    ("currency: EUR\nitems: {cup: {name: Coffee, price: -1}}\n", "items.cup.price"),
+    ("currency: euro\n", "currency"),
+])
+def test_check_config_opens_the_menu_as_run_does(tmp_path, capsys, caplog, menu, why):
+    """check-config exited 0 on every menu that run refuses; now it reads it (and the tokens file, and
+    the detector checkpoint) as run does at startup."""
+    path = tmp_path / "menu.yaml"
+    if menu is None:
+        path.mkdir()
+    else:
+        path.write_text(menu)
+    rc, out = cli(["check-config", "--no-model", "--config", site(tmp_path, menu={"path": str(path)})], capsys, caplog)
+    assert rc == 2 and str(path) in out and why in out, out
+
+
+def test_check_config_checks_the_detector_the_tokens_file_and_camera_files(tmp_path, capsys, caplog):
+    rc, out = cli(["check-config", "--no-model", "--config",
+                   site(tmp_path, detector={"kind": "checkpoint", "checkpoint": str(tmp_path / "nope.pt")})],
+                  capsys, caplog)
+    assert rc == 2 and f"detector.checkpoint {tmp_path / 'nope.pt'} does not exist" in out, out
+    rc, out = cli(["check-config", "--no-model", "--config",
+                   site(tmp_path, auth={"tokens_file": str(tmp_path / "tokens.yaml")})], capsys, caplog)
+    assert rc == 2 and "tokens.yaml" in out, out
+    text_cam = tmp_path / "cam.txt"
+    text_cam.write_text("not a video\n")
+    cfg = yaml.safe_load(Path(site(tmp_path)).read_text())
+    cfg["cameras"] = [{"id": "cam0", "source": str(tmp_path / "gone.mp4")}, {"id": "cam1", "source": str(text_cam)}]
+    Path(tmp_path / "site.yaml").write_text(yaml.safe_dump(cfg))
+    rc, out = cli(["check-config", "--no-model", "--config", str(tmp_path / "site.yaml")], capsys, caplog)
+    assert rc == 1 and "camera cam0: source" in out and "does not exist" in out
+    assert "camera cam1: source" in out and "is a text file, not a video" in out
+    assert '"id": "cam1"' in out  # the resolved config is still printed
+
+
+def test_check_config_and_run_name_menu_labels_the_detector_does_not_have(tmp_path, capsys, caplog):
+    """A menu keyed 'Cup' (the detector says 'cup') and 'bowl' priced none of the detector's cups: every
+    cup was unpriced, and nothing said why. check-config loads the bundled detector and says so (the
+    pipeline logs the same at startup)."""
+    menu = tmp_path / "menu.yaml"
+    menu.write_text("currency: EUR\nitems: {Cup: {name: Coffee, price: 2.0}, bowl: {name: Soup, price: 3.0}}\n")
+    rc, out = cli(["check-config", "--config", site(tmp_path, menu={"path": str(menu)},
+                                                     detector={"classes": ["cup", "bowl"], "device": "cpu"})],
+                  capsys, caplog)
+    assert rc == 1, out
+    assert "menu label 'Cup' is not a detector label (the detector says 'cup'" in out
+    assert "no price for the detector's 'cup'" in out and "'bowl'" not in out.split("no price for")[1]
+
+
+def test_the_installed_command_prints_no_traceback_for_a_bad_seqinfo(seq, tmp_path):
+    """The same through the console script, as a user runs it."""
+    dets, info = seq
+    info.write_text(SEQINFO.replace("frameRate=25\n", ""))
+    r = subprocess.run(["dishtrack", "track", "--dets", str(dets), "--seqinfo", str(info), "--out",
+                        str(tmp_path / "r.txt")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "has no frameRate" in r.stderr, r.stderr
