@@ -53,7 +53,7 @@ def read_manifest(path: str | Path) -> list[Sample]:
 def export_mot_video(video: str | Path, gt: str | Path, out: str | Path, label: str = "person",
                      every: int = 1) -> int:
     """Write frames of ``video`` with their MOT ground-truth boxes as a labelled dataset."""
-    arr = read_mot(gt)  # a bad row: ValueError naming the file and line
+    arr = read_mot(gt, empty_boxes="drop")  # a bad row: ValueError naming the file and line
     if not len(arr):
         raise DatasetError(f"{gt}: no ground-truth rows")
     if (why := not_a_video(video)) is not None:

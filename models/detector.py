@@ -219,6 +219,28 @@ def load_detector(cfg, device: torch.device | None = None):
     return Detector(cfg, device)
 
 
+def detector_labels(cfg) -> tuple[str, ...]:
+    """The labels the configured detector reports, read without building it (no backend export,
+    nothing written): what ``check-config`` checks ``detector.classes`` and the menu against. Raises
+    what ``load_detector`` raises for a missing or foreign checkpoint and for unknown classes."""
+    labels: tuple[str, ...] = COCO_LABELS
+    if cfg.kind == "checkpoint":
+        from .dish_detector import FORMAT, read_checkpoint
+
+        ck = read_checkpoint(cfg.checkpoint)
+        if ck["format"] == FORMAT:
+            labels = tuple(ck["classes"])
+        elif ck["format"] == "dishtrack-centernet-v1":
+            labels = tuple(ck["labels"])
+        else:
+            raise ValueError(f"{cfg.checkpoint}: checkpoint format {ck['format']!r}, expected {FORMAT!r} or "
+                             "'dishtrack-centernet-v1'")
+    unknown = sorted(set(cfg.classes or []) - set(labels))
+    if unknown:
+        raise ValueError(f"detector.classes names labels the model does not have: {unknown}")
+    return labels
+
+
 def save_checkpoint(path: str | Path, model: CenterNetModel, labels: tuple[str, ...], input_size: int,
                     meta: dict | None = None) -> None:
     if model.head is None:

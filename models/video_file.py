@@ -21,11 +21,18 @@ def not_a_video(path: str | Path) -> str | None:
         return f"cannot be read ({e.strerror})"
     if not head:
         return "is empty"
-    if head.startswith(TEXT_MEDIA) or b"\0" in head:
+    if head.startswith(TEXT_MEDIA):
+        return None
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "is a text file (UTF-16), not a video"
+    if b"\0" in head:  # every container's header holds zero bytes (box sizes, PIDs, start codes)
         return None
     try:
         head.decode("utf-8")
+        return "is a text file, not a video"
     except UnicodeDecodeError as e:
-        if e.start < len(head) - 3:  # binary; a character cut at the 4 KiB edge is still text
-            return None
-    return "is a text file, not a video"
+        if e.start >= len(head) - 3:  # a character cut at the 4 KiB edge
+            return "is a text file, not a video"
+    printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head)
+    # mostly printable ASCII: text in a legacy encoding, e.g. a cp1252 CSV (random bytes: ~37%)
+    return "is a text file, not a video" if printable >= 0.8 * len(head) else None

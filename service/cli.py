@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from dishtrack.config import ConfigError, load_config
@@ -48,50 +49,51 @@ def cmd_run(args) -> int:
 
 def cmd_check_config(args) -> int:
     """Exit 0: ready to run; 1: runs, with warnings (a camera file that is not there, dishes without a
-    price); 2: `run` would refuse it. Opens what the config points to, as `run` does at startup."""
+    price); 2: `run` would refuse its settings or files. Opens what the config points to, as `run`
+    does at startup, except the event store (opening it would create it)."""
     import json
 
     from .admin import redacted_config
 
     cfg = load_config(args.config)
-    warnings = preflight(cfg, load_model=not args.no_model)
+    warnings, notes = preflight(cfg, check_model=not args.no_model)
     # the command's output is the resolved config, with the secrets masked as GET /config masks them
     print(json.dumps(redacted_config(cfg), indent=2))
+    for n in notes:
+        log.info("%s", n)
     for w in warnings:
         log.warning("%s", w)
     return 1 if warnings else 0
 
 
-def preflight(cfg, load_model: bool = True) -> list[str]:
+def preflight(cfg, check_model: bool = True) -> tuple[list[str], list[str]]:
     """What `run` checks at startup, without serving: auth (tokens file, public bind), the menu file,
-    the detector (checkpoint, detector.classes) and the menu's labels against it; raises what `run`
-    would raise. Returns warnings: camera files missing or not video, menu labels the detector lacks."""
-    import os
-
-    from dishtrack.models.video_file import not_a_video
+    the detector checkpoint and detector.classes against its labels (read from the checkpoint: no
+    model is built, no backend export written); raises what `run` would raise. Returns (warnings,
+    notes): camera files missing, not regular files or not video; menu labels against the detector's."""
     from dishtrack.tracking.menu import Menu
 
     from .auth import build_policy
-    from .ingest import is_stream
+    from .ingest import is_stream, source_file_problem
 
     build_policy(cfg)
     menu = Menu.load(cfg.menu.path, cfg.menu.timezone) if cfg.menu else None
-    warnings = []
-    ck = cfg.detector.checkpoint
-    if ck and not os.path.isfile(ck):
+    warnings: list[str] = []
+    notes: list[str] = []
+    if cfg.detector.kind == "checkpoint" and not os.path.isfile(ck := cfg.detector.checkpoint):
         raise FileNotFoundError(f"detector.checkpoint {ck} {'is a directory' if os.path.isdir(ck) else 'does not exist'}")
-    if load_model:
-        from dishtrack.models.detector import load_detector
+    if check_model:
+        from dishtrack.models.detector import detector_labels
 
-        det = load_detector(cfg.detector)  # a bad checkpoint, detector.classes it lacks: what run raises
+        labels = detector_labels(cfg.detector)
         if menu is not None:
-            warnings += menu.label_problems(cfg.detector.classes or det.labels)
+            w, n = menu.label_problems(cfg.detector.classes or labels)
+            warnings += w
+            notes += n
     for cam in cfg.cameras:
-        if not is_stream(cam.source):
-            why = "does not exist" if not os.path.exists(cam.source) else not_a_video(cam.source)
-            if why:
-                warnings.append(f"camera {cam.id}: source {cam.source} {why}")
-    return warnings
+        if not is_stream(cam.source) and (why := source_file_problem(cam.source)):
+            warnings.append(f"camera {cam.id}: source {cam.source} {why}")
+    return warnings, notes
 
 
 def cmd_hash_token(args) -> int:
@@ -139,7 +141,7 @@ def cmd_train(args) -> int:
     try:
         settings = TrainSettings(**fields)
     except ValidationError as e:
-        raise ConfigError("; ".join(f"--{str(err['loc'][0]).replace('_', '-') if err['loc'] else '?'}: {err['msg']}"
+        raise ConfigError("; ".join((f"--{str(err['loc'][0]).replace('_', '-')}: " if err["loc"] else "") + err["msg"]
                                     for err in e.errors())) from None
     report = train(settings)
     v = report["validation"]
@@ -322,7 +324,8 @@ def _tracker_config(path: str | None):
     import yaml
 
     try:
-        raw = yaml.safe_load(open(path))
+        with open(path) as f:
+            raw = yaml.safe_load(f)
     except OSError as e:
         raise ConfigError(f"{path}: {e.strerror}") from None
     except yaml.YAMLError as e:
@@ -386,8 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check-config", help="validate a config and what it points to (menu, tokens file, detector, camera files) and print it resolved; exit 0 ready, 1 warnings, 2 invalid")
     c.add_argument("--config")
-    c.add_argument("--no-model", action="store_true", help="do not load the detector (its checkpoint and "
-                   "detector.classes are then not checked)")
+    c.add_argument("--no-model", action="store_true", help="do not read the detector checkpoint's labels "
+                   "(detector.classes and the menu's labels are then not checked against them)")
     c.set_defaults(fn=cmd_check_config)
 
     t = sub.add_parser("train", help="train a dish detector (localiser + classifier) on labelled tray photos")
@@ -501,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.log_level)
     try:
         return args.fn(args)
-    except (ConfigError, OSError, ValueError) as e:  # OSError: a path that is missing, a folder, not writable
+    except (ConfigError, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError,
+            PermissionError) as e:  # bad input; other errors (a full disk, a port in use) keep their traceback
         log.error("%s", e)
         return 2
     except KeyboardInterrupt:

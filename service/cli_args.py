@@ -47,11 +47,11 @@ def non_empty(text: str) -> str:
 
 
 def input_file(text: str) -> str:
-    """An existing regular file."""
+    """An existing file, FIFO or device (``<(zcat det.txt.gz)``, ``/dev/stdin``), not a folder."""
     p = Path(text)
     if p.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a directory, a file is needed")
-    if not p.is_file():
+    if not p.exists():
         raise argparse.ArgumentTypeError(f"{text} does not exist")
     return text
 

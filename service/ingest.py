@@ -154,6 +154,16 @@ def is_stream(source: str) -> bool:
     return "://" in source
 
 
+def source_file_problem(path: str) -> str | None:
+    """Why a camera's file source cannot be read as video, or None (a FIFO or device is never opened
+    here: reading it would block)."""
+    if not os.path.exists(path):
+        return "does not exist"
+    if not os.path.isfile(path):
+        return "is not a regular file"
+    return not_a_video(path)
+
+
 def open_capture(cfg: CameraConfig) -> cv2.VideoCapture:
     """Open a file or network source through OpenCV's FFmpeg backend."""
     if is_stream(cfg.source) and cfg.source.startswith("rtsp"):
@@ -161,8 +171,7 @@ def open_capture(cfg: CameraConfig) -> cv2.VideoCapture:
         # then shows up as a read timeout instead of silent packet loss.
         os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", "rtsp_transport;tcp")
     elif not is_stream(cfg.source) and not os.path.isfile(cfg.source):
-        what = "is not a regular file" if os.path.exists(cfg.source) else "does not exist"
-        raise FileNotFoundError(f"camera {cfg.id}: video file {cfg.source} {what}")
+        raise FileNotFoundError(f"camera {cfg.id}: video file {cfg.source} {source_file_problem(cfg.source)}")
     elif not is_stream(cfg.source) and (why := not_a_video(cfg.source)) is not None:
         raise ConnectionError(f"camera {cfg.id}: {cfg.source} {why}")
     params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(cfg.open_timeout_s * 1000),

@@ -55,8 +55,11 @@ class Pipeline:
         self.menu = Menu.load(cfg.menu.path, cfg.menu.timezone) if cfg.menu else None
         labels = cfg.detector.classes or getattr(detector, "labels", None)
         if self.menu is not None and labels:
-            for problem in self.menu.label_problems(labels):
-                log.warning("%s", problem)
+            warnings, notes = self.menu.label_problems(labels)
+            for w in warnings:
+                log.warning("%s", w)
+            for n in notes:
+                log.info("%s", n)
         self._arrived = threading.Event()  # set by any camera's slot on a new frame
         self.readers = {c.id: CameraReader(c, LatestFrameSlot(self._arrived)) for c in cfg.cameras}
         params = TrackerParams.from_config(cfg.tracker)

@@ -275,17 +275,90 @@ def test_check_config_checks_the_detector_the_tokens_file_and_camera_files(tmp_p
 
 
 def test_check_config_and_run_name_menu_labels_the_detector_does_not_have(tmp_path, capsys, caplog):
-    """A menu keyed 'Cup' (the detector says 'cup') and 'bowl' priced none of the detector's cups: every
-    cup was unpriced, and nothing said why. check-config loads the bundled detector and says so (the
-    pipeline logs the same at startup)."""
+    """A menu keyed 'Cup' (the detector says 'cup') priced none of the detector's cups: every cup was
+    unpriced, and nothing said why. check-config reads the detector's labels (no model built) and
+    warns (exit 1); the pipeline logs the same at startup. A menu dish the detector does not know
+    at all (put on the menu before it is enrolled) is only a note."""
+    import logging
+
+    from dishtrack.config import load_config
+    from dishtrack.service.api import build_runtime
+
     menu = tmp_path / "menu.yaml"
-    menu.write_text("currency: EUR\nitems: {Cup: {name: Coffee, price: 2.0}, bowl: {name: Soup, price: 3.0}}\n")
-    rc, out = cli(["check-config", "--config", site(tmp_path, menu={"path": str(menu)},
-                                                     detector={"classes": ["cup", "bowl"], "device": "cpu"})],
-                  capsys, caplog)
+    menu.write_text("currency: EUR\nitems: {Cup: {name: Coffee, price: 2.0}, bowl: {name: Soup, price: 3.0},"
+                    " Pizza: {name: Pizza, price: 8.0}}\n")
+    path = site(tmp_path, menu={"path": str(menu)}, detector={"classes": ["cup", "bowl"], "device": "cpu"})
+    caplog.set_level(logging.INFO)
+    rc, out = cli(["check-config", "--config", path], capsys, caplog)
     assert rc == 1, out
-    assert "menu label 'Cup' is not a detector label (the detector says 'cup'" in out
-    assert "no price for the detector's 'cup'" in out and "'bowl'" not in out.split("no price for")[1]
+    warned = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert "menu label 'Cup' is not a detector label, the detector says 'cup'" in warned
+    assert "no price for the detector's 'cup'" in warned and "'bowl'" not in warned and "Pizza" not in warned
+    assert "menu label 'Pizza' is not (yet) a detector label" in out
+    menu.write_text("currency: EUR\nitems: {cup: {name: Coffee, price: 2.0}, bowl: {name: Soup, price: 3.0},"
+                    " Pizza: {name: Pizza, price: 8.0}}\n")
+    assert cli(["check-config", "--config", path], capsys, caplog)[0] == 0  # a note is not a warning
+    menu.write_text("currency: EUR\nitems: {Cup: {name: Coffee, price: 2.0}, bowl: {name: Soup, price: 3.0}}\n")
+    caplog.clear()
+    build_runtime(load_config(path))  # what `run` does before it serves
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "menu" in r.getMessage()]
+    assert any("the detector says 'cup'" in w for w in warned), warned
+
+
+def test_check_config_does_what_run_does_with_checkpoints_and_special_files(tmp_path, capsys, caplog):
+    """A stale detector.checkpoint under kind: centernet is ignored by run, so by check-config too;
+    a camera source that is a FIFO is named, not opened (reading it would block)."""
+    import os
+
+    fifo = tmp_path / "cam.fifo"
+    os.mkfifo(fifo)
+    path = site(tmp_path, detector={"kind": "centernet", "checkpoint": str(tmp_path / "old.pt")})
+    cfg = yaml.safe_load(Path(path).read_text())
+    cfg["cameras"].append({"id": "cam1", "source": str(fifo)})
+    Path(path).write_text(yaml.safe_dump(cfg))
+    rc, out = cli(["check-config", "--config", path], capsys, caplog)
+    assert rc == 1 and f"camera cam1: source {fifo} is not a regular file" in out and "old.pt" not in caplog.text
+
+
+def test_text_is_told_from_video_by_its_first_bytes(tmp_path):
+    from dishtrack.models.shots import pick_shots
+    from dishtrack.models.video_file import not_a_video
+
+    assert not_a_video(VIDEO) is None
+    cases = {"det.txt": (TUD / "det" / "det.txt").read_bytes(), "menu.csv": "caf\xe9,2.50\n".encode("cp1252") * 50,
+             "notes.txt": "no video here\n".encode("utf-16"), "empty.mp4": b""}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        assert not_a_video(tmp_path / name) is not None, name
+    y4m = tmp_path / "raw.y4m"  # a text header, then raw frames: FFmpeg reads it as video
+    y4m.write_bytes(b"YUV4MPEG2 W8 H8 F25:1 Ip A1:1 C420jpeg\nFRAME\n" + bytes(96))
+    assert not_a_video(y4m) is None
+    with pytest.raises(ValueError, match="is a text file, not a video"):  # before the model is touched
+        pick_shots(None, str(tmp_path / "det.txt"), tmp_path / "shots", 2)
+
+
+def test_mot_files_with_comments_degenerate_ground_truth_or_from_a_pipe(tmp_path, caplog):
+    """``#`` comments were read before (np.loadtxt) and still are; a ground-truth row without size is
+    dropped with a warning (export-mot), a detection without size is an error; a FIFO is read once."""
+    import os
+    import threading
+
+    from dishtrack.tracking.mot import read_mot
+
+    rows = (TUD / "det" / "det.txt").read_text().splitlines()
+    f = tmp_path / "c.txt"
+    f.write_text("# frame,id,x,y,w,h,score\n" + rows[0] + "  # first\n" + "\n".join(rows[1:]) + "\n")
+    assert read_mot(f).shape == (len(rows), 10)
+    f.write_text("\n".join(rows[:3] + ["1,5,10,10,0,40,1,-1,-1,-1"] + rows[3:]) + "\n")
+    with pytest.raises(ValueError, match=f"{f}:4: the box width and height must be > 0"):
+        read_mot(f)
+    assert len(read_mot(f, empty_boxes="drop")) == len(rows) and "1 rows without positive width" in caplog.text
+    fifo = tmp_path / "det.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("\n".join(rows) + "\n"))
+    writer.start()
+    assert read_mot(fifo).shape == (len(rows), 10)
+    writer.join(5)
 
 
 def test_the_installed_command_prints_no_traceback_for_a_bad_seqinfo(seq, tmp_path):

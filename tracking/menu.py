@@ -115,21 +115,25 @@ class Menu:
         """Every label the menu prices on some day."""
         return set(self.data.items).union(*(d.items for d in self.data.dates.values()))
 
-    def label_problems(self, detector_labels: Sequence[str]) -> list[str]:
-        """What would leave dishes unpriced: menu labels the detector never reports (a typo, or a case
-        variant of a real label) and, for a dish model's short list (<= 30 labels), its dishes that no
-        day of the menu prices."""
+    def label_problems(self, detector_labels: Sequence[str]) -> tuple[list[str], list[str]]:
+        """(warnings, notes) on what would leave dishes unpriced. Warnings: a menu label that differs
+        from a detector label only by case or spaces (a typo: that dish is never priced) and, for a
+        dish model's short list (<= 30 labels), its dishes no day of the menu prices. Notes: other
+        menu labels the detector does not have (a dish on the menu before it is enrolled is normal)."""
         known, mine = set(detector_labels), self.labels()
         folded = {x.casefold().strip(): x for x in known}
-        out = []
+        warnings, notes = [], []
         for lab in sorted(mine - known):
             near = folded.get(lab.casefold().strip())
-            out.append(f"{self.source}: menu label {lab!r} is not a detector label" +
-                       (f" (the detector says {near!r}; labels are case-sensitive)" if near else ""))
+            if near is not None:
+                warnings.append(f"{self.source}: menu label {lab!r} is not a detector label, the detector says "
+                                f"{near!r} (labels are case-sensitive): {near!r} items are never priced")
+            else:
+                notes.append(f"{self.source}: menu label {lab!r} is not (yet) a detector label")
         if len(known) <= 30 and (missing := sorted(known - mine)):
-            out.append(f"{self.source}: no price for the detector's {', '.join(map(repr, missing))}: such items "
-                       "are unpriced and their receipts need review")
-        return out
+            warnings.append(f"{self.source}: no price for the detector's {', '.join(map(repr, missing))}: such "
+                            "items are unpriced and their receipts need review")
+        return warnings, notes
 
     def items_on(self, day: dt.date) -> dict[str, MenuItem]:
         items = dict(self.data.items)

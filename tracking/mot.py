@@ -5,6 +5,9 @@ write results. Pure numpy; metrics are computed by callers
 from __future__ import annotations
 
 import configparser
+import io
+import logging
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +18,7 @@ from .tracker import Tracker, TrackerParams
 from .types import Detections, TrackState
 
 PERSON = ("person",)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,16 +34,23 @@ class SeqInfo:
         return self.width, self.height
 
 
+def _readable(p: Path, what: str) -> None:
+    """A file, FIFO or device (``<(zcat det.txt.gz)`` works), not a folder or nothing."""
+    if p.is_dir():
+        raise IsADirectoryError(f"{p}: is a directory, not {what}")
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file ({what})")
+
+
 def read_seqinfo(path: str | Path) -> SeqInfo:
     """MOTChallenge ``seqinfo.ini`` ([Sequence] name, frameRate, imWidth, imHeight, seqLength);
     a missing or bad key is a ValueError naming the file and the key."""
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: {'is a directory, not a seqinfo.ini' if p.is_dir() else 'no such seqinfo.ini'}")
-    cp = configparser.ConfigParser()
+    _readable(p, "a seqinfo.ini")
+    cp = configparser.ConfigParser(interpolation=None)  # a '%' in a name is text
     try:
-        cp.read(p)
-    except (configparser.Error, UnicodeDecodeError) as e:
+        cp.read_string(p.read_text(errors="replace"), source=str(p))
+    except configparser.Error as e:
         raise ValueError(f"{p}: not a seqinfo.ini ({str(e).splitlines()[0]})") from None
     if "Sequence" not in cp:
         raise ValueError(f"{p}: no [Sequence] section (a MOTChallenge seqinfo.ini has one)")
@@ -60,40 +71,58 @@ def read_seqinfo(path: str | Path) -> SeqInfo:
                    positive("imHeight", int), positive("seqLength", int))
 
 
-def read_mot(path: str | Path) -> np.ndarray:
-    """Rows of frame, id, x, y, w, h, score, ... as float64 (N, >=7); blank lines are skipped, an
-    empty file has no rows. A bad row is a ValueError naming the file and its (1-based) line:
-    text that is not a number, too few or a changing number of columns, nan/inf, a frame that is
-    not a whole number >= 1, a box without positive width and height."""
+def read_mot(path: str | Path, empty_boxes: str = "raise") -> np.ndarray:
+    """Rows of frame, id, x, y, w, h, score, ... as float64 (N, >=7); blank lines and ``#`` comments
+    are skipped, an empty file has no rows. A bad row is a ValueError naming the file and its line
+    (1-based): text that is not a number, too few or a changing number of columns, nan/inf in the
+    first seven, a frame that is not a whole number >= 1. A box without positive width and height
+    is one too (``empty_boxes="raise"``, detections) or is dropped with a warning (``"drop"``:
+    ground truth, whose degenerate rows an evaluation ignores)."""
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: {'is a directory, not a MOT file' if p.is_dir() else 'no such file'}")
-    lines = p.read_text(errors="replace").splitlines()
-    numbered = [(n, ln) for n, ln in enumerate(lines, 1) if ln.strip()]
-    if not numbered:
+    _readable(p, "a MOT file")
+    text = p.read_text(errors="replace")  # read once: a FIFO cannot be read twice
+
+    def lines() -> list[tuple[int, str]]:  # (line number, text) of the data rows, for error messages
+        return [(n, ln) for n, ln in enumerate(text.splitlines(), 1) if ln.split("#", 1)[0].strip()]
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "input contained no data": an empty file has no rows
+            arr = np.loadtxt(io.StringIO(text), delimiter=",", ndmin=2, comments="#")
+    except ValueError:
+        arr = None
+    if arr is None or (arr.size and arr.shape[1] < 7):
+        width = None
+        for n, ln in lines():  # find the first bad line (the fast path above only says that one is)
+            parts = ln.split("#", 1)[0].split(",")
+            try:
+                vals = [float(x) for x in parts]
+            except ValueError:
+                raise ValueError(f"{p}:{n}: not comma-separated numbers: {ln[:80]!r}") from None
+            if width is None:
+                width = len(vals)
+                if width < 7:
+                    raise ValueError(f"{p}:{n}: {width} columns; a MOT row has at least 7 (frame,id,x,y,w,h,score,...)")
+            elif len(vals) != width:
+                raise ValueError(f"{p}:{n}: {len(vals)} columns where line {lines()[0][0]} has {width}")
+        raise ValueError(f"{p}: not a MOT file")  # loadtxt refused it for a reason not found above
+    if not arr.size:
         return np.zeros((0, 7))
-    rows, width = [], None
-    for n, ln in numbered:  # ~0.2 s per 100k rows; every row is checked, so errors point at a line
-        parts = ln.split(",")
-        try:
-            vals = [float(x) for x in parts]
-        except ValueError:
-            raise ValueError(f"{p}:{n}: not comma-separated numbers: {ln[:80]!r}") from None
-        if width is None:
-            width = len(vals)
-            if width < 7:
-                raise ValueError(f"{p}:{n}: {width} columns; a MOT row has at least 7 (frame,id,x,y,w,h,score,...)")
-        elif len(vals) != width:
-            raise ValueError(f"{p}:{n}: {len(vals)} columns where line {numbered[0][0]} has {width}")
-        rows.append(vals)
-    arr = np.asarray(rows, dtype=np.float64)
-    bad = ~np.isfinite(arr[:, :7]).all(axis=1)
-    for mask, why in ((bad, "nan or inf in frame,id,x,y,w,h,score"),
-                      ((arr[:, 0] < 1) | (arr[:, 0] != np.round(arr[:, 0])), "the frame must be a whole number >= 1"),
-                      ((arr[:, 4] <= 0) | (arr[:, 5] <= 0), "the box width and height must be > 0")):
+    checks = [(~np.isfinite(arr[:, :7]).all(axis=1), "nan or inf in frame,id,x,y,w,h,score"),
+              ((arr[:, 0] < 1) | (arr[:, 0] != np.round(arr[:, 0])), "the frame must be a whole number >= 1")]
+    empty = (arr[:, 4] <= 0) | (arr[:, 5] <= 0)
+    if empty_boxes == "raise":
+        checks.append((empty, "the box width and height must be > 0"))
+    for mask, why in checks:
         if mask.any():
             i = int(np.flatnonzero(mask)[0])
-            raise ValueError(f"{p}:{numbered[i][0]}: {why}: {numbered[i][1][:80]!r}")
+            n, ln = lines()[i]
+            raise ValueError(f"{p}:{n}: {why}: {ln[:80]!r}")
+    if empty_boxes == "drop" and empty.any():
+        n, _ = lines()[int(np.flatnonzero(empty)[0])]
+        log.warning("%s: %d rows without positive width and height dropped (the first at line %d)", p,
+                    int(empty.sum()), n)
+        arr = arr[~empty]
     return arr
 
 
