@@ -34,6 +34,7 @@ def cmd_run(args) -> int:
             raise ConfigError(f"invalid command line: {e}") from e
     if args.allow_open:
         cfg = cfg.model_copy(update={"auth": cfg.auth.model_copy(update={"allow_open": True})})
+    check_listen(cfg.api.host, cfg.api.port)  # before the cameras start and the model loads
     from .auth import build_policy
 
     build_policy(cfg)  # refuses to serve a public address open: fail before the model loads
@@ -45,6 +46,25 @@ def cmd_run(args) -> int:
              ", ".join(c.id for c in cfg.cameras))
     serve(app, cfg.api.host, cfg.api.port, args.log_level.lower(), cfg.api.shutdown_grace_s, cfg.api.nice)
     return 0
+
+
+def check_listen(host: str, port: int) -> None:
+    """ConfigError when the API could not listen on host:port (a host that does not resolve, an address
+    not on this machine, a port in use or privileged): said at once, naming the setting, instead of
+    uvicorn's bare errno after the cameras have started and the model has loaded."""
+    import socket
+
+    try:
+        fam, kind, proto, _, addr = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                       flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise ConfigError(f"api.host {host!r}: cannot be resolved ({e.strerror})") from None
+    with socket.socket(fam, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            raise ConfigError(f"api.host {host!r} / api.port {port}: cannot listen there ({e.strerror})") from None
 
 
 def cmd_check_config(args) -> int:

@@ -368,3 +368,19 @@ def test_the_installed_command_prints_no_traceback_for_a_bad_seqinfo(seq, tmp_pa
     r = subprocess.run(["dishtrack", "track", "--dets", str(dets), "--seqinfo", str(info), "--out",
                         str(tmp_path / "r.txt")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "has no frameRate" in r.stderr, r.stderr
+
+
+def test_run_says_at_once_when_it_cannot_listen(tmp_path, capsys, caplog):
+    """`run --host 999.1.1.1` started the cameras, loaded the model, then printed uvicorn's bare
+    '[Errno -2] Name or service not known'; a port in use the same way."""
+    import socket
+
+    rc, out = cli(["run", "--config", site(tmp_path), "--host", "999.1.1.1", "--allow-open"], capsys, caplog)
+    assert rc == 2 and "api.host '999.1.1.1': cannot be resolved" in out, out
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        rc, out = cli(["run", "--config", site(tmp_path), "--port", str(port)], capsys, caplog)
+    assert rc == 2 and f"api.port {port}: cannot listen there (Address already in use)" in out, out
+    assert "dish detector" not in out and "camera cam0" not in out  # nothing was started
