@@ -598,7 +598,10 @@ def _classes_from_labels(raw: _Raw) -> list[str]:
 def _declared_duplicates(raw: _Raw) -> None:
     seen: dict[str, str] = {}
     for c in raw.classes or []:
-        if label_key(c) in seen:
+        if label_key(c) in seen and c == seen[label_key(c)]:  # boxes are named by class: one class
+            raw.problems.append(Problem(raw.classes_file or str(raw.root), None, f"class '{c}' is listed twice",
+                                        "one class: boxes of either id are '{c}'".format(c=c), "class-duplicate"))
+        elif label_key(c) in seen:
             raw.problems.append(Problem(raw.classes_file or str(raw.root), None,
                                         f"class '{c}' differs only in case/whitespace from '{seen[label_key(c)]}'",
                                         "kept as separate classes", "class-case"))

@@ -367,3 +367,23 @@ def test_check_data_cli_exit_codes(small, tmp_path):
     (tmp_path / "empty").mkdir()
     r = _cli("--data", str(tmp_path / "empty"))
     assert r.returncode == 2 and "unusable:" in r.stdout
+
+
+def test_a_class_listed_twice_in_obj_names_is_one_class(tmp_path):
+    """obj.names with 'Plate' twice: boxes of either id are Plate, and the check says so (it said 'differs
+    only in case/whitespace from Plate -> kept as separate classes', which was neither)."""
+    yolo = _copy_yolo(tmp_path / "dup", PICKS[:2])
+    names = (yolo / "obj.names").read_text().splitlines() + ["Plate"]
+    (yolo / "obj.names").write_text("\n".join(names) + "\n")
+    plate, dup = NAMES.index("Plate"), len(names) - 1
+    txt = (yolo / "imgs" / PICKS[0]).with_suffix(".txt")
+    lines = txt.read_text().splitlines()
+    k = next(i for i, ln in enumerate(lines) if ln.split()[0] == str(plate))
+    lines[k] = " ".join([str(dup)] + lines[k].split()[1:])
+    txt.write_text("\n".join(lines) + "\n")
+    ref = load_dataset(_copy_yolo(tmp_path / "ref", PICKS[:2]))
+    data = load_dataset(yolo)
+    (p,) = data.problems
+    assert p.kind == "class-duplicate" and p.message == "class 'Plate' is listed twice"
+    assert p.action == "one class: boxes of either id are 'Plate'"
+    assert data.classes == ref.classes and data.boxes_per_class() == ref.boxes_per_class()
