@@ -30,6 +30,7 @@ WH_SCALE = 16.0  # the graph's tower_0/mul/y: box edge distances are head output
 FEATURE_NODE = "tower_0/CenternetHead/mul"  # neck features (stride 4) feeding the heads
 HEAT_NODE = "tower_0/keypoints"
 WH_NODE = "tower_0/wh"
+CENTERNET_FORMAT = "dishtrack-centernet-v1"  # an older checkpoint: a dish head on the bundled CenterNet
 
 
 def bundled_weights() -> Path:
@@ -128,9 +129,7 @@ class Detector:
             self.model, self.labels, self.input_size = CenterNetModel(bundled_weights()), COCO_LABELS, cfg.input_size or 512
         if cfg.input_size and cfg.kind == "checkpoint":
             self.input_size = cfg.input_size
-        unknown = sorted(set(cfg.classes or []) - set(self.labels))
-        if unknown:
-            raise ValueError(f"detector.classes names labels the model does not have: {unknown}")
+        check_classes(cfg.classes, self.labels)
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -228,24 +227,27 @@ def detector_labels(cfg) -> tuple[str, ...]:
         from .dish_detector import FORMAT, read_checkpoint
 
         ck = read_checkpoint(cfg.checkpoint)
-        if ck["format"] == FORMAT:
-            labels = tuple(ck["classes"])
-        elif ck["format"] == "dishtrack-centernet-v1":
-            labels = tuple(ck["labels"])
-        else:
+        if ck["format"] not in (FORMAT, CENTERNET_FORMAT):
             raise ValueError(f"{cfg.checkpoint}: checkpoint format {ck['format']!r}, expected {FORMAT!r} or "
-                             "'dishtrack-centernet-v1'")
-    unknown = sorted(set(cfg.classes or []) - set(labels))
-    if unknown:
-        raise ValueError(f"detector.classes names labels the model does not have: {unknown}")
+                             f"{CENTERNET_FORMAT!r}")
+        labels = tuple(ck["classes" if ck["format"] == FORMAT else "labels"])
+    check_classes(cfg.classes, labels)
     return labels
+
+
+def check_classes(classes: list[str] | None, labels: tuple[str, ...]) -> None:
+    """``detector.classes`` may only narrow what the model reports: a name it lacks (a typo, a dish
+    not trained yet) would silently never be reported."""
+    unknown = sorted(set(classes or []) - set(labels))
+    if unknown:
+        raise ValueError(f"detector.classes names labels the model does not have: {unknown} (it has {list(labels)})")
 
 
 def save_checkpoint(path: str | Path, model: CenterNetModel, labels: tuple[str, ...], input_size: int,
                     meta: dict | None = None) -> None:
     if model.head is None:
         raise ValueError("only models with a trained dish head are saved as checkpoints")
-    torch.save({"format": "dishtrack-centernet-v1", "labels": list(labels), "input_size": input_size,
+    torch.save({"format": CENTERNET_FORMAT, "labels": list(labels), "input_size": input_size,
                 "state_dict": model.state_dict(), "meta": meta or {}}, path)
 
 
@@ -253,8 +255,8 @@ def load_checkpoint(path: str | Path) -> tuple[CenterNetModel, tuple[str, ...], 
     from .dish_detector import read_checkpoint
 
     ck = read_checkpoint(path)
-    if ck["format"] != "dishtrack-centernet-v1":
-        raise ValueError(f"{path}: checkpoint format {ck['format']!r}, expected 'dishtrack-centernet-v1'")
+    if ck["format"] != CENTERNET_FORMAT:
+        raise ValueError(f"{path}: checkpoint format {ck['format']!r}, expected {CENTERNET_FORMAT!r}")
     labels = tuple(ck["labels"])
     model = CenterNetModel(bundled_weights(), num_classes=len(labels))
     model.load_state_dict(ck["state_dict"])

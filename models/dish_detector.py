@@ -139,7 +139,7 @@ class DishDetector:
                  calibration_images: str | None = None, low_confidence: float = LOW_CONFIDENCE) -> None:
         """``backend``: BackendSettings (None: torch on ``device``). Localiser and classifier each get one."""
         from .backends import BackendSettings, ModelSpec, make_backend
-        from .detector import ImageInput
+        from .detector import ImageInput, check_classes
 
         self.model = model.eval()
         for p in self.model.parameters():
@@ -150,10 +150,7 @@ class DishDetector:
         self.nms_iou = nms_iou
         self.max_detections = max_detections
         self.low_confidence = low_confidence
-        unknown = sorted(set(classes or []) - set(self.labels))
-        if unknown:
-            raise ValueError(f"detector.classes names dishes the checkpoint does not have: {unknown} "
-                             f"(it has {list(self.labels)})")
+        check_classes(classes, self.labels)
         # per-dish thresholds from validation; a dish left out of detector.classes is never reported
         self._thr = threshold_array(self.spec.thresholds, self.labels)
         self._allowed = np.array([not classes or c in classes for c in self.labels])
@@ -279,16 +276,26 @@ def save_dish_checkpoint(path: str | Path, model: DishModel, meta: dict | None =
     tmp.replace(path)  # never a half-written checkpoint
 
 
-def read_checkpoint(path: str | Path) -> dict:
+def checkpoint_file_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot hold a checkpoint, or None: checked before torch reads it, whose own errors
+    are cryptic (a checkpoint is the zip archive torch.save writes). Callers name the path their way
+    (``detector.checkpoint X does not exist``, ``X: is a directory ...``)."""
     p = Path(path)
     if p.is_dir():
-        raise ValueError(f"{path}: is a directory, not a checkpoint file")
-    if p.is_file() and not zipfile.is_zipfile(p):  # torch.save writes a zip; torch's own error is cryptic
-        raise ValueError(f"{path}: not a dishtrack checkpoint ({'empty file' if p.stat().st_size == 0 else 'not a PyTorch zip archive: truncated, or another kind of file'})")
+        return "is a directory, not a checkpoint file"
+    if not p.exists():
+        return "does not exist"
+    if p.is_file() and not zipfile.is_zipfile(p):
+        return ("is not a dishtrack checkpoint (" + ("empty file" if p.stat().st_size == 0 else
+                "not a PyTorch zip archive: truncated, or another kind of file") + ")")
+    return None
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    if (why := checkpoint_file_problem(path)) is not None:
+        raise (FileNotFoundError if why == "does not exist" else ValueError)(f"detector checkpoint {path} {why}")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"detector checkpoint {path} does not exist") from e
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a corrupt file
         raise ValueError(f"{path}: not a readable dishtrack checkpoint ({e})") from e
     if not isinstance(ck, dict) or "format" not in ck:

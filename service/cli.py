@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from dishtrack.config import ConfigError, load_config
@@ -100,8 +99,11 @@ def preflight(cfg, check_model: bool = True) -> tuple[list[str], list[str]]:
     menu = Menu.load(cfg.menu.path, cfg.menu.timezone) if cfg.menu else None
     warnings: list[str] = []
     notes: list[str] = []
-    if cfg.detector.kind == "checkpoint" and not os.path.isfile(ck := cfg.detector.checkpoint):
-        raise FileNotFoundError(f"detector.checkpoint {ck} {'is a directory' if os.path.isdir(ck) else 'does not exist'}")
+    if cfg.detector.kind == "checkpoint":  # also with --no-model: a checkpoint that is not there fails run
+        from dishtrack.models.dish_detector import checkpoint_file_problem
+
+        if (why := checkpoint_file_problem(ck := cfg.detector.checkpoint)) is not None:
+            raise FileNotFoundError(f"detector.checkpoint {ck} {why}")
     if check_model:
         from dishtrack.models.detector import detector_labels
 
@@ -153,9 +155,9 @@ def print_unlabelled(rep: dict) -> None:
 
 
 def cmd_train(args) -> int:
-    from dishtrack.models.train import TrainSettings, train
-
     from pydantic import ValidationError
+
+    from dishtrack.models.train import TrainSettings, train
 
     fields = {k: getattr(args, k) for k in TrainSettings.model_fields if getattr(args, k, None) is not None}
     try:

@@ -39,8 +39,9 @@ def camera_problems(pipeline: Pipeline, statuses: dict, now: float) -> list[str]
     out = []
     for cam, st in statuses.items():
         reader = pipeline.readers[cam]
-        if st.state is SourceState.ERROR:
-            out.append(f"camera {cam}: {st.last_error}")
+        if st.state is SourceState.ERROR:  # the reader's errors mostly name their camera already
+            err = str(st.last_error)
+            out.append(err if err.startswith(f"camera {cam}:") else f"camera {cam}: {err}")
         elif (st.frames_read == 0 and reader.started_at is not None
               and now - reader.started_at > reader.cfg.open_timeout_s):
             out.append(f"camera {cam}: no frame within open_timeout_s={reader.cfg.open_timeout_s:g}"

@@ -170,10 +170,9 @@ def open_capture(cfg: CameraConfig) -> cv2.VideoCapture:
         # TCP interleaved: no UDP ports to open, survives NAT/firewalls; a stall
         # then shows up as a read timeout instead of silent packet loss.
         os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", "rtsp_transport;tcp")
-    elif not is_stream(cfg.source) and not os.path.isfile(cfg.source):
-        raise FileNotFoundError(f"camera {cfg.id}: video file {cfg.source} {source_file_problem(cfg.source)}")
-    elif not is_stream(cfg.source) and (why := not_a_video(cfg.source)) is not None:
-        raise ConnectionError(f"camera {cfg.id}: {cfg.source} {why}")
+    elif not is_stream(cfg.source) and (why := source_file_problem(cfg.source)) is not None:
+        # missing, not a regular file, or not video: retrying does not heal a file (the reader stops in error)
+        raise FileNotFoundError(f"camera {cfg.id}: video file {cfg.source} {why}")
     params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(cfg.open_timeout_s * 1000),
               cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(cfg.stall_timeout_s * 1000)]
     cap = cv2.VideoCapture(cfg.source, cv2.CAP_FFMPEG, params)

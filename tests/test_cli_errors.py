@@ -223,7 +223,7 @@ def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path):
 
     for name, content in [("text.pt", "hello"), ("empty.pt", "")]:
         (tmp_path / name).write_text(content)
-        with pytest.raises(ValueError, match=f"{name}: not a dishtrack checkpoint"):  # was '(101)', '()'
+        with pytest.raises(ValueError, match=f"{name} is not a dishtrack checkpoint"):  # was '(101)', '()'
             read_checkpoint(tmp_path / name)
     with pytest.raises(ValueError, match="is a directory"):
         read_checkpoint(tmp_path)

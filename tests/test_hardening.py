@@ -12,6 +12,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 import yaml
 from fastapi.testclient import TestClient
@@ -107,19 +108,24 @@ def test_passwords_hidden_in_cameras_health_logs_and_check_config(tmp_path):
 def test_unopenable_file_sources_are_errors_and_health_is_503(tmp_path, detector):
     not_video = tmp_path / "notes.mp4"
     not_video.write_text("this is not a video")
+    garbage = tmp_path / "garbage.mp4"  # binary: passes the text check, FFmpeg cannot open it
+    garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 8192, dtype=np.uint8).tobytes())
     cfg = cfg_for(tmp_path, [file_cam("missing", source=str(tmp_path / "missing.mp4")),
                              file_cam("folder", source=str(tmp_path)),
-                             file_cam("garbage", source=str(not_video))])
+                             file_cam("text", source=str(not_video)),
+                             file_cam("garbage", source=str(garbage))])
     with TestClient(create_app(build_runtime(cfg, detector=detector))) as c:
         wait_until(lambda: all(x["state"] == "error" for x in c.get("/cameras").json()), 20, what="error states")
         errors = {x["camera_id"]: x["last_error"] for x in c.get("/cameras").json()}
         assert str(tmp_path / "missing.mp4") in errors["missing"] and "does not exist" in errors["missing"]
         assert str(tmp_path) in errors["folder"] and "not a regular file" in errors["folder"]
-        assert str(not_video) in errors["garbage"] and "not a readable video file" in errors["garbage"]
+        assert str(not_video) in errors["text"] and "is a text file, not a video" in errors["text"]
+        assert str(garbage) in errors["garbage"] and "not a readable video file" in errors["garbage"]
         h = c.get("/health")
         assert h.status_code == 503
         body = h.json()
-        assert body["status"] == "failing" and len(body["failing"]) == 3
+        assert body["status"] == "failing" and len(body["failing"]) == 4
+        assert all(r.count("camera ") == 1 for r in body["failing"]), body["failing"]  # was 'camera x: camera x: ...'
         assert {"cameras", "events_stored", "pipeline_finished", "detector_device"} <= set(body)  # old shape kept
         r = c.get("/readyz")
         assert r.status_code == 503 and "no camera is streaming" in r.json()["reasons"]
