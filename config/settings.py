@@ -432,6 +432,14 @@ class AppConfig(_Strict):
                 raise ValueError(f"zone {z.id!r} names unknown camera {z.camera!r} (cameras: {ids})")
         return self
 
+    def zone_problems(self) -> list[str]:
+        """Cameras no zone names: tracked and streamed, but never a checkout event. Valid (a camera
+        only watched), yet a config written from scratch easily leaves ``zones:`` out, since
+        ``--config`` replaces the bundled default rather than adding to it."""
+        zoned = {z.camera for z in self.zones}
+        return [f"camera {c.id}: no zone (zones[].camera) names it: it is tracked and streamed but produces no "
+                "checkout events" for c in self.cameras if c.id not in zoned]
+
 
 class ConfigError(Exception):
     """A config file that cannot be used; the message names the file and field."""

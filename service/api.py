@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 from fastapi import FastAPI, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
-from fastapi.exceptions import RequestValidationError
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
@@ -275,6 +276,16 @@ def create_app(runtime: Runtime) -> FastAPI:
         if rec is None:
             raise HTTPException(404, f"no event {event_id!r}")
         return rec
+
+    @app.exception_handler(WebSocketRequestValidationError)
+    async def websocket_bad_query(ws: WebSocket, exc: WebSocketRequestValidationError) -> None:
+        """A bad query on a websocket (``?after=-1``) gets REST's 422 and error list at the handshake;
+        FastAPI's default closes before accepting, which a client sees as a bare 403, like a refused token."""
+        body = {"detail": jsonable_encoder(exc.errors())}
+        if "websocket.http.response" in ws.scope.get("extensions", {}):
+            await ws.send_denial_response(JSONResponse(body, status_code=422))
+        else:  # a server without the denial-response extension: the reason travels in the close frame
+            await ws.close(code=1008, reason=str(body)[:120])
 
     @app.websocket("/ws/events")
     async def ws_events(ws: WebSocket, after: int | None = Query(None, ge=0, le=_SEQ_MAX),

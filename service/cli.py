@@ -89,7 +89,8 @@ def preflight(cfg, check_model: bool = True) -> tuple[list[str], list[str]]:
     """What `run` checks at startup, without serving: auth (tokens file, public bind), the menu file,
     the detector checkpoint and detector.classes against its labels (read from the checkpoint: no
     model is built, no backend export written); raises what `run` would raise. Returns (warnings,
-    notes): camera files missing, not regular files or not video; menu labels against the detector's."""
+    notes): cameras no zone names, camera files missing, not regular files or not video; menu labels
+    against the detector's."""
     from dishtrack.tracking.menu import Menu
 
     from .auth import build_policy
@@ -97,7 +98,7 @@ def preflight(cfg, check_model: bool = True) -> tuple[list[str], list[str]]:
 
     build_policy(cfg)
     menu = Menu.load(cfg.menu.path, cfg.menu.timezone) if cfg.menu else None
-    warnings: list[str] = []
+    warnings: list[str] = cfg.zone_problems()
     notes: list[str] = []
     if cfg.detector.kind == "checkpoint":  # also with --no-model: a checkpoint that is not there fails run
         from dishtrack.models.dish_detector import checkpoint_file_problem

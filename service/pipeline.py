@@ -60,6 +60,8 @@ class Pipeline:
                 log.warning("%s", w)
             for n in notes:
                 log.info("%s", n)
+        for w in cfg.zone_problems():
+            log.warning("%s", w)
         self._arrived = threading.Event()  # set by any camera's slot on a new frame
         self.readers = {c.id: CameraReader(c, LatestFrameSlot(self._arrived)) for c in cfg.cameras}
         params = TrackerParams.from_config(cfg.tracker)

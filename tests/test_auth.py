@@ -190,6 +190,22 @@ def test_foreign_host_and_origin_are_refused_even_without_auth(tmp_path, serve):
         assert s.get("/events", headers={"Origin": "https://dashboard.canteen.test"}).status_code == 200
 
 
+def test_a_bad_websocket_query_is_a_422_naming_the_parameter_not_a_403(tmp_path, serve):
+    """`/ws/events?after=-1` was refused at the handshake with a bare 403 (FastAPI closes before
+    accepting), which reads as a refused token; REST answers the same value with 422 and the field."""
+    with serve(make_cfg(tmp_path)) as s:
+        for query, field in [("after=-1", "after"), ("revisions_after=x", "revisions_after")]:
+            try:
+                with ws_connect(f"{s.ws}/ws/events?{query}", open_timeout=10, close_timeout=0.2):
+                    raise AssertionError(f"{query}: accepted")
+            except InvalidStatus as e:
+                assert e.response.status_code == 422, (query, e.response.status_code)
+                detail = json.loads(e.response.body)["detail"]
+                assert [d["loc"] for d in detail] == [["query", field]], detail
+            assert s.get(f"/events?{query.replace('revisions_', '')}").status_code == 422  # as REST says
+        assert ws_status(s.ws + "/ws/events?after=0") == 101
+
+
 def test_foreign_origin_with_a_valid_session_cookie_is_refused(tmp_path, serve):
     """Cross-site websocket hijacking: the browser attaches the cookie, the Origin gives the foreign page away."""
     with serve(make_cfg(tmp_path, auth={"enabled": True, "tokens": TOKENS})) as s:

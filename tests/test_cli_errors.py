@@ -231,7 +231,7 @@ def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path):
 
 def site(tmp_path: Path, **extra) -> str:
     cfg = {"cameras": [{"id": "cam0", "source": str(VIDEO)}], "storage": {"sqlite_path": str(tmp_path / "e.db")},
-           **extra}
+           "zones": [{"id": "z0", "camera": "cam0", "line": {"p1": [0.5, 0], "p2": [0.5, 1]}}], **extra}
     path = tmp_path / "site.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
@@ -272,6 +272,25 @@ def test_check_config_checks_the_detector_the_tokens_file_and_camera_files(tmp_p
     assert rc == 1 and "camera cam0: source" in out and "does not exist" in out
     assert "camera cam1: source" in out and "is a text file, not a video" in out
     assert '"id": "cam1"' in out  # the resolved config is still printed
+
+
+def test_check_config_and_run_warn_of_a_camera_no_zone_names(tmp_path, capsys, caplog):
+    """A site config written from scratch without `zones:` was 'ready' (exit 0) and ran without a word,
+    and never produced a checkout event (--config replaces the bundled default, zones included).
+    check-config warns (exit 1) and run logs the same at startup; a camera only watched stays valid."""
+    import logging
+
+    from dishtrack.config import load_config
+    from dishtrack.service.api import build_runtime
+
+    assert cli(["check-config", "--no-model", "--config", site(tmp_path)], capsys, caplog)[0] == 0
+    path = site(tmp_path, zones=[])  # the same file, now without zones
+    rc, out = cli(["check-config", "--no-model", "--config", path], capsys, caplog)
+    assert rc == 1 and "camera cam0: no zone (zones[].camera) names it" in out, out
+    caplog.clear()
+    caplog.set_level(logging.WARNING)
+    build_runtime(load_config(path))  # what `run` does before it serves
+    assert any("camera cam0: no zone" in r.getMessage() for r in caplog.records), caplog.text
 
 
 def test_check_config_and_run_name_menu_labels_the_detector_does_not_have(tmp_path, capsys, caplog):

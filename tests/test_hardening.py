@@ -70,7 +70,8 @@ def test_passwords_hidden_in_cameras_health_logs_and_check_config(tmp_path):
                        {"id": "b", "source": f"rtsp://admin:Pw%2Fx%40Secret9@127.0.0.1:{dead}/s",
                         "open_timeout_s": 2, "reconnect_initial_s": 0.2, "reconnect_max_s": 0.5}],
            "storage": {"sqlite_path": str(tmp_path / "e.sqlite3")}, "api": {"port": free_port()},
-           "detector": {"device": "cpu"}}
+           "detector": {"device": "cpu"},
+           "zones": [{"id": f"z{c}", "camera": c, "line": {"p1": [0.5, 0], "p2": [0.5, 1]}} for c in "ab"]}
     path = tmp_path / "site.yaml"
     path.write_text(yaml.safe_dump(cfg))
 
