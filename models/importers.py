@@ -699,10 +699,12 @@ def _check_item(it: _Item, cmap: _ClassMap, ids: list[str] | None, problems: lis
     return Sample(it.image, boxes, tuple(labels))
 
 
-def _read_trays(csv_path: Path) -> tuple[dict[str, str], list[Problem]]:
+def _read_trays(csv_path: Path) -> tuple[dict[str, tuple[str, int]], list[Problem]]:
+    """image -> (tray, line). An image listed again with another tray keeps its first row's (reported):
+    trays decide which photos travel together into validation."""
     if not csv_path.is_file():
         raise DatasetError(f"{csv_path}: {'is a directory, not a trays CSV' if csv_path.is_dir() else 'trays file not found'}")
-    out: dict[str, str] = {}
+    out: dict[str, tuple[str, int]] = {}
     problems = []
     with csv_path.open(newline="", encoding="utf-8-sig") as fh:
         rows = csv.reader(fh)
@@ -716,7 +718,12 @@ def _read_trays(csv_path: Path) -> tuple[dict[str, str], list[Problem]]:
             if len(row) <= max(ii, ti) or not row[ii].strip() or not row[ti].strip():
                 problems.append(Problem(str(csv_path), n, f"bad row {row}", "skipped line", "malformed-line"))
                 continue
-            out[row[ii].strip().replace("\\", "/")] = row[ti].strip()
+            image, tray = row[ii].strip().replace("\\", "/"), row[ti].strip()
+            if image in out and out[image][0] != tray:
+                problems.append(Problem(str(csv_path), n, f"{image} is listed with tray {tray}, and with tray "
+                                        f"{out[image][0]} on line {out[image][1]}", "line ignored", "tray-conflict"))
+                continue
+            out.setdefault(image, (tray, n))
     return out, problems
 
 
@@ -745,12 +752,21 @@ def load_dataset(path: str | Path, *, trays: str | Path | None = None,
     samples = [s for it in raw.items if (s := _check_item(it, cmap, raw.ids, problems)) is not None]
     tray_file = Path(trays) if trays is not None else raw.root / "trays.csv"
     if trays is not None or tray_file.is_file():
-        groups, tp = _read_trays(tray_file)
+        rows, tp = _read_trays(tray_file)
         problems.extend(tp)
+        groups = {k: tray for k, (tray, _) in rows.items()}
+
+        def rel(image: Path) -> str:
+            return image.relative_to(raw.root).as_posix() if image.is_relative_to(raw.root) else image.name
+
+        listed = {x for it in raw.items for x in (rel(it.image), it.image.name)}
+        reported = {Path(pr.file).stem for pr in problems}  # an image or label file already reported
+        problems.extend(Problem(str(tray_file), line, f"{k} is not in the dataset", "line ignored",
+                                "tray-unknown-image") for k, (_, line) in rows.items()
+                        if k not in listed and Path(k).stem not in reported)
         out = []
         for s in samples:
-            rel = s.image.relative_to(raw.root).as_posix() if s.image.is_relative_to(raw.root) else s.image.name
-            g = groups.get(rel, groups.get(s.image.name))
+            g = groups.get(rel(s.image), groups.get(s.image.name))
             if g is None:
                 problems.append(Problem(str(s.image), None, f"image not listed in {tray_file.name}",
                                         "kept without a tray (own group)", "no-tray"))

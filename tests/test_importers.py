@@ -319,6 +319,24 @@ def test_trays_argument_and_images_without_a_tray(small, tmp_path):
         load_dataset(exp / "coco.json", trays=tmp_path / "missing.csv")
 
 
+def test_tray_rows_naming_no_image_or_two_trays_are_reported(small, tmp_path):
+    """A trays.csv row whose image the dataset does not have (a typo, a photo removed) was silently
+    ignored, and an image listed twice took its last tray: both change which photos travel together
+    into validation, and check-data said nothing."""
+    ref, exp = small
+    names = sorted(s.image.name for s in ref.samples)
+    (tmp_path / "t.csv").write_text(f"image,tray\n{names[0]},7\n{names[1]},7\n{names[0]},8\n{names[1]},7\n"
+                                    f"{names[2]},9\n{names[3]},9\ngone (1537).jpg,9\n")
+    got = load_dataset(exp / "coco.json", trays=tmp_path / "t.csv")
+    assert {s.image.name: s.group for s in got.samples} == {names[0]: "7", names[1]: "7", names[2]: "9",
+                                                            names[3]: "9"}  # the first row of an image holds
+    assert sorted((Path(p.file).name, p.line, p.kind) for p in got.problems) == [
+        ("t.csv", 4, "tray-conflict"), ("t.csv", 8, "tray-unknown-image")]
+    text = [str(p) for p in sorted(got.problems, key=lambda p: p.line)]
+    assert f"{names[0]} is listed with tray 8, and with tray 7 on line 2" in text[0] and "line ignored" in text[0]
+    assert "gone (1537).jpg is not in the dataset" in text[1]
+
+
 def test_unusable_inputs_raise_dataset_error(tmp_path):
     with pytest.raises(DatasetError, match="no such file"):
         load_dataset(tmp_path / "nope")
