@@ -304,6 +304,9 @@ def create_app(runtime: Runtime) -> FastAPI:
 
         async def tend() -> bool:
             """Answer heartbeats; False (the websocket closed) when the feed is to end."""
+            # a send that fits the socket buffer never suspends, so a replay would not let the loop read the
+            # client's heartbeats until the next page's query; one loop turn per event lets it
+            await asyncio.sleep(0)
             if rt.stopping.is_set():
                 await ws.close(code=1001, reason="server shutting down")
                 return False
