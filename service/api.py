@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -285,7 +286,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         if "websocket.http.response" in ws.scope.get("extensions", {}):
             await ws.send_denial_response(JSONResponse(body, status_code=422))
         else:  # a server without the denial-response extension: the reason travels in the close frame
-            await ws.close(code=1008, reason=str(body)[:120])
+            await ws.close(code=1008, reason=json.dumps(body)[:120])  # ASCII: within the frame's 123 bytes
 
     @app.websocket("/ws/events")
     async def ws_events(ws: WebSocket, after: int | None = Query(None, ge=0, le=_SEQ_MAX),
