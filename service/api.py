@@ -154,13 +154,18 @@ def create_app(runtime: Runtime) -> FastAPI:
         """``ok`` / ``degraded`` (a camera reconnecting; HTTP 200) / ``failing`` (HTTP 503: events not
         persisted, a camera that never delivered a frame, pipeline dead or stuck; see ``failing``)."""
         status, reasons, statuses = health_rules.health(rt.pipeline, stuck_s)
+        try:
+            stored = rt.store.count()
+        except Exception as e:  # noqa: BLE001 - a database outage is what health is asked about, not a 500
+            stored, status = None, "failing"
+            reasons = [*reasons, f"event store unreachable: {type(e).__name__}: {e}"]
         cams = []
         for cid, st in statuses.items():
             d = st.to_dict()
             d.update(rt.metrics.summary(cid))
             cams.append(d)
         loop_at = rt.pipeline.loop_at
-        body = {"status": status, "cameras": cams, "events_stored": rt.store.count(),
+        body = {"status": status, "cameras": cams, "events_stored": stored,
                 "pipeline_finished": rt.pipeline.finished.is_set(),
                 "detector_device": str(getattr(rt.pipeline.detector, "device", "n/a")),
                 "failing": reasons, "events_unsaved": len(rt.pipeline.unsaved),

@@ -75,6 +75,6 @@ class StoreFeed:
                 except Exception as e:  # noqa: BLE001 - database restarting: retry, the cursor keeps our place
                     log.warning("event feed: %s (retrying in %.1fs)", e, backoff)
                     self._stop.wait(backoff)
-                    backoff = min(backoff * 2, 10.0)
+                    backoff = min(backoff * 2, 2.0)  # a restarted database is noticed within 2 s
         finally:
             listener.close()

@@ -16,7 +16,9 @@ lease valid only until *its* monotonic time before the renewing statement plus
 ``lease_s`` (earlier than the database's expiry), and ``holds()`` says False from
 then on, so its pipeline drops the camera's frames before another node can take
 the lease; a tick that could not renew gives up cameras whose validity would end
-before the next tick.
+before the next tick — except on the only live node, which keeps its cameras
+through a database outage: taking a lease needs the database, so nobody can
+take them, and stopping would only lose the trays passing.
 
 Balance: each node takes at most ceil(cameras / live nodes) and hands extras
 back, so cameras spread when nodes join and concentrate when one dies.
@@ -74,6 +76,8 @@ class CameraLeases:
         self.lease_s, self.heartbeat_s = lease_s, heartbeat_s
         self._valid: dict[str, float] = {}  # camera -> monotonic end of our lease (conservative)
         self._mine: frozenset[str] = frozenset()  # held after the last tick (lost = these minus the next)
+        self._alone = False  # no other live node at the last tick: nobody could take our cameras
+        self._kept = False  # cameras kept through the current outage (said once)
         self._lock = threading.Lock()  # the connection: tick thread and holders() (API)
         self._conn: psycopg.Connection | None = None
         with self._use() as c, c.transaction():
@@ -149,6 +153,15 @@ class CameraLeases:
                         (self.node_id, lease, self.cameras, share - len(renewed)))}
         except psycopg.Error as e:
             now = time.monotonic()
+            if self._alone and self._valid:
+                # the only node: taking a lease needs the database, so while it is unreachable no node can
+                # take ours; fencing would only stop the cameras and lose the trays passing (their events
+                # wait in the pipeline's spool). A node that appears once it is back rebalances as usual.
+                if not self._kept:
+                    log.warning("cannot renew camera leases (%s); the only node: keeping %s", e, sorted(self._valid))
+                self._kept = True
+                self._valid = dict.fromkeys(self._valid, now + self.lease_s)
+                return LeaseChange(frozenset(), frozenset(), self._mine, error=f"{type(e).__name__}: {e}")
             for cam in [c for c, t in self._valid.items() if t - now < self.heartbeat_s]:
                 del self._valid[cam]  # would expire before the next attempt: stop it now
             self._mine = frozenset(self._valid)
@@ -157,6 +170,7 @@ class CameraLeases:
                 log.error("cannot renew camera leases (%s); giving up %s", e, sorted(lost))
             return LeaseChange(frozenset(), lost, self._mine, error=f"{type(e).__name__}: {e}")
         mine = (renewed - handover) | taken
+        self._alone, self._kept = alive <= 1, False
         until = sent + self.lease_s
         self._valid = {cam: until for cam in mine}
         self._mine = frozenset(mine)

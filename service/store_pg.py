@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from contextlib import contextmanager
 
 import psycopg
@@ -124,23 +125,42 @@ def _connect(url: str) -> psycopg.Connection:
 
 
 class _Conn:
-    """One connection behind a lock, reopened after it broke."""
+    """One connection behind a lock, reopened after it broke. One idle for ``check_idle_s`` is checked
+    first: a server restart ends idle connections without a word, and the first statement on such a
+    one would fail (an event's evidence crops, a retention run, the feed's page after an outage)."""
+
+    check_idle_s = 2.0
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.lock = threading.Lock()
         self.conn: psycopg.Connection | None = None
+        self._used_at = 0.0
+
+    def _alive(self) -> bool:
+        if self.conn is None or self.conn.closed or self.conn.broken:
+            return False
+        if time.monotonic() - self._used_at < self.check_idle_s:
+            return True
+        try:
+            self.conn.execute("SELECT 1")
+            return True
+        except psycopg.OperationalError:
+            self.conn.close()
+            return False
 
     @contextmanager
     def use(self):
         with self.lock:
-            if self.conn is None or self.conn.closed or self.conn.broken:
+            if not self._alive():
                 self.conn = _connect(self.url)
             try:
                 yield self.conn
             except psycopg.OperationalError:
                 self.conn.close()  # reopened by the next call
                 raise
+            finally:
+                self._used_at = time.monotonic()
 
     def close(self) -> None:
         with self.lock:
