@@ -340,8 +340,9 @@ class MqttConfig(_Strict):
     topic: str = Field("{base}/{camera}/events", description="event topic; {base} = prefix[/site], "
                        "{camera}, {zone}")
     keepalive_s: int = Field(30, ge=5)
-    reconnect_min_s: float = Field(1.0, gt=0)
-    reconnect_max_s: float = Field(30.0, gt=0)
+    reconnect_min_s: float = Field(1.0, gt=0, description="first wait before retrying the broker (whole seconds)")
+    reconnect_max_s: float = Field(5.0, gt=0, description="longest wait between tries: events reach a broker that "
+                                   "is back within this (was 30 s)")
 
 
 class WebhookConfig(_Strict):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter, Query
+from fastapi.exceptions import RequestValidationError
 
 from .outbox import Outbox
 
@@ -22,6 +23,9 @@ def deliveries_router(outbox: Outbox | None) -> APIRouter:
         with attempts, last error and times. Empty when no sink is configured."""
         if outbox is None:
             return {"sinks": [], "items": [], "next_after": None}
+        if sink is not None and sink not in (names := outbox.sink_names()):  # 'pos' for 'webhook:pos': not an empty list
+            raise RequestValidationError([{"type": "value_error", "loc": ("query", "sink"), "input": sink,
+                                           "msg": f"no sink {sink!r}; the outbox has {', '.join(names)}"}])
         items = outbox.deliveries(sink=sink, status=status, event_id=event_id, after=after, limit=limit)
         return {"sinks": outbox.summary(), "items": items,
                 "next_after": items[-1]["id"] if len(items) == limit else None}

@@ -263,6 +263,7 @@ class CameraReader:
                     break
                 backoff = self._next_backoff(backoff)
                 continue
+            looped = not first and not is_stream(self.cfg.source)  # a file reopened by `loop`: not news
             if not first and is_stream(self.cfg.source):
                 with self._lock:
                     self._reconnects += 1
@@ -270,7 +271,8 @@ class CameraReader:
             fps = cap.get(cv2.CAP_PROP_FPS)
             self._fps = fps if fps and 0 < fps < 1000 else None
             self._set(SourceState.STREAMING)
-            log.info("camera %s: streaming %s (%.1f fps nominal)", self.cfg.id, redact(self.cfg.source), fps or 0)
+            log.log(logging.DEBUG if looped else logging.INFO, "camera %s: streaming %s (%.1f fps nominal)",
+                    self.cfg.id, redact(self.cfg.source), fps or 0)
             got_any, why, index = self._pump(cap, index)
             cap.release()
             if got_any:

@@ -270,6 +270,12 @@ class Outbox:
             return self._db.execute("SELECT COUNT(*) FROM outbox WHERE status='pending'"
                                     + (" AND sink=?" if sink else ""), (sink,) if sink else ()).fetchone()[0]
 
+    def sink_names(self) -> list[str]:
+        """The configured sinks and any other the outbox file still holds rows of (a sink since removed)."""
+        with self._lock:
+            stored = [r[0] for r in self._db.execute("SELECT DISTINCT sink FROM outbox")]
+        return sorted(set(self.sinks) | set(stored))
+
     def summary(self) -> list[dict]:
         """Per sink: counts per status, the oldest pending event's age and the last error."""
         out = []

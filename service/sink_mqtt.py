@@ -47,7 +47,10 @@ class MqttSink:
         self.client.will_set(self.availability_topic, "offline", qos=1, retain=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_connect_fail = self._on_connect_fail
         self._connected = threading.Event()
+        self._unreachable_said = False  # once per outage, not per reconnect attempt
+        self._closing = False
         self._inflight: dict[int, mqtt.MQTTMessageInfo] = {}  # outbox row id -> paho's handle
         self.connects = 0
         self.on_ready = None
@@ -60,6 +63,7 @@ class MqttSink:
             log.warning("MQTT %s:%d refused the connection: %s", self.cfg.host, self.cfg.port, reason_code)
             return
         self.connects += 1
+        self._unreachable_said = False
         client.publish(self.availability_topic, "online", qos=1, retain=True)
         self._connected.set()
         log.info("MQTT connected to %s:%d", self.cfg.host, self.cfg.port)
@@ -67,15 +71,26 @@ class MqttSink:
             self.on_ready()  # deliver what waited for the broker now, not at the end of a backoff
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        if self._connected.is_set():
+        if self._closing:
+            log.info("MQTT disconnected from %s:%d (stopping)", self.cfg.host, self.cfg.port)
+        elif self._connected.is_set():
             log.warning("MQTT disconnected from %s:%d (%s); reconnecting", self.cfg.host, self.cfg.port, reason_code)
         self._connected.clear()
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        """paho's connect attempt failed (broker down, refused, unreachable): events wait in the outbox."""
+        if not self._unreachable_said and not self._closing:
+            self._unreachable_said = True
+            log.warning("MQTT cannot reach %s:%d; retrying every %g..%g s (integrations.mqtt.reconnect_min_s.."
+                        "reconnect_max_s), events wait in the outbox", self.cfg.host, self.cfg.port,
+                        max(1, int(self.cfg.reconnect_min_s)), max(1, int(self.cfg.reconnect_max_s)))
 
     def start(self) -> None:
         self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
         self.client.loop_start()
 
     def close(self) -> None:
+        self._closing = True
         if self._connected.is_set():
             self.client.publish(self.availability_topic, "offline", qos=1, retain=True).wait_for_publish(2.0)
         self.client.disconnect()

@@ -471,9 +471,55 @@ def test_deliveries_need_admin_and_secrets_are_masked():
     assert default.storage.url is None and build_outbox(default.integrations) is None  # `dishtrack run` unchanged
 
 
+def test_deliveries_of_an_unknown_sink_are_a_422_naming_the_sinks(tmp_path):
+    """`?sink=pos` (the webhook's name; its sink is 'webhook:pos') answered 200 with no items, as if nothing
+    had been sent, while a bad status was a 422."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from dishtrack.service.deliveries import deliveries_router
+
+    cfg = IntegrationsConfig.model_validate({"outbox_path": str(tmp_path / "outbox.sqlite3"), "webhooks": [
+        {"name": "pos", "url": f"http://127.0.0.1:{servers.free_port()}/hook", "secret": SECRET}]})
+    box = build_outbox(cfg)
+    app = FastAPI()
+    app.include_router(deliveries_router(box))
+    c = TestClient(app)
+    r = c.get("/admin/deliveries", params={"sink": "pos"})
+    assert r.status_code == 422 and "no sink 'pos'; the outbox has webhook:pos" in r.text, r.text
+    assert c.get("/admin/deliveries", params={"sink": "webhook:pos"}).status_code == 200
+    assert c.get("/admin/deliveries", params={"status": "bogus"}).status_code == 422
+
+
+def test_mqtt_says_when_the_broker_cannot_be_reached_and_a_clean_stop_is_not_a_drop(tmp_path, caplog):
+    """With the broker down at startup nothing was logged until a delivery failed; every clean stop logged
+    'MQTT disconnected ...; reconnecting' as a warning although the process was exiting."""
+    import logging
+
+    if (why := servers.mosquitto_missing()) is not None:
+        pytest.skip(why)
+    from dishtrack.config import MqttConfig
+    from dishtrack.service.sink_mqtt import MqttSink
+
+    caplog.set_level(logging.INFO, logger="dishtrack.service.sink_mqtt")
+    broker = servers.Mosquitto(tmp_path / "mosquitto")  # its port, not listening yet
+    sink = MqttSink(MqttConfig(host="127.0.0.1", port=broker.port, reconnect_min_s=1, reconnect_max_s=1))
+    sink.start()
+    try:
+        wait_until(lambda: f"MQTT cannot reach 127.0.0.1:{broker.port}" in caplog.text, 10, what="unreachable said")
+        broker.start()
+        wait_until(lambda: sink.connects == 1, 15, what="connected once the broker is up")
+        assert caplog.text.count("cannot reach") == 1  # said once per outage, not per attempt
+    finally:
+        sink.close()
+        broker.stop()
+    assert "reconnecting" not in caplog.text, caplog.text
+
+
 # -- a database outage on one node
 
-def test_a_postgres_outage_on_one_node_spools_events_keeps_the_camera_and_health_says_why(tmp_path, detector):
+def test_a_postgres_outage_on_one_node_spools_events_keeps_the_camera_and_health_says_why(tmp_path, detector,
+                                                                                          caplog):
     """README: 'A database outage spools events in memory as for a full disk'. Tried by a new user: /health
     answered 500 with a traceback (its event count needs the database), the only node gave up its camera
     once its lease could not be renewed (no other node exists to take it: the trays passing meanwhile were
@@ -517,6 +563,8 @@ def test_a_postgres_outage_on_one_node_spools_events_keeps_the_camera_and_health
             with_items = conn.execute("SELECT COUNT(*) FROM events WHERE payload->'items' != '[]'").fetchone()[0]
             with_crops = conn.execute("SELECT COUNT(DISTINCT event_id) FROM event_evidence").fetchone()[0]
         assert with_crops == with_items, (with_crops, with_items)  # no event's crops lost to a stale connection
+        opened = [r for r in caplog.records if "camera cam0: streaming" in r.getMessage() and r.levelno >= 20]
+        assert len(opened) == 1, len(opened)  # a looped file is not news at every loop (was INFO every 2.8 s)
     finally:
         pg.stop()
         pg.cleanup()
