@@ -195,7 +195,12 @@ def create_app(runtime: Runtime) -> FastAPI:
     @cache.cached
     def metrics() -> Response:
         rt.pipeline.refresh_gauges()
-        rt.metrics.db_bytes.set(rt.store.size_bytes())  # file stats: per scrape, not per frame
+        try:
+            rt.metrics.db_bytes.set(rt.store.size_bytes())  # file stats: per scrape, not per frame
+        except Exception as e:  # noqa: BLE001 - a database outage: the other series still count (was a 500)
+            log.warning("metrics: event store size unknown: %s", e)
+        if rt.outbox is not None:
+            rt.metrics.observe_outbox(rt.outbox.summary())
         return Response(generate_latest(rt.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/cameras")

@@ -54,11 +54,22 @@ class Metrics:
         self.db_bytes = Gauge("dishtrack_db_size_bytes", "event database on disk (file + write-ahead log)",
                               registry=r)
         self.events_pruned = Counter("dishtrack_events_pruned", "events deleted by storage.retention", registry=r)
+        self.outbox_rows = Gauge("dishtrack_outbox_rows", "outbox rows per sink (mqtt, webhook:<name>) and status "
+                                 "(pending, delivered, failed)", ["sink", "status"], registry=r)
+        self.outbox_oldest_pending = Gauge("dishtrack_outbox_oldest_pending_seconds", "age of the oldest event "
+                                           "waiting for a sink (0: none)", ["sink"], registry=r)
         self.ws_subscribers = Gauge("dishtrack_ws_subscribers", "connected websocket subscribers", registry=r)
         self.ws_dropped = Gauge("dishtrack_ws_dropped_subscribers", "subscribers cut off for being slow", registry=r)
         self._lock = threading.Lock()
         self._ages: dict[str, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=window))
         self._proc: dict[str, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=window))
+
+    def observe_outbox(self, summary: list[dict]) -> None:
+        """``Outbox.summary()`` as gauges, per scrape: a sink that stopped delivering shows in Prometheus."""
+        for s in summary:
+            for status in ("pending", "delivered", "failed"):
+                self.outbox_rows.labels(s["sink"], status).set(s[status])
+            self.outbox_oldest_pending.labels(s["sink"]).set(s["oldest_pending_s"] or 0.0)
 
     def observe_frame(self, camera: str, age_s: float, done_at: float) -> None:
         self.frames.labels(camera).inc()

@@ -437,6 +437,11 @@ def test_a_corrected_receipt_reaches_mqtt_and_the_pos_as_its_next_revision(tmp_p
             assert httpx.post(url, json=body, timeout=10).status_code == 200  # replayed
             assert rt.outbox.flush(15)
             deliveries = node.get("/admin/deliveries", params={"event_id": first["event_id"]}).json()["items"]
+            metrics = node.get("/metrics").text
+            stored = len(node.get("/events", params={"limit": 1000}).json()["items"])
+        for sink in ("mqtt", "webhook:pos"):  # rows per sink: every event once, plus the corrected revision
+            assert f'dishtrack_outbox_rows{{sink="{sink}",status="delivered"}} {stored + 1}.0' in metrics, metrics
+            assert f'dishtrack_outbox_oldest_pending_seconds{{sink="{sink}"}} 0.0' in metrics
         wait_until(lambda: [e.get("revision", 0) for e in sub.events() if e["event_id"] == first["event_id"]]
                    == [0, 1], 10, what="both revisions over MQTT")
     finally:
@@ -544,6 +549,7 @@ def test_a_postgres_outage_on_one_node_spools_events_keeps_the_camera_and_health
             down_at = time.monotonic()
             h = c.get("/health")
             assert h.status_code == 503, (h.status_code, h.text)  # was 500: Internal Server Error
+            assert c.get("/metrics").status_code == 200  # was 500 too (the database's size)
             assert any("event store" in r for r in h.json()["failing"]), h.json()
             frames = c.get("/cameras").json()[0]["frames_read"]
             time.sleep(max(0.0, 3 * 2 - (time.monotonic() - down_at)))  # three lease periods
