@@ -288,6 +288,15 @@ def create_app(runtime: Runtime) -> FastAPI:
             raise HTTPException(404, f"no event {event_id!r}")
         return rec
 
+    if rt.store.shared:  # PostgreSQL: an outage is the server's state, not a bug (was a 500 with a traceback)
+        import psycopg
+
+        @app.exception_handler(psycopg.OperationalError)
+        async def store_unreachable(request: Request, exc: psycopg.OperationalError) -> JSONResponse:
+            log.warning("%s %s: event store unreachable: %s", request.method, request.url.path, exc)
+            return JSONResponse({"detail": f"event store unreachable: {exc}"}, status_code=503,
+                                headers={"Retry-After": "5"})
+
     @app.exception_handler(WebSocketRequestValidationError)
     async def websocket_bad_query(ws: WebSocket, exc: WebSocketRequestValidationError) -> None:
         """A bad query on a websocket (``?after=-1``) gets REST's 422 and error list at the handshake;

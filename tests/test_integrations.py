@@ -550,6 +550,8 @@ def test_a_postgres_outage_on_one_node_spools_events_keeps_the_camera_and_health
             h = c.get("/health")
             assert h.status_code == 503, (h.status_code, h.text)  # was 500: Internal Server Error
             assert c.get("/metrics").status_code == 200  # was 500 too (the database's size)
+            r = c.get("/events")
+            assert r.status_code == 503 and "event store unreachable" in r.json()["detail"], r.text  # was 500
             assert any("event store" in r for r in h.json()["failing"]), h.json()
             frames = c.get("/cameras").json()[0]["frames_read"]
             time.sleep(max(0.0, 3 * 2 - (time.monotonic() - down_at)))  # three lease periods
