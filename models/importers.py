@@ -759,7 +759,9 @@ def load_dataset(path: str | Path, *, trays: str | Path | None = None,
         def rel(image: Path) -> str:
             return image.relative_to(raw.root).as_posix() if image.is_relative_to(raw.root) else image.name
 
-        listed = {x for it in raw.items for x in (rel(it.image), it.image.name)}
+        # an image as found or as its annotation names it (found or not: a missing one is reported already)
+        listed = {x for it in raw.items for x in ((rel(it.image), it.image.name) if it.image is not None else ())
+                  + (it.ref.replace("\\", "/"), Path(it.ref.replace("\\", "/")).name)}
         reported = {Path(pr.file).stem for pr in problems}  # an image or label file already reported
         problems.extend(Problem(str(tray_file), line, f"{k} is not in the dataset", "line ignored",
                                 "tray-unknown-image") for k, (_, line) in rows.items()

@@ -337,6 +337,23 @@ def test_tray_rows_naming_no_image_or_two_trays_are_reported(small, tmp_path):
     assert "gone (1537).jpg is not in the dataset" in text[1]
 
 
+def test_tray_rows_of_an_image_the_annotations_name_but_that_is_missing(small, tmp_path):
+    """Found by review: with a trays.csv, a COCO image entry whose file is missing crashed the check
+    (AttributeError on the unresolved image) instead of reporting the missing image."""
+    ref, exp = small
+    coco = json.loads((exp / "coco.json").read_text())
+    coco["images"][0]["file_name"] = "images/gone.jpg"
+    (tmp_path / "images").mkdir()
+    for im in coco["images"][1:]:
+        shutil.copy(exp / im["file_name"], tmp_path / im["file_name"])
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    names = [Path(im["file_name"]).name for im in coco["images"]]
+    (tmp_path / "trays.csv").write_text("image,tray\n" + "".join(f"{n},1\n" for n in names))
+    got = load_dataset(tmp_path / "coco.json")
+    assert len(got.samples) == 3
+    assert [p.kind for p in got.problems] == ["missing-image"], [str(p) for p in got.problems]
+
+
 def test_unusable_inputs_raise_dataset_error(tmp_path):
     with pytest.raises(DatasetError, match="no such file"):
         load_dataset(tmp_path / "nope")
