@@ -285,7 +285,9 @@ def checkpoint_file_problem(path: str | Path) -> str | None:
         return "is a directory, not a checkpoint file"
     if not p.exists():
         return "does not exist"
-    if p.is_file() and not zipfile.is_zipfile(p):
+    if not p.is_file():  # a FIFO or device: torch.load would block on it
+        return "is not a regular file"
+    if not zipfile.is_zipfile(p):
         return ("is not a dishtrack checkpoint (" + ("empty file" if p.stat().st_size == 0 else
                 "not a PyTorch zip archive: truncated, or another kind of file") + ")")
     return None

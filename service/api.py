@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -292,9 +291,14 @@ def create_app(runtime: Runtime) -> FastAPI:
         import psycopg
 
         @app.exception_handler(psycopg.OperationalError)
-        async def store_unreachable(request: Request, exc: psycopg.OperationalError) -> JSONResponse:
-            log.warning("%s %s: event store unreachable: %s", request.method, request.url.path, exc)
-            return JSONResponse({"detail": f"event store unreachable: {exc}"}, status_code=503,
+        async def store_unreachable(conn, exc: psycopg.OperationalError) -> JSONResponse | None:
+            """503 for HTTP; a websocket (already accepted) is closed with 1011 and the reason. The
+            client gets no host or user name: psycopg's message is logged only."""
+            log.warning("%s: event store unreachable: %s", conn.url.path, exc)
+            if conn.scope["type"] == "websocket":
+                await conn.close(code=1011, reason="event store unreachable")
+                return None
+            return JSONResponse({"detail": "event store unreachable (database outage; retry)"}, status_code=503,
                                 headers={"Retry-After": "5"})
 
     @app.exception_handler(WebSocketRequestValidationError)
@@ -304,8 +308,8 @@ def create_app(runtime: Runtime) -> FastAPI:
         body = {"detail": jsonable_encoder(exc.errors())}
         if "websocket.http.response" in ws.scope.get("extensions", {}):
             await ws.send_denial_response(JSONResponse(body, status_code=422))
-        else:  # a server without the denial-response extension: the reason travels in the close frame
-            await ws.close(code=1008, reason=json.dumps(body)[:120])  # ASCII: within the frame's 123 bytes
+        else:  # a server without the denial-response extension (wsproto): a close before accept is a 403
+            await ws.close(code=1008)
 
     @app.websocket("/ws/events")
     async def ws_events(ws: WebSocket, after: int | None = Query(None, ge=0, le=_SEQ_MAX),

@@ -16,9 +16,11 @@ lease valid only until *its* monotonic time before the renewing statement plus
 ``lease_s`` (earlier than the database's expiry), and ``holds()`` says False from
 then on, so its pipeline drops the camera's frames before another node can take
 the lease; a tick that could not renew gives up cameras whose validity would end
-before the next tick — except on the only live node, which keeps its cameras
-through a database outage: taking a lease needs the database, so nobody can
-take them, and stopping would only lose the trays passing.
+before the next tick — except on the only live node, which keeps its still-valid
+leases while the database cannot be reached: taking a lease needs the database,
+so nobody can take them, and stopping would only lose the trays passing (a node
+that starts meanwhile and reaches the database first after it can overlap with
+it for one heartbeat; README "Camera sharding").
 
 Balance: each node takes at most ceil(cameras / live nodes) and hands extras
 back, so cameras spread when nodes join and concentrate when one dies.
@@ -53,6 +55,13 @@ CREATE TABLE IF NOT EXISTS cluster_nodes (
     started_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 """
+
+
+def _unreachable(e: psycopg.Error) -> bool:
+    """The database could not be reached (refused, timed out, connection lost). A server that answers
+    with an error is up for other nodes: a statement's error has an SQLSTATE, a refused login (no such
+    database or role, too many connections) carries the server's FATAL message (libpq gives it no SQLSTATE)."""
+    return isinstance(e, psycopg.OperationalError) and e.sqlstate is None and "FATAL:" not in str(e)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,15 +162,22 @@ class CameraLeases:
                         (self.node_id, lease, self.cameras, share - len(renewed)))}
         except psycopg.Error as e:
             now = time.monotonic()
-            if self._alone and self._valid:
-                # the only node: taking a lease needs the database, so while it is unreachable no node can
-                # take ours; fencing would only stop the cameras and lose the trays passing (their events
-                # wait in the pipeline's spool). A node that appears once it is back rebalances as usual.
+            valid = [c for c, t in self._valid.items() if t > now]
+            if self._alone and valid and _unreachable(e):
+                # the only node, and the database cannot be reached: taking a lease needs the database, so no
+                # node can take ours; fencing would only stop the cameras and lose the trays passing (their
+                # events wait in the pipeline's spool). Only leases still valid are kept (a node paused past
+                # them may have lost them already), only for a connection failure (a database that answers
+                # with an error is up for other nodes), and only while this node was alone at its last
+                # renewal. Once the database is back the next tick renews or loses them as usual.
                 if not self._kept:
-                    log.warning("cannot renew camera leases (%s); the only node: keeping %s", e, sorted(self._valid))
+                    log.warning("cannot reach the database for camera leases (%s); the only node: keeping %s",
+                                e, sorted(valid))
                 self._kept = True
-                self._valid = dict.fromkeys(self._valid, now + self.lease_s)
-                return LeaseChange(frozenset(), frozenset(), self._mine, error=f"{type(e).__name__}: {e}")
+                self._valid = dict.fromkeys(valid, now + self.lease_s)
+                self._mine = frozenset(valid)
+                lost = before - self._mine
+                return LeaseChange(frozenset(), lost, self._mine, error=f"{type(e).__name__}: {e}")
             for cam in [c for c, t in self._valid.items() if t - now < self.heartbeat_s]:
                 del self._valid[cam]  # would expire before the next attempt: stop it now
             self._mine = frozenset(self._valid)

@@ -5,6 +5,7 @@ exit 0, or an error only after the work, before."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -227,6 +228,9 @@ def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path):
             read_checkpoint(tmp_path / name)
     with pytest.raises(ValueError, match="is a directory"):
         read_checkpoint(tmp_path)
+    os.mkfifo(tmp_path / "fifo.pt")  # refused, not opened: torch.load would block reading it
+    with pytest.raises(ValueError, match="fifo.pt is not a regular file"):
+        read_checkpoint(tmp_path / "fifo.pt")
 
 
 def site(tmp_path: Path, **extra) -> str:

@@ -78,6 +78,54 @@ def test_leases_spread_renew_expire_and_never_double_hold(pg_url):
         b.close()
 
 
+def test_a_lone_node_keeps_its_valid_leases_only_while_the_database_cannot_be_reached(pg_url):
+    """A single node on PostgreSQL stopped its cameras after one lease period of database outage, although
+    no node could take them (taking needs the database). Kept now, while ticking: not past a pause longer
+    than the lease, not when the database answers with an error, not when another node was alive."""
+    from conftest import free_port
+
+    a, b = node(pg_url, "A"), None
+    try:
+        assert a.tick().held == set(CAMS)
+        a.close()
+        a.url = f"postgresql://postgres@127.0.0.1:{free_port()}/x"  # refused: the database is unreachable
+        end = time.monotonic() + 3.0  # 1.5 lease periods, ticking every heartbeat
+        while time.monotonic() < end:
+            ch = a.tick()
+            assert ch.error and ch.held == set(CAMS) and not ch.lost and all(a.holds(c) for c in CAMS), ch
+            time.sleep(0.5)
+        time.sleep(2.2)  # no tick for longer than the lease (paused): they may be another node's by now
+        ch = a.tick()
+        assert ch.lost == set(CAMS) and not a.held, ch
+        a.url = pg_url
+        assert a.tick().held == set(CAMS)  # the database is back: taken again
+        a.close()
+        a.url = pg_url.rsplit("/", 1)[0] + "/no_such_db"  # the server answers, with an error: fence as before
+        lost = set()
+        for _ in range(6):
+            lost |= a.tick().lost
+            time.sleep(0.5)
+        assert lost == set(CAMS), lost
+        a.url = pg_url
+        a.tick()
+        b = node(pg_url, "B")
+        b.tick()
+        a.tick()  # two live nodes: A keeps its share and hands one back
+        held = a.held
+        assert held and len(held) < len(CAMS)
+        a.close()
+        a.url = f"postgresql://postgres@127.0.0.1:{free_port()}/x"
+        lost = set()
+        for _ in range(6):
+            lost |= a.tick().lost
+            time.sleep(0.5)
+        assert lost == held  # not alone: fenced within its lease, B may take them
+    finally:
+        a.close()
+        if b is not None:
+            b.close()
+
+
 def test_many_contenders_ticking_concurrently_never_hold_one_camera_twice(pg_url):
     nodes = [node(pg_url, f"n{i}", lease_s=1.0, heartbeat_s=0.2) for i in range(6)]
     overlaps: list = []

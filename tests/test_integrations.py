@@ -552,6 +552,12 @@ def test_a_postgres_outage_on_one_node_spools_events_keeps_the_camera_and_health
             assert c.get("/metrics").status_code == 200  # was 500 too (the database's size)
             r = c.get("/events")
             assert r.status_code == 503 and "event store unreachable" in r.json()["detail"], r.text  # was 500
+            assert "127.0.0.1" not in r.text  # psycopg's message (host, port, user) is logged, not served
+            from starlette.websockets import WebSocketDisconnect
+
+            with c.websocket_connect("ws://localhost/ws/events?after=0") as ws, pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_json()  # the replay cannot read the store: closed with the reason, not a traceback
+            assert closed.value.code == 1011 and closed.value.reason == "event store unreachable"
             assert any("event store" in r for r in h.json()["failing"]), h.json()
             frames = c.get("/cameras").json()[0]["frames_read"]
             time.sleep(max(0.0, 3 * 2 - (time.monotonic() - down_at)))  # three lease periods
