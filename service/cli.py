@@ -90,7 +90,8 @@ def preflight(cfg, check_model: bool = True) -> tuple[list[str], list[str]]:
     the detector checkpoint and detector.classes against its labels (read from the checkpoint: no
     model is built, no backend export written); raises what `run` would raise. Returns (warnings,
     notes): cameras no zone names, camera files missing, not regular files or not video; menu labels
-    against the detector's."""
+    against the detector's; an MQTT broker that does not accept a connection. A PostgreSQL store that
+    does not is an error, as for run."""
     from dishtrack.tracking.menu import Menu
 
     from .auth import build_policy
@@ -116,6 +117,18 @@ def preflight(cfg, check_model: bool = True) -> tuple[list[str], list[str]]:
     for cam in cfg.cameras:
         if not is_stream(cam.source) and (why := source_file_problem(cam.source)):
             warnings.append(f"camera {cam.id}: source {cam.source} {why}")
+    if cfg.storage.url:  # run refuses to start without it; connecting writes nothing (SQLite would be created)
+        from .store_pg import check_reachable
+
+        check_reachable(cfg.storage.url)
+    if (mq := cfg.integrations.mqtt) is not None:  # run starts anyway: events wait in the outbox
+        import socket
+
+        try:
+            socket.create_connection((mq.host, mq.port), timeout=3).close()
+        except OSError as e:
+            warnings.append(f"integrations.mqtt {mq.host}:{mq.port}: cannot connect ({e.strerror or e}); "
+                            "events will wait in the outbox until it can")
     return warnings, notes
 
 

@@ -168,6 +168,15 @@ class _Conn:
                 self.conn.close()
 
 
+def check_reachable(url: str, timeout_s: float = 5.0) -> None:
+    """StoreError (as ``run`` says it) unless the database at ``url`` accepts a connection: what
+    ``check-config`` asks, without migrating or writing anything."""
+    try:
+        psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(timeout_s))).close()
+    except psycopg.Error as e:
+        raise StoreError(f"storage.url {redact(url)}: cannot open the event database: {e}") from e
+
+
 class PgEventStore:
     """Thread-safe: one connection for writes (pipeline), one for reads (API, feed), one for retention."""
 

@@ -297,6 +297,30 @@ def test_check_config_and_run_warn_of_a_camera_no_zone_names(tmp_path, capsys, c
     assert any("camera cam0: no zone" in r.getMessage() for r in caplog.records), caplog.text
 
 
+def test_check_config_tries_the_database_and_the_broker(tmp_path, capsys, caplog):
+    """A storage.url or MQTT broker that cannot be reached was 'ready' (exit 0); run refuses the first at
+    startup (exit 2) and starts despite the second (events wait in the outbox): check-config says so."""
+    from conftest import free_port
+
+    dead = free_port()
+    rc, out = cli(["check-config", "--no-model", "--config",
+                   site(tmp_path, storage={"url": f"postgresql://u:secretpw@127.0.0.1:{dead}/db"})], capsys, caplog)
+    assert rc == 2 and f"storage.url postgresql://***@127.0.0.1:{dead}/db: cannot open the event database" in out, out
+    assert "secretpw" not in out
+    rc, out = cli(["check-config", "--no-model", "--config",
+                   site(tmp_path, integrations={"mqtt": {"host": "127.0.0.1", "port": dead}})], capsys, caplog)
+    assert rc == 1 and f"integrations.mqtt 127.0.0.1:{dead}: cannot connect" in out, out
+
+
+def test_check_config_is_ready_with_a_reachable_database_and_writes_nothing(tmp_path, capsys, caplog, pg_url):
+    import psycopg
+
+    assert cli(["check-config", "--no-model", "--config", site(tmp_path, storage={"url": pg_url})], capsys,
+               caplog)[0] == 0
+    with psycopg.connect(pg_url) as c:  # not migrated: no tables made by a check
+        assert c.execute("SELECT COUNT(*) FROM pg_tables WHERE schemaname = 'public'").fetchone()[0] == 0
+
+
 def test_check_config_and_run_name_menu_labels_the_detector_does_not_have(tmp_path, capsys, caplog):
     """A menu keyed 'Cup' (the detector says 'cup') priced none of the detector's cups: every cup was
     unpriced, and nothing said why. check-config reads the detector's labels (no model built) and
