@@ -18,6 +18,7 @@ from dishtrack.tracking.types import CheckoutEvent
 
 from .annotate import Annotator
 from .async_detect import AsyncDetection
+from .drops import DropWatch
 from .evidence import EvidenceKeeper
 from .hub import EventHub
 from .ingest import CameraReader, LatestFrameSlot, SourceState, is_stream
@@ -62,6 +63,7 @@ class Pipeline:
                 log.info("%s", n)
         for w in cfg.zone_problems():
             log.warning("%s", w)
+        self.drop_watch = DropWatch()  # warns when a camera's frames are dropped for a slow detector
         self._arrived = threading.Event()  # set by any camera's slot on a new frame
         self.readers = {c.id: CameraReader(c, LatestFrameSlot(self._arrived)) for c in cfg.cameras}
         params = TrackerParams.from_config(cfg.tracker)
@@ -491,4 +493,8 @@ class Pipeline:
             if st.state not in (SourceState.STREAMING, SourceState.ENDED) and now - self.streams[cam].at > 1.0:
                 state = st.state.value if self.is_local(cam) else "on another node"
                 self.streams[cam].put(self.annotator.annotate_offline(self._last_image.get(cam), cam, state))
+        for cam, st in statuses.items():  # one entry per configured camera: bounded
+            if st.state is SourceState.STREAMING and (w := self.drop_watch.observe(cam, now, st.frames_read,
+                                                                                  st.frames_dropped)):
+                log.warning("%s", w)
         self.refresh_gauges(statuses)
