@@ -142,7 +142,8 @@ def run_phase(name: str, epochs: int, module: torch.nn.Module, opt: torch.optim.
         ph["state"] = module.state_dict()
         ph["opt"] = opt.state_dict()
         ph["sched"] = sched.state_dict() if sched is not None else None
-        log.info("%s epoch %d/%d loss %.4f val %.4f %s (%.0fs)", name, ep + 1, epochs, loss, score,
+        log.info("%s epoch %d/%d: training loss %.4f, validation score %.4f (higher is better; the best epoch "
+                 "is kept) %s (%.0fs)", name, ep + 1, epochs, loss, score,
                  {k: round(v, 4) for k, v in metrics.items()}, rec["seconds"])
         best_ep = max(range(len(ph["history"])), key=lambda i: ph["history"][i]["score"])
         if len(ph["history"]) - 1 - best_ep >= patience:
@@ -595,17 +596,24 @@ def train(s: TrainSettings) -> dict:
     plot_curves(history, curves)
     meta = {"classes": list(classes), "train_photos": len(train_s), "val_photos": len(val_s),
             "val_trays": sorted({str(x.group) for x in val_s}), "history": history,
+            # eval warns when it is given these (its numbers would be optimistic)
+            "train_images": sorted({x.image.name for x in train_s}),
             "validation": {k: v for k, v in report.items() if k != "confusion"},
             "settings": s.model_dump(), "seconds": round(time.time() - t_start, 1), "device": str(device),
             "data_problems": len(data.problems)}
     model.cpu()
     save_dish_checkpoint(out, model, meta=meta)
     state.path.unlink(missing_ok=True)  # finished: nothing to resume
+    report_json = out.with_name(out.stem + "_report.json")  # what the checkpoint's meta holds, readable
+    report_json.write_text(json.dumps({"checkpoint": str(out), "curves": str(curves),
+                                       "confusion_png": str(out.with_name(out.stem + "_confusion.png")), **meta},
+                                      indent=2, default=float))
     held = (f" ({report['receipt_exact_tray_heldout']:.1%} with each tray's thresholds chosen on the other trays)"
             if "receipt_exact_tray_heldout" in report else "")
     log.info("wrote %s (curves %s) in %.0fs: val mAP@0.5 %.3f, exact receipts %.1f%% of trays%s", out, curves,
              meta["seconds"], report["map50"], 100 * report["receipt_exact_tray"], held)
-    return {"checkpoint": str(out), "curves": str(curves), **meta}
+    return {"checkpoint": str(out), "curves": str(curves), "report": str(report_json),
+            "confusion_png": str(out.with_name(out.stem + "_confusion.png")), **meta}
 
 
 def reuse_localiser(model: DishModel, s: TrainSettings, val_s: list[Sample]) -> None:

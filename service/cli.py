@@ -181,7 +181,8 @@ def cmd_train(args) -> int:
                                     for err in e.errors())) from None
     report = train(settings)
     v = report["validation"]
-    print(f"checkpoint: {report['checkpoint']}  curves: {report['curves']}")
+    print(f"checkpoint: {report['checkpoint']}  report: {report['report']}")
+    print(f"curves: {report['curves']}  confusion matrix: {report['confusion_png']}")
     print(f"validation ({report['val_photos']} photos, {len(report['val_trays'])} trays): mAP@0.5 {v['map50']:.3f}  "
           f"mAP@0.5:0.95 {v['map50_95']:.3f}  exact receipts: photos {v['receipt_exact_photo']:.1%}, "
           f"trays {v['receipt_exact_tray']:.1%}  ({report['seconds']:.0f} s)")
@@ -189,7 +190,10 @@ def cmd_train(args) -> int:
         print(f"  thresholds were chosen on these trays; chosen leaving each tray out: photos "
               f"{v['receipt_exact_photo_heldout']:.1%}, trays {v['receipt_exact_tray_heldout']:.1%} "
               f"(what a new tray gets; `dishtrack eval` on other photos measures it directly)")
+    print("AP@0.5 per dish: " + ", ".join(f"{k} {a:.3f}" for k, a in v["ap50_per_class"].items()))
     print_unlabelled(v)
+    print(f"next: `dishtrack eval --data PHOTOS_OF_ANOTHER_DAY --checkpoint {report['checkpoint']}`, then the "
+          "checkpoint and a menu in the site config (README 'Train on your dishes', step 5)")
     return 0
 
 
@@ -212,7 +216,7 @@ def cmd_eval(args) -> int:
     import json
     from pathlib import Path
 
-    from dishtrack.models.dish_detector import DishDetector
+    from dishtrack.models.dish_detector import DishDetector, read_checkpoint
     from dishtrack.models.evaluate import evaluate_predictions
     from dishtrack.models.importers import load_dataset
     from dishtrack.models.train import predict_samples
@@ -221,13 +225,18 @@ def cmd_eval(args) -> int:
     data = load_dataset(args.data, trays=args.trays, classes=det.labels)
     for p in data.problems:
         log.warning("%s", p)
+    trained_on = set(read_checkpoint(args.checkpoint).get("meta", {}).get("train_images", []))
+    seen = sum(s.image.name in trained_on for s in data.samples)
+    if seen:
+        log.warning("%d of these %d photos trained this checkpoint: their numbers are optimistic (it has seen "
+                    "them); evaluate on photos it was not trained on, e.g. another day's", seen, len(data.samples))
     preds = predict_samples(det, list(data.samples), progress=not args.no_progress)
     png = args.confusion or (str(Path(args.json).with_suffix("")) + "_confusion.png" if args.json else None)
     if png:
         made_parent(png)
     rep = evaluate_predictions(list(data.samples), det.labels, preds, det.spec.thresholds, confusion_png=png)
     rep.update({"checkpoint": args.checkpoint, "data": args.data, "data_problems": len(data.problems),
-                "confusion_png": png})
+                "confusion_png": png, "photos_trained_on": seen})
     print(f"{rep['photos']} photos, {rep['trays']} trays: mAP@0.5 {rep['map50']:.3f}  mAP@0.5:0.95 {rep['map50_95']:.3f}")
     print("AP@0.5 per dish: " + ", ".join(f"{k} {v:.3f}" for k, v in rep["ap50_per_class"].items()))
     print(f"exact receipts: photos {rep['receipt_exact_photo']:.1%}, trays {rep['receipt_exact_tray']:.1%}")
@@ -441,18 +450,21 @@ def build_parser() -> argparse.ArgumentParser:
                          "data and the corrections dataset)")
     en.add_argument("--out", required=True, type=output_file, help="the new checkpoint")
     en.add_argument("--val-fraction", type=number_in(0, 1, high_open=True), default=0.2,
-                    help="share of trays held out to choose thresholds")
-    en.add_argument("--views", type=int_at_least(1), default=4, help="augmented views of every box")
+                    help="share of trays held out to choose thresholds (default: %(default)s)")
+    en.add_argument("--views", type=int_at_least(1), default=4,
+                    help="augmented views of every box (default: %(default)s)")
     en.add_argument("--shot-views", type=int_at_least(1), default=24,
-                    help="augmented views of each box of a new dish (it has only a few)")
-    en.add_argument("--epochs", type=int_at_least(1), default=40)
+                    help="augmented views of each box of a new dish (it has only a few; default: %(default)s)")
+    en.add_argument("--epochs", type=int_at_least(1), default=40,
+                    help="epochs of the last layer's training (default: %(default)s)")
     en.add_argument("--exemplar-weight", type=number_in(0, 1), default=0.0,
                     help="share of the exemplar memory's vote (the given boxes join it either way); measured "
-                         "(docs/dish_accuracy.md): 0.5 names an enrolled dish in no more of its next trays than the head alone")
+                         "(docs/dish_accuracy.md): 0.5 names an enrolled dish in no more of its next trays than the head "
+                         "alone (default: %(default)s)")
     en.add_argument("--refit-all", action="store_true",
                     help="refit every dish's output row, not only the new dishes' (by default the known dishes' "
                          "rows stay as trained: measured (docs/dish_accuracy.md), their receipts suffer less)")
-    en.add_argument("--seed", type=int, default=0)
+    en.add_argument("--seed", type=int, default=0, help="augmentation and split seed (default: %(default)s)")
     en.add_argument("--no-progress", action="store_true")
     en.set_defaults(fn=cmd_enrol)
 
