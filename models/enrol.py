@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dish_classifier import DishClassifier
-from .dish_detector import DishDetector, DishModel, DishModelSpec, load_dish_checkpoint, save_dish_checkpoint
+from .dish_detector import (DishDetector, DishModel, DishModelSpec, load_dish_checkpoint, read_checkpoint,
+                            save_dish_checkpoint)
 from .evaluate import evaluate_predictions
 from .exemplars import embed_labelled_boxes
 from .importers import DatasetError, LabelledData, label_key, load_dataset
@@ -266,8 +267,12 @@ def enrol(checkpoint: str | Path, data: Sequence[str | Path], out: str | Path, v
     model.spec = DishModelSpec(**{**model.spec.__dict__, "thresholds": thresholds})
     report = ({k: v for k, v in evaluate_predictions(val_s, classes, preds, thresholds).items() if k != "confusion"}
               if val_s else {})
+    base_trained = read_checkpoint(checkpoint).get("meta", {}).get("train_images", [])
     meta = {"classes": list(classes), "enrolled_from": str(checkpoint), "new_classes": new,
             "train_boxes": counts, "train_photos": len(train_s), "val_photos": len(val_s),
+            "val_trays": sorted({str(x.group) for x in val_s}),
+            # the base model's training photos and these: eval warns about both (models/train.py)
+            "train_images": sorted(set(base_trained) | {x.image.name for x in train_s}),
             "validation": report, "seconds": round(time.time() - t0, 1)}
     save_dish_checkpoint(out, model, meta=meta)
     log.info("wrote %s in %.0fs (new dishes %s)%s", out, meta["seconds"], new,

@@ -207,8 +207,9 @@ def cmd_enrol(args) -> int:
           f"  ({r['seconds']:.0f} s)")
     v = r["validation"]
     if v:
-        print(f"validation ({r['val_photos']} photos): mAP@0.5 {v['map50']:.3f}  exact receipts: photos "
-              f"{v['receipt_exact_photo']:.1%}, trays {v['receipt_exact_tray']:.1%}")
+        print(f"validation ({r['val_photos']} photos, {len(r['val_trays'])} trays): mAP@0.5 {v['map50']:.3f}  "
+              f"exact receipts: photos {v['receipt_exact_photo']:.1%}, trays {v['receipt_exact_tray']:.1%}")
+        print("AP@0.5 per dish: " + ", ".join(f"{k} {a:.3f}" for k, a in v["ap50_per_class"].items()))
     return 0
 
 
@@ -271,7 +272,9 @@ def cmd_shots(args) -> int:
     shots = pick_shots(det, args.source, args.out, args.n, every=args.every, max_frames=args.max_frames,
                        uncertainty_weight=args.uncertainty_weight, dedup_distance=args.dedup_distance,
                        progress=not args.no_progress)
-    print(f"{len(shots)} frames -> {args.out}/images, manifest.csv, manifest.json")
+    empty = sum(s.detections == 0 for s in shots)
+    print(f"{len(shots)} frames -> {args.out}/images, manifest.csv, manifest.json"
+          + (f" ({empty} with no dish found: the counter as the camera sees it; label them empty)" if empty else ""))
     return 0
 
 

@@ -491,6 +491,10 @@ def test_enrol_adds_a_new_dish_without_touching_the_trunk(tiny_checkpoint, tmp_p
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "new: Pineapple" in r.stdout
+    from dishtrack.models.dish_detector import read_checkpoint
+
+    trained = set(read_checkpoint(new)["meta"]["train_images"])  # eval warns on the base's and these photos
+    assert trained == set(read_checkpoint(out)["meta"]["train_images"]) | {s.image.name for s in picked}
     before, after = load_dish_checkpoint(out), load_dish_checkpoint(new)
     assert after.spec.classes == before.spec.classes + ("Pineapple",)
     assert "Pineapple" in after.spec.thresholds
