@@ -82,6 +82,11 @@ def cmd_check_config(args) -> int:
         log.info("%s", n)
     for w in warnings:
         log.warning("%s", w)
+    if warnings:
+        log.warning("%s: runs, with %d warning(s) above (exit 1)", args.config or "the bundled default config",
+                    len(warnings))
+    else:
+        log.info("%s: ready to run", args.config or "the bundled default config")
     return 1 if warnings else 0
 
 

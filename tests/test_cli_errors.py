@@ -287,10 +287,12 @@ def test_check_config_and_run_warn_of_a_camera_no_zone_names(tmp_path, capsys, c
     from dishtrack.config import load_config
     from dishtrack.service.api import build_runtime
 
-    assert cli(["check-config", "--no-model", "--config", site(tmp_path)], capsys, caplog)[0] == 0
+    rc, out = cli(["check-config", "--no-model", "--config", site(tmp_path)], capsys, caplog)
+    assert rc == 0 and "site.yaml: ready to run" in out, out  # said, not only the exit status
     path = site(tmp_path, zones=[])  # the same file, now without zones
     rc, out = cli(["check-config", "--no-model", "--config", path], capsys, caplog)
     assert rc == 1 and "camera cam0: no zone (zones[].camera) names it" in out, out
+    assert "runs, with 1 warning(s) above (exit 1)" in out
     caplog.clear()
     caplog.set_level(logging.WARNING)
     build_runtime(load_config(path))  # what `run` does before it serves
