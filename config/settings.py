@@ -366,6 +366,8 @@ class IntegrationsConfig(_Strict):
     retry_max_s: float = Field(300.0, gt=0)
     queue_max: int = Field(10000, ge=1, description="events waiting to be written to the outbox (in memory)")
     keep_delivered_days: float = Field(7.0, gt=0, description="delivered rows kept this long (GET /admin/deliveries)")
+    behind_s: float = Field(60.0, gt=0, description="/health says degraded (HTTP 200, `sinks_behind`) while a sink's "
+                            "oldest undelivered event is older than this")
 
     @model_validator(mode="after")
     def _unique_names(self) -> "IntegrationsConfig":

@@ -150,7 +150,8 @@ def create_app(runtime: Runtime) -> FastAPI:
     @app.get("/health", responses=_JSON_503)
     @cache.cached
     def health() -> JSONResponse:
-        """``ok`` / ``degraded`` (a camera reconnecting; HTTP 200) / ``failing`` (HTTP 503: events not
+        """``ok`` / ``degraded`` (a camera reconnecting, or a sink's oldest undelivered event older than
+        ``integrations.behind_s``: ``sinks_behind``; HTTP 200) / ``failing`` (HTTP 503: events not
         persisted, a camera that never delivered a frame, pipeline dead or stuck; see ``failing``)."""
         status, reasons, statuses = health_rules.health(rt.pipeline, stuck_s)
         try:
@@ -158,6 +159,14 @@ def create_app(runtime: Runtime) -> FastAPI:
         except Exception as e:  # noqa: BLE001 - a database outage is what health is asked about, not a 500
             stored, status = None, "failing"
             reasons = [*reasons, f"event store unreachable: {type(e).__name__}: {e}"]
+        behind = []
+        if rt.outbox is not None:  # events stored but not reaching the point-of-sale or the broker
+            limit = rt.cfg.integrations.behind_s
+            behind = [{"sink": x["sink"], "pending": x["pending"], "oldest_pending_s": x["oldest_pending_s"],
+                       "last_error": x["last_error"]} for x in rt.outbox.summary()
+                      if (x["oldest_pending_s"] or 0.0) > limit]
+            if behind and status == "ok":
+                status = "degraded"
         cams = []
         for cid, st in statuses.items():
             d = st.to_dict()
@@ -167,7 +176,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         body = {"status": status, "cameras": cams, "events_stored": stored,
                 "pipeline_finished": rt.pipeline.finished.is_set(),
                 "detector_device": str(getattr(rt.pipeline.detector, "device", "n/a")),
-                "failing": reasons, "events_unsaved": len(rt.pipeline.unsaved),
+                "failing": reasons, "sinks_behind": behind, "events_unsaved": len(rt.pipeline.unsaved),
                 "persist_error": rt.pipeline.persist_error, "pipeline_alive": rt.pipeline.alive,
                 "pipeline_loop_age_s": None if loop_at is None else round(time.time() - loop_at, 3)}
         return JSONResponse(body, status_code=503 if status == "failing" else 200)

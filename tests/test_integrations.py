@@ -458,6 +458,32 @@ def test_a_corrected_receipt_reaches_mqtt_and_the_pos_as_its_next_revision(tmp_p
         ("webhook:pos", 1, "delivered")]
 
 
+def test_health_is_degraded_while_a_sink_falls_behind(tmp_path, detector):
+    """An integrator's POS answering 500 left 14 events pending for 41 s while /health said ok (probe).
+    Now degraded (still HTTP 200: events are stored) with the sink named, and ok again once delivered."""
+    from fastapi.testclient import TestClient
+
+    pos = PosServer(fail_first=6)
+    cfg = service_cfg(tmp_path, integrations={
+        "outbox_path": str(tmp_path / "outbox.sqlite3"), "retry_initial_s": 0.2, "retry_max_s": 1.0,
+        "behind_s": 1.0, "webhooks": [{"name": "pos", "url": pos.url, "secret": SECRET}]})
+    rt = build_runtime(cfg, detector=detector)
+    try:
+        with TestClient(create_app(rt), base_url="http://localhost") as c:
+            def behind():
+                body = c.get("/health").json()
+                return body["status"] == "degraded" and body["sinks_behind"] and body
+            body = wait_until(behind, 120, interval=0.3, what="degraded while the POS fails")
+            (b,) = body["sinks_behind"]
+            assert b["sink"] == "webhook:pos" and b["pending"] >= 1 and "503" in (b["last_error"] or ""), b
+            assert c.get("/health").status_code == 200
+            wait_until(lambda: rt.pipeline.finished.is_set() and rt.outbox.flush(1), 120, what="all delivered")
+            body = c.get("/health").json()
+            assert body["status"] == "ok" and body["sinks_behind"] == [], body
+    finally:
+        pos.close()
+
+
 def test_deliveries_need_admin_and_secrets_are_masked():
     from dishtrack.service.admin import redacted_config
     from dishtrack.service.auth import required_role
