@@ -100,7 +100,7 @@ def preflight(cfg, check_model: bool = True) -> tuple[list[str], list[str]]:
     from dishtrack.tracking.menu import Menu
 
     from .auth import build_policy
-    from .ingest import is_stream, source_file_problem
+    from .ingest import is_stream, redact, source_file_problem, stream_endpoint_problem
 
     build_policy(cfg)
     menu = Menu.load(cfg.menu.path, cfg.menu.timezone) if cfg.menu else None
@@ -122,6 +122,8 @@ def preflight(cfg, check_model: bool = True) -> tuple[list[str], list[str]]:
     for cam in cfg.cameras:
         if not is_stream(cam.source) and (why := source_file_problem(cam.source)):
             warnings.append(f"camera {cam.id}: source {cam.source} {why}")
+        elif is_stream(cam.source) and (why := stream_endpoint_problem(cam.source)):  # run retries it
+            warnings.append(f"camera {cam.id}: source {redact(cam.source)}: {why}")
     if cfg.storage.url:  # run refuses to start without it; connecting writes nothing (SQLite would be created)
         from .store_pg import check_reachable
 

@@ -154,6 +154,31 @@ def is_stream(source: str) -> bool:
     return "://" in source
 
 
+_DEFAULT_PORTS = {"rtsp": 554, "rtsps": 322, "http": 80, "https": 443, "rtmp": 1935}
+
+
+def stream_endpoint_problem(url: str, timeout_s: float = 2.0) -> str | None:
+    """Why a network source's host:port takes no connection, or None when it does: OpenCV says only
+    "cannot open" for a wrong port and a wrong path alike (FFmpeg's reason goes to stderr unnamed)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    scheme, rest = url.split("://", 1)
+    rest = rest[rest.rfind("@") + 1:]  # credentials up to the last '@', as redact() reads them
+    try:
+        u = urlsplit(f"{scheme}://{rest}")
+        host, port = u.hostname, u.port or _DEFAULT_PORTS.get(scheme.lower())
+    except ValueError as e:  # a port that is not a number
+        return f"is not a valid URL ({e})"
+    if not host or not port:
+        return None  # nothing to try: let FFmpeg say
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+        return None
+    except OSError as e:
+        return f"{host}:{port} takes no connection ({e.strerror or e})"
+
+
 def source_file_problem(path: str) -> str | None:
     """Why a camera's file source cannot be read as video, or None (a FIFO or device is never opened
     here: reading it would block)."""
@@ -178,7 +203,11 @@ def open_capture(cfg: CameraConfig) -> cv2.VideoCapture:
     cap = cv2.VideoCapture(cfg.source, cv2.CAP_FFMPEG, params)
     if not cap.isOpened():
         cap.release()
-        raise ConnectionError(f"camera {cfg.id}: cannot open {redact(cfg.source)}")
+        why = ""
+        if is_stream(cfg.source):
+            why = (f": {p}" if (p := stream_endpoint_problem(cfg.source)) else
+                   ": the server answers but would not play it (wrong path or credentials?)")
+        raise ConnectionError(f"camera {cfg.id}: cannot open {redact(cfg.source)}{why}")
     return cap
 
 

@@ -1,13 +1,15 @@
 """The running service (``dishtrack run``) on a real RTSP camera (GStreamer
 test server streaming the real video), killed and restarted under it."""
+import subprocess
 import time
 
 import cv2
 import httpx
 import numpy as np
 import pytest
+import yaml
 
-from conftest import wait_until
+from conftest import free_port, wait_until
 
 
 def camera(svc):
@@ -106,3 +108,28 @@ def test_reader_detects_a_stalled_stream_and_recovers(rtsp_server):
         assert r.slot.take() is not None and st.frames_dropped >= st.frames_read - 2
     finally:
         r.stop()
+
+
+def test_a_camera_that_cannot_be_opened_says_whether_the_server_or_the_stream_is_wrong(rtsp_server, tmp_path):
+    """A wrong port and a wrong path both read 'cannot open rtsp://...' (FFmpeg's reason went to stderr,
+    unnamed), and check-config called such cameras ready (RTSP probe)."""
+    from dishtrack.config import CameraConfig
+    from dishtrack.service.ingest import open_capture
+
+    srv = rtsp_server("live")
+    dead = free_port()
+    with pytest.raises(ConnectionError, match="the server answers but would not play it"):
+        open_capture(CameraConfig(id="c", source=srv.url.replace("/cam", "/nope"), open_timeout_s=5))
+    with pytest.raises(ConnectionError, match=f"127.0.0.1:{dead} takes no connection"):
+        open_capture(CameraConfig(id="c", source=f"rtsp://admin:s3cret@127.0.0.1:{dead}/cam", open_timeout_s=5))
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump({"cameras": [{"id": "ok", "source": srv.url},
+                                                {"id": "off", "source": f"rtsp://admin:s3cret@127.0.0.1:{dead}/cam"}],
+                                    "zones": [{"id": f"z{c}", "camera": c, "line": {"p1": [0.5, 0], "p2": [0.5, 1]}}
+                                              for c in ("ok", "off")],
+                                    "storage": {"sqlite_path": str(tmp_path / "e.db")}}))
+    r = subprocess.run(["dishtrack", "check-config", "--no-model", "--config", str(path)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and f"camera off: source rtsp://***@127.0.0.1:{dead}/cam: 127.0.0.1:{dead} takes no " \
+        "connection" in r.stderr, r.stderr
+    assert "camera ok" not in r.stderr and "s3cret" not in r.stderr + r.stdout
