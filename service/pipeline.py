@@ -25,7 +25,7 @@ from .ingest import CameraReader, LatestFrameSlot, SourceState, is_stream
 from .metrics import Metrics
 from .motion import FlowParams, FlowPropagator, LateDetections, hand_on, track_frame
 from .retention import Retention
-from .stages import IDLE_JPEG_FPS, AnnotateJob, AnnotateStage, DropQueue, JpegSlot
+from .stages import IDLE_JPEG_FPS, AnnotateJob, AnnotateStage, DropQueue, JpegSlot, next_jpeg_due
 from .store import EventStore
 from .stride import StrideController
 
@@ -356,7 +356,7 @@ class Pipeline:
             # full stream rate for watched cameras; a JPEG a second otherwise (snapshots)
             fps = self.cfg.api.mjpeg_fps if slot.watched(now) else min(IDLE_JPEG_FPS, self.cfg.api.mjpeg_fps)
             if now >= self._next_jpeg[cam] or slot.jpeg is None:
-                self._next_jpeg[cam] = now + 1.0 / fps
+                self._next_jpeg[cam] = next_jpeg_due(self._next_jpeg[cam], now, 1.0 / fps)
                 lines = tuple((z.cfg.line.p1, z.cfg.line.p2) for z in self.zones[cam])
                 caption = f"{cam} frame {frame.index} tracks {len(upd.confirmed)}"
                 self._annotate.offer(AnnotateJob(cam, frame.read_time, frame.image, upd, lines, caption))

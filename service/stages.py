@@ -20,6 +20,15 @@ WATCH_S = 3.0  # a camera whose JPEG was read this recently is "watched" (stream
 IDLE_JPEG_FPS = 1.0  # unwatched cameras: one JPEG a second keeps /snapshot.jpg fresh enough
 
 
+def next_jpeg_due(due: float, now: float, period: float) -> float:
+    """When the next stream frame is due, kept on a grid of ``period``: rescheduling from ``now`` lost
+    up to a whole frame interval each time, so 12 processed frames/s against a 10 fps stream gave
+    every second frame (6 fps, seen on a live camera). Behind by more than a period (idle, unwatched):
+    restart from now."""
+    nxt = due + period
+    return nxt if nxt > now - period else now + period
+
+
 class DropQueue:
     """Bounded FIFO. A full queue drops its oldest item (counted) unless ``put(block=True)``,
     which waits for room (offline files: every frame counts) until ``abort`` is set.

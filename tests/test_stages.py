@@ -151,3 +151,22 @@ def test_detector_stage_batches_across_cameras(tmp_path, detector):
     assert sum(len(s) == 3 for s in later) >= len(later) * 0.7, sizes
     total, n = (counter(p.metrics, f"dishtrack_detector_batch_size_{k}") for k in ("sum", "count"))
     assert n >= 8 and total / n >= 2.2, (total, n)
+
+
+def test_stream_frames_keep_their_rate_when_processing_is_only_a_little_faster():
+    """A live camera processed at 12 frames/s gave a 10 fps MJPEG stream only 6 fps: each JPEG was
+    scheduled from the frame that made it, so the next one waited for the frame after its due time
+    (RTSP probe). On a grid the stream gets 10 of the 12; faster input is still capped at 10."""
+    from dishtrack.service.stages import next_jpeg_due
+
+    def stream_fps(input_fps: float, period: float = 0.1, seconds: float = 10.0) -> float:
+        due, n = 0.0, 0
+        for i in range(int(input_fps * seconds)):
+            now = 1000.0 + i / input_fps
+            if now >= due:
+                due, n = next_jpeg_due(due, now, period), n + 1
+        return n / seconds
+
+    assert 9.5 <= stream_fps(12) <= 10.1  # was 6
+    assert 9.5 <= stream_fps(25) <= 10.1 and 9.5 <= stream_fps(30) <= 10.1
+    assert stream_fps(5) == 5.0  # slower input: every frame
