@@ -162,9 +162,13 @@ def create_app(runtime: Runtime) -> FastAPI:
         behind = []
         if rt.outbox is not None:  # events stored but not reaching the point-of-sale or the broker
             limit = rt.cfg.integrations.behind_s
-            behind = [{"sink": x["sink"], "pending": x["pending"], "oldest_pending_s": x["oldest_pending_s"],
-                       "last_error": x["last_error"]} for x in rt.outbox.summary()
-                      if (x["oldest_pending_s"] or 0.0) > limit]
+            try:
+                behind = [{"sink": x["sink"], "pending": x["pending"], "oldest_pending_s": x["oldest_pending_s"],
+                           "last_error": x["last_error"]} for x in rt.outbox.summary()
+                          if (x["oldest_pending_s"] or 0.0) > limit]
+            except Exception as e:  # noqa: BLE001 - the outbox file unreadable: say so, not a 500
+                behind = [{"sink": "outbox", "pending": None, "oldest_pending_s": None,
+                           "last_error": f"cannot read the outbox: {e}"}]
             if behind and status == "ok":
                 status = "degraded"
         cams = []

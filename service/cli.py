@@ -133,9 +133,9 @@ def preflight(cfg, check_model: bool = True) -> tuple[list[str], list[str]]:
 
         try:
             socket.create_connection((mq.host, mq.port), timeout=3).close()
-        except OSError as e:
-            warnings.append(f"integrations.mqtt {mq.host}:{mq.port}: cannot connect ({e.strerror or e}); "
-                            "events will wait in the outbox until it can")
+        except (OSError, UnicodeError) as e:  # UnicodeError: a host name idna refuses ('broker..lan')
+            warnings.append(f"integrations.mqtt {mq.host}:{mq.port}: cannot connect "
+                            f"({getattr(e, 'strerror', None) or e}); events will wait in the outbox until it can")
     return warnings, notes
 
 

@@ -24,6 +24,11 @@ class DropWatch:
     _start: dict[str, tuple[float, int, int]] = field(default_factory=dict)  # camera -> (t, read, dropped)
     _said: dict[str, float] = field(default_factory=dict)
 
+    def idle(self, camera: str) -> None:
+        """The camera is not streaming (reconnecting, stalled): its next window starts when it streams again,
+        so an outage does not dilute the rate the warning gives."""
+        self._start.pop(camera, None)
+
     def observe(self, camera: str, now: float, read: int, dropped: int) -> str | None:
         t0, read0, dropped0 = self._start.setdefault(camera, (now, read, dropped))
         if read < read0 or dropped < dropped0:  # counters restarted (camera reopened)

@@ -154,27 +154,30 @@ def is_stream(source: str) -> bool:
     return "://" in source
 
 
-_DEFAULT_PORTS = {"rtsp": 554, "rtsps": 322, "http": 80, "https": 443, "rtmp": 1935}
+_TCP_PORTS = {"rtsp": 554, "rtsps": 322, "http": 80, "https": 443, "rtmp": 1935}  # udp://, srt://: not tried
 
 
 def stream_endpoint_problem(url: str, timeout_s: float = 2.0) -> str | None:
-    """Why a network source's host:port takes no connection, or None when it does: OpenCV says only
-    "cannot open" for a wrong port and a wrong path alike (FFmpeg's reason goes to stderr unnamed)."""
+    """Why a network source's host:port takes no TCP connection, or None when it does (or the scheme is
+    not TCP): OpenCV says only "cannot open" for a wrong port and a wrong path alike (FFmpeg's reason
+    goes to stderr unnamed). The host is read as FFmpeg reads it (credentials end at the first '/'),
+    so a camera whose path holds an '@' (``/user=admin&password=p@ss``) is not misread."""
     import socket
     from urllib.parse import urlsplit
 
-    scheme, rest = url.split("://", 1)
-    rest = rest[rest.rfind("@") + 1:]  # credentials up to the last '@', as redact() reads them
     try:
-        u = urlsplit(f"{scheme}://{rest}")
-        host, port = u.hostname, u.port or _DEFAULT_PORTS.get(scheme.lower())
+        u = urlsplit(url)
+        scheme = u.scheme.lower()
+        host, port = u.hostname, u.port or _TCP_PORTS.get(scheme)
     except ValueError as e:  # a port that is not a number
         return f"is not a valid URL ({e})"
-    if not host or not port:
+    if scheme not in _TCP_PORTS or not host or not port:
         return None  # nothing to try: let FFmpeg say
     try:
         socket.create_connection((host, port), timeout=timeout_s).close()
         return None
+    except UnicodeError:  # an empty or over-long label ('10.0.0..21'): idna refuses it
+        return f"host {host!r} is not a valid host name"
     except OSError as e:
         return f"{host}:{port} takes no connection ({e.strerror or e})"
 

@@ -494,7 +494,8 @@ class Pipeline:
                 state = st.state.value if self.is_local(cam) else "on another node"
                 self.streams[cam].put(self.annotator.annotate_offline(self._last_image.get(cam), cam, state))
         for cam, st in statuses.items():  # one entry per configured camera: bounded
-            if st.state is SourceState.STREAMING and (w := self.drop_watch.observe(cam, now, st.frames_read,
-                                                                                  st.frames_dropped)):
+            if st.state is not SourceState.STREAMING:
+                self.drop_watch.idle(cam)
+            elif w := self.drop_watch.observe(cam, now, st.frames_read, st.frames_dropped):
                 log.warning("%s", w)
         self.refresh_gauges(statuses)

@@ -168,7 +168,7 @@ class _Conn:
                 self.conn.close()
 
 
-def check_reachable(url: str, timeout_s: float = 5.0) -> None:
+def check_reachable(url: str, timeout_s: float = 10.0) -> None:  # run's own connect timeout
     """StoreError (as ``run`` says it) unless the database at ``url`` accepts a connection: what
     ``check-config`` asks, without migrating or writing anything."""
     try:

@@ -182,6 +182,24 @@ def test_drop_watch_warns_once_per_quiet_period_over_its_share():
     assert w.observe("c", 80, 2000, 160) is None  # 10 of 1500: below the share
     assert w.observe("c", 90, 2250, 260) is not None  # 100 of 250 dropped, quiet time over
     assert w.observe("c", 100, 10, 0) is None  # counters restarted: a new window
+    w.idle("c")  # reconnecting: the window restarts when it streams again, the outage does not dilute the rate
+    assert w.observe("c", 400, 10, 0) is None and w.observe("c", 410, 260, 100) is not None
+
+
+def test_network_camera_diagnosis_reads_the_host_as_ffmpeg_does_and_survives_bad_names():
+    """Review: a camera whose path holds an '@' (Xiongmai-style '/user=admin&password=p@ss&...') was read
+    with the path's tail as its host (check-config warned about a working camera), and a host with an
+    empty label ('10.0.0..21') raised UnicodeError out of open_capture, killing the reader thread."""
+    from dishtrack.config import CameraConfig
+    from dishtrack.service.ingest import open_capture, stream_endpoint_problem
+
+    dead = free_port()
+    assert stream_endpoint_problem(f"rtsp://127.0.0.1:{dead}/user=admin&password=p@ss&channel=1") == \
+        f"127.0.0.1:{dead} takes no connection (Connection refused)"
+    assert stream_endpoint_problem("udp://@239.1.1.1:5000") is None  # not TCP: not tried
+    assert stream_endpoint_problem("rtsp://u:p@10.0.0..21/s") == "host '10.0.0..21' is not a valid host name"
+    with pytest.raises(ConnectionError, match="not a valid host name"):  # the reader's retry loop handles this
+        open_capture(CameraConfig(id="c", source="rtsp://u:p@10.0.0..21/s", open_timeout_s=2))
 
 
 def test_a_camera_dropping_frames_for_a_slow_detector_is_warned_about(tmp_path, detector, caplog):
