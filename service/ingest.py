@@ -165,21 +165,26 @@ def stream_endpoint_problem(url: str, timeout_s: float = 2.0) -> str | None:
     import socket
     from urllib.parse import urlsplit
 
+    # an '@' after the host part may be a password's ('admin:12/34@cam': FFmpeg reads host 'admin', port 12):
+    # then the host and port are not shown, they may be pieces of the password
+    u = urlsplit(url)
+    shown = "@" not in url.split(u.netloc, 1)[-1] if u.netloc else False
     try:
-        u = urlsplit(url)
         scheme = u.scheme.lower()
         host, port = u.hostname, u.port or _TCP_PORTS.get(scheme)
-    except ValueError as e:  # a port that is not a number
-        return f"is not a valid URL ({e})"
+    except ValueError:  # a port that is not a number; its text is not echoed (it may be a password's)
+        return ("has no readable host:port (a password holding '/', '?', '#' or '@' must be percent-encoded, "
+                "e.g. '/' as %2F)")
     if scheme not in _TCP_PORTS or not host or not port:
         return None  # nothing to try: let FFmpeg say
+    where = f"{host}:{port}" if shown else "its host:port"
     try:
         socket.create_connection((host, port), timeout=timeout_s).close()
         return None
     except UnicodeError:  # an empty or over-long label ('10.0.0..21'): idna refuses it
-        return f"host {host!r} is not a valid host name"
+        return f"host {host!r} is not a valid host name" if shown else "its host is not a valid host name"
     except OSError as e:
-        return f"{host}:{port} takes no connection ({e.strerror or e})"
+        return f"{where} takes no connection ({e.strerror or e})"
 
 
 def source_file_problem(path: str) -> str | None:
