@@ -100,7 +100,7 @@ def preflight(cfg, check_model: bool = True) -> tuple[list[str], list[str]]:
     from dishtrack.tracking.menu import Menu
 
     from .auth import build_policy
-    from .ingest import is_stream, redact, source_file_problem, stream_endpoint_problem
+    from .ingest import is_stream, redact, source_file_problem, stream_endpoint_problem, tcp_problem
 
     build_policy(cfg)
     menu = Menu.load(cfg.menu.path, cfg.menu.timezone) if cfg.menu else None
@@ -128,14 +128,10 @@ def preflight(cfg, check_model: bool = True) -> tuple[list[str], list[str]]:
         from .store_pg import check_reachable
 
         check_reachable(cfg.storage.url)
-    if (mq := cfg.integrations.mqtt) is not None:  # run starts anyway: events wait in the outbox
-        import socket
-
-        try:
-            socket.create_connection((mq.host, mq.port), timeout=3).close()
-        except (OSError, UnicodeError) as e:  # UnicodeError: a host name idna refuses ('broker..lan')
-            warnings.append(f"integrations.mqtt {mq.host}:{mq.port}: cannot connect "
-                            f"({getattr(e, 'strerror', None) or e}); events will wait in the outbox until it can")
+    if (mq := cfg.integrations.mqtt) is not None and (why := tcp_problem(mq.host, mq.port, 3.0)):
+        # run starts anyway: events wait in the outbox
+        warnings.append(f"integrations.mqtt {mq.host}:{mq.port}: cannot connect ({why}); events will wait in "
+                        "the outbox until it can")
     return warnings, notes
 
 
@@ -161,6 +157,11 @@ def cmd_hash_token(args) -> int:
     print(f"config (auth.tokens or tokens file): - {{name: {args.name}, role: {args.role}, hash: \"{h}\"}}")
     print(f"env (DISHTRACK_AUTH_TOKENS): {args.name}:{args.role}:{h}")
     return 0
+
+
+def ap_per_dish(rep: dict) -> str:
+    """The line train, enrol and eval print from an evaluation report."""
+    return "AP@0.5 per dish: " + ", ".join(f"{k} {a:.3f}" for k, a in rep["ap50_per_class"].items())
 
 
 def print_unlabelled(rep: dict) -> None:
@@ -197,7 +198,7 @@ def cmd_train(args) -> int:
         print(f"  thresholds were chosen on these trays; chosen leaving each tray out: photos "
               f"{v['receipt_exact_photo_heldout']:.1%}, trays {v['receipt_exact_tray_heldout']:.1%} "
               f"(what a new tray gets; `dishtrack eval` on other photos measures it directly)")
-    print("AP@0.5 per dish: " + ", ".join(f"{k} {a:.3f}" for k, a in v["ap50_per_class"].items()))
+    print(ap_per_dish(v))
     print_unlabelled(v)
     print(f"next: `dishtrack eval --data PHOTOS_OF_ANOTHER_DAY --checkpoint {report['checkpoint']}`, then the "
           "checkpoint and a menu in the site config (README 'Train on your dishes', step 5)")
@@ -216,7 +217,7 @@ def cmd_enrol(args) -> int:
     if v:
         print(f"validation ({r['val_photos']} photos, {len(r['val_trays'])} trays): mAP@0.5 {v['map50']:.3f}  "
               f"exact receipts: photos {v['receipt_exact_photo']:.1%}, trays {v['receipt_exact_tray']:.1%}")
-        print("AP@0.5 per dish: " + ", ".join(f"{k} {a:.3f}" for k, a in v["ap50_per_class"].items()))
+        print(ap_per_dish(v))
     return 0
 
 
@@ -246,7 +247,7 @@ def cmd_eval(args) -> int:
     rep.update({"checkpoint": args.checkpoint, "data": args.data, "data_problems": len(data.problems),
                 "confusion_png": png, "photos_trained_on": seen})
     print(f"{rep['photos']} photos, {rep['trays']} trays: mAP@0.5 {rep['map50']:.3f}  mAP@0.5:0.95 {rep['map50_95']:.3f}")
-    print("AP@0.5 per dish: " + ", ".join(f"{k} {v:.3f}" for k, v in rep["ap50_per_class"].items()))
+    print(ap_per_dish(rep))
     print(f"exact receipts: photos {rep['receipt_exact_photo']:.1%}, trays {rep['receipt_exact_tray']:.1%}")
     print_unlabelled(rep)
     if png:

@@ -162,7 +162,6 @@ def stream_endpoint_problem(url: str, timeout_s: float = 2.0) -> str | None:
     not TCP): OpenCV says only "cannot open" for a wrong port and a wrong path alike (FFmpeg's reason
     goes to stderr unnamed). The host is read as FFmpeg reads it (credentials end at the first '/'),
     so a camera whose path holds an '@' (``/user=admin&password=p@ss``) is not misread."""
-    import socket
     from urllib.parse import urlsplit
 
     # an '@' after the host part may be a password's ('admin:12/34@cam': FFmpeg reads host 'admin', port 12):
@@ -177,14 +176,29 @@ def stream_endpoint_problem(url: str, timeout_s: float = 2.0) -> str | None:
                 "e.g. '/' as %2F)")
     if scheme not in _TCP_PORTS or not host or not port:
         return None  # nothing to try: let FFmpeg say
-    where = f"{host}:{port}" if shown else "its host:port"
+    why = tcp_problem(host, port, timeout_s)
+    if why is None:
+        return None
+    if why == NOT_A_HOST_NAME:
+        return f"host {host!r} is {why}" if shown else f"its host is {why}"
+    return f"{host}:{port} takes no connection ({why})" if shown else f"its host:port takes no connection ({why})"
+
+
+NOT_A_HOST_NAME = "not a valid host name"
+
+
+def tcp_problem(host: str, port: int, timeout_s: float) -> str | None:
+    """Why ``host:port`` takes no TCP connection (the OS's reason, or NOT_A_HOST_NAME), or None: a camera's
+    server, the MQTT broker."""
+    import socket
+
     try:
         socket.create_connection((host, port), timeout=timeout_s).close()
         return None
     except UnicodeError:  # an empty or over-long label ('10.0.0..21'): idna refuses it
-        return f"host {host!r} is not a valid host name" if shown else "its host is not a valid host name"
+        return NOT_A_HOST_NAME
     except OSError as e:
-        return f"{where} takes no connection ({e.strerror or e})"
+        return str(e.strerror or e)
 
 
 def source_file_problem(path: str) -> str | None:
